@@ -1,0 +1,12 @@
+"""dictcircuits: circuits of sparse-dictionary features inside language models."""
+from .dictionary import ARCHITECTURES, Dictionary, save_dictionary
+from .errors import DictCircuitsError
+from .formats import convert, load_dictionaries, load_dictionary
+from .models import Model, Site, Tokens, load_model
+from .splice import SiteState, SpliceResult, splice
+
+__all__ = [
+    "ARCHITECTURES", "Dictionary", "DictCircuitsError", "Model", "Site", "SiteState", "SpliceResult", "Tokens",
+    "convert", "load_dictionaries", "load_dictionary", "load_model", "save_dictionary", "splice",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,279 @@
+"""Causal LMs wrapped in nnsight, and the named sites (embed, attn.L, mlp.L, resid.L) inside them.
+
+One row per architecture family says which module carries each site; everything else in dictcircuits
+talks about sites by name and never about module paths.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from nnsight import NNsight
+
+from .errors import DictCircuitsError
+
+SITE_KINDS = ("embed", "attn", "mlp", "resid")
+DEFAULT_MODEL = "dc-mini"
+DEFAULT_MODELS_DIR = Path(__file__).parent / "default"
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where the sites of one architecture family live (paths relative to the HF CausalLM)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    embed: str  # module whose output is the residual stream entering layer 0
+    layers: str  # the ModuleList of decoder blocks
+    attn: str  # per-block module whose output is the attention contribution added to the residual
+    mlp: str  # per-block module whose output is the MLP contribution added to the residual
+    final_norm: str
+    unembed: str
+    parallel_attn: Callable[[object], bool] = lambda config: False
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("gpt2", ("gpt2",), "transformer.drop", "transformer.h", "attn", "mlp", "transformer.ln_f", "lm_head"),
+    Family("gpt_neox", ("gpt_neox",), "gpt_neox.emb_dropout", "gpt_neox.layers", "post_attention_dropout",
+           "post_mlp_dropout", "gpt_neox.final_layer_norm", "lm_head",
+           parallel_attn=lambda config: bool(getattr(config, "use_parallel_residual", True))),
+    Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma"), "model.embed_tokens", "model.layers",
+           "self_attn", "mlp", "model.norm", "lm_head"),
+    Family("gemma2", ("gemma2",), "model.embed_tokens", "model.layers", "post_attention_layernorm",
+           "post_feedforward_layernorm", "model.norm", "lm_head"),
+)
+
+
+def family_for(config) -> Family:
+    """The family row for a transformers config, or a clear error naming what is supported."""
+    model_type = getattr(config, "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise DictCircuitsError(
+        f"unsupported architecture {model_type!r}: dictcircuits knows {supported}; "
+        "to add one, append a Family row to FAMILIES in dictcircuits/models.py naming its embed, layers, attn and mlp modules"
+    )
+
+
+@dataclass(frozen=True)
+class Site:
+    """A named place whose activation dictionaries read and patching writes.
+
+    embed is the residual stream entering block 0; attn.L and mlp.L are the sublayer outputs added to the
+    residual stream; resid.L is block L's output. `order` is the position in the forward pass.
+    """
+
+    name: str
+    kind: str
+    layer: int  # -1 for embed
+    module: str
+    order: int
+
+
+def parse_site(name: str) -> tuple[str, int]:
+    """'resid.3' -> ('resid', 3); 'embed' -> ('embed', -1)."""
+    if name == "embed":
+        return "embed", -1
+    kind, _, layer = name.partition(".")
+    if kind not in SITE_KINDS[1:] or not layer.isdigit():
+        raise DictCircuitsError(f"bad site name {name!r}: use embed, attn.L, mlp.L or resid.L with L a layer index")
+    return kind, int(layer)
+
+
+@dataclass
+class Tokens:
+    """A right-padded batch of token ids; `last` is each row's last real position."""
+
+    input_ids: torch.Tensor  # [batch, pos]
+    attention_mask: torch.Tensor  # [batch, pos]
+
+    @property
+    def last(self) -> torch.Tensor:  # [batch]
+        return self.attention_mask.sum(1) - 1
+
+    def to(self, device) -> "Tokens":
+        return Tokens(self.input_ids.to(device), self.attention_mask.to(device))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, idx) -> "Tokens":
+        return Tokens(self.input_ids[idx], self.attention_mask[idx])
+
+
+Edit = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class Model:
+    """A HF causal LM, its tokenizer, its nnsight wrapper and its sites."""
+
+    def __init__(self, hf_model, tokenizer, name: str | None = None):
+        self.hf = hf_model.eval()
+        for p in self.hf.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name or getattr(hf_model.config, "_name_or_path", "") or hf_model.config.model_type
+        self.family = family_for(hf_model.config)
+        self.nn = NNsight(self.hf)
+        self.config = hf_model.config
+        self.n_layers = int(self.config.num_hidden_layers)
+        self.d_model = int(self.config.hidden_size)
+        self.parallel_attn = self.family.parallel_attn(self.config)
+        fam = self.family
+        sites = [Site("embed", "embed", -1, fam.embed, 0)]
+        for layer in range(self.n_layers):
+            base = f"{fam.layers}.{layer}"
+            for kind, module in (("attn", fam.attn), ("mlp", fam.mlp), ("resid", None)):
+                path = base if module is None else f"{base}.{module}"
+                sites.append(Site(f"{kind}.{layer}", kind, layer, path, len(sites)))
+        self.sites: dict[str, Site] = {s.name: s for s in sites}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    def site(self, name: str) -> Site:
+        if name in self.sites:
+            return self.sites[name]
+        parse_site(name)
+        raise DictCircuitsError(
+            f"site {name!r} does not exist in {self.name}: it has {self.n_layers} layers (0..{self.n_layers - 1})"
+        )
+
+    def resolve_sites(self, spec: str | Iterable[str]) -> list[Site]:
+        """'all', a comma list ('resid.0,mlp.1') or globs ('resid.*'), in forward order."""
+        names = spec.split(",") if isinstance(spec, str) else list(spec)
+        chosen: dict[str, Site] = {}
+        for raw in names:
+            raw = raw.strip()
+            if raw == "all":
+                chosen.update(self.sites)
+            elif any(c in raw for c in "*?["):
+                hits = [n for n in self.sites if fnmatch.fnmatch(n, raw)]
+                if not hits:
+                    raise DictCircuitsError(f"site pattern {raw!r} matches no site of {self.name}")
+                chosen.update({n: self.sites[n] for n in hits})
+            elif raw:
+                chosen[raw] = self.site(raw)
+        if not chosen:
+            raise DictCircuitsError("no sites given: name some (resid.0,mlp.1), a pattern (resid.*) or 'all'")
+        return sorted(chosen.values(), key=lambda s: s.order)
+
+    def module(self, site: Site | str) -> torch.nn.Module:
+        site = self.site(site) if isinstance(site, str) else site
+        return self.hf.get_submodule(site.module)
+
+    def _envoy(self, site: Site):
+        env = self.nn
+        for part in site.module.split("."):
+            env = env[int(part)] if part.isdigit() else getattr(env, part)
+        return env
+
+    def tokenize(self, texts: list[str], max_length: int | None = None, add_bos: bool = False) -> Tokens:
+        """Right-padded token ids for a list of strings."""
+        if self.tokenizer is None:
+            raise DictCircuitsError(f"{self.name} has no tokenizer: pass token ids instead of text")
+        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if add_bos and self.tokenizer.bos_token_id is not None:
+            rows = [[self.tokenizer.bos_token_id] + r for r in rows]
+        if max_length is not None:
+            rows = [r[:max_length] for r in rows]
+        return pad(rows, self.pad_id)
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+    def run(
+        self,
+        tokens: Tokens,
+        edits: Mapping[str, Edit] | None = None,
+        stop_after: str | None = None,
+    ) -> torch.Tensor | None:
+        """One nnsight trace. edits[site](x) sees the site's activation [batch, pos, d] in forward order and
+        may return a replacement. Returns logits [batch, pos, vocab], or None when stopping after a site."""
+        edits = dict(edits or {})
+        visit = sorted({self.site(n) for n in [*edits, *([stop_after] if stop_after else [])]},
+                       key=lambda s: s.order)
+        tokens = tokens.to(self.device)
+        logits = None
+        with self.nn.trace(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask) as tracer:
+            for site in visit:
+                env = self._envoy(site)
+                out = env.output
+                is_tuple = isinstance(out, tuple)
+                x = out[0] if is_tuple else out
+                edit = edits.get(site.name)
+                new = edit(x) if edit is not None else None
+                if new is not None and new is not x:
+                    env.output = (new, *out[1:]) if is_tuple else new
+            if stop_after is not None:
+                tracer.stop()
+            else:
+                logits = self.nn.output.logits.save()
+        return logits
+
+    def activations(self, tokens: Tokens, sites: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Each site's activation [batch, pos, d] from one trace that stops after the deepest site."""
+        names = [s.name for s in self.resolve_sites(sites)]
+        acts: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            self.run(tokens, {n: (lambda x, n=n: acts.__setitem__(n, x)) for n in names}, stop_after=names[-1])
+        return acts
+
+
+def pad(rows: list[list[int]], pad_id: int) -> Tokens:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return Tokens(ids, mask)
+
+
+def load_model(spec: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Model:
+    """Load a causal LM from a hub id, a local folder, a .gguf file or the embedded default's name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = spec or DEFAULT_MODEL
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    path = Path(spec)
+    if (DEFAULT_MODELS_DIR / spec / "config.json").is_file():
+        path = DEFAULT_MODELS_DIR / spec
+        spec = str(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise DictCircuitsError(f"gguf file {spec} not found: give the path of an existing .gguf file")
+        source, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise DictCircuitsError(f"{spec} is not a model folder: it has no config.json (save one with save_pretrained)")
+        source = str(path)
+    else:
+        source = spec
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
+        tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
+    except (OSError, ValueError) as exc:
+        if path.exists():
+            raise DictCircuitsError(f"could not load model from {spec}: {str(exc).splitlines()[0]}") from exc
+        raise DictCircuitsError(
+            f"could not load model {spec!r}: not a local folder or file, and the hub did not answer "
+            f"({str(exc).splitlines()[0][:120]}); download it first or pass a local path"
+        ) from exc
+    name = path.name if path.exists() else spec
+    if path.suffix == ".gguf":
+        name = path.stem
+    return Model(hf.to(device), tokenizer, name=name)
