@@ -91,8 +91,7 @@ def load_dictionary_learning(path: str | Path) -> Dictionary:
         t = {"W_enc": g("encoder.weight").T, "b_enc": g("encoder.bias"), "W_dec": g("decoder.weight").T, "b_dec": g("b_dec")}
         k = int(g("k").item()) if "k" in sd else int(config.get("trainer", {}).get("k", 32))
         if cls == "BatchTopKSAE":
-            dic = _build("batchtopk", t, pt, k=k)
-            dic.threshold.fill_(float(g("threshold").item()))
+            dic = _build("batchtopk", {**t, "threshold": g("threshold").reshape(())}, pt, k=k)
         else:
             dic = _build("topk", t, pt, k=k)
     else:

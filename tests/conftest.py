@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from dictcircuits.toy import toy_tokenizer
+
+    return toy_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def toy_models(tokenizer):
+    """One small random model per supported family, built once per session."""
+    from dictcircuits.toy import TOY_FAMILIES, toy_model
+
+    return {fam: toy_model(fam, tokenizer=tokenizer) for fam in TOY_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def gpt2(toy_models):
+    return toy_models["gpt2"]

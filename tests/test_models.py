@@ -1,0 +1,75 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dictcircuits import DictCircuitsError, load_model
+from dictcircuits.models import family_for, parse_site
+from dictcircuits.toy import TOY_FAMILIES
+
+PROMPTS = ["When Mary and John went to the store, John gave a drink to", "The keys to the cabinet"]
+
+
+@pytest.mark.parametrize("family", TOY_FAMILIES)
+def test_sites_have_shapes_and_compose_the_residual_stream(toy_models, family):
+    model = toy_models[family]
+    toks = model.tokenize(PROMPTS)
+    acts = model.activations(toks, "all")
+    assert list(acts) == list(model.sites) and len(acts) == 1 + 3 * model.n_layers
+    for x in acts.values():
+        assert x.shape == (2, toks.input_ids.shape[1], model.d_model)
+    # the sites are the tensors that flow downstream: each block adds exactly attn and mlp to its input
+    prev = acts["embed"]
+    for layer in range(model.n_layers):
+        expected = prev + acts[f"attn.{layer}"] + acts[f"mlp.{layer}"]
+        torch.testing.assert_close(acts[f"resid.{layer}"], expected, atol=1e-5, rtol=1e-5)
+        prev = acts[f"resid.{layer}"]
+    # and they match what the HF model reports as the hidden states between blocks
+    hidden = model.hf(**vars(toks), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(acts["embed"], hidden[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(acts["resid.0"], hidden[1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", TOY_FAMILIES)
+def test_editing_a_site_changes_what_flows_downstream(toy_models, family):
+    model = toy_models[family]
+    toks = model.tokenize(PROMPTS)
+    clean = model.run(toks)
+    ref = model.hf(**vars(toks)).logits
+    torch.testing.assert_close(clean, ref)
+    zeroed = model.run(toks, {"mlp.0": torch.zeros_like})
+    assert (zeroed - clean).abs().max() > 1e-3
+    seen = {}
+    model.run(toks, {"mlp.0": torch.zeros_like, "resid.0": lambda x: seen.setdefault("r", x)})
+    acts = model.activations(toks, ["embed", "attn.0"])
+    torch.testing.assert_close(seen["r"], acts["embed"] + acts["attn.0"], atol=1e-5, rtol=1e-5)
+
+
+def test_site_resolution_and_errors(gpt2):
+    assert [s.name for s in gpt2.resolve_sites("resid.*")] == ["resid.0", "resid.1"]
+    assert [s.name for s in gpt2.resolve_sites("mlp.1,embed")] == ["embed", "mlp.1"]
+    assert parse_site("attn.3") == ("attn", 3)
+    with pytest.raises(DictCircuitsError, match="has 2 layers"):
+        gpt2.site("resid.9")
+    with pytest.raises(DictCircuitsError, match="bad site name"):
+        gpt2.site("block.1")
+    with pytest.raises(DictCircuitsError, match="matches no site"):
+        gpt2.resolve_sites("ffn.*")
+
+
+def test_unknown_architecture_names_what_is_supported():
+    with pytest.raises(DictCircuitsError, match="unsupported architecture 'bert'.*gpt2.*FAMILIES"):
+        family_for(SimpleNamespace(model_type="bert"))
+
+
+def test_load_model_from_folder_and_bad_paths(gpt2, tmp_path):
+    gpt2.hf.save_pretrained(tmp_path / "m")
+    gpt2.tokenizer.save_pretrained(tmp_path / "m")
+    model = load_model(str(tmp_path / "m"))
+    toks = model.tokenize(PROMPTS)
+    torch.testing.assert_close(model.run(toks), gpt2.run(toks))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DictCircuitsError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
+    with pytest.raises(DictCircuitsError, match="gguf file .* not found"):
+        load_model(str(tmp_path / "nope.gguf"))
