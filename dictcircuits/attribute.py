@@ -1,0 +1,202 @@
+"""Node effects of dictionary features and error terms: attribution patching, integrated gradients and exact patching.
+
+Sign convention (the circuit graph depends on it): effect_i ~ m(clean) - m(clean run with node i set to its corrupt
+value). A node that supports the clean answer has a positive effect, and a site's feature effects plus its error
+effect add up to about m(clean) - m(clean with the whole site patched to corrupt) (exactly so for IG as steps grow).
+
+With g = dm/dx at a site and D = dic.directions: feature effects are (f_clean - f_corrupt) * (g @ D.T) and the error
+effect is (err_clean - err_corrupt) . g. attrib takes g on the clean run; ig averages g over x_a = x_corrupt +
+a (x_clean - x_corrupt) at `steps` midpoints a in (0, 1), one site at a time with the rest of the model on the clean
+prompt; exact reruns the model once per node.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterable, Mapping
+
+import torch
+
+from .dictionary import Dictionary
+from .errors import DictCircuitsError
+from .models import Model, Tokens
+from .tasks import TaskBatch, _last
+
+METHODS = ("attrib", "ig", "exact")
+
+
+@dataclass
+class NodeEffects:
+    """Per-node effects of one task batch; features / errors are means over prompts."""
+
+    method: str  # "attrib" | "ig" | "exact"
+    features: dict[str, torch.Tensor]  # site -> [pos, F] (NaN for nodes exact was told to skip)
+    errors: dict[str, torch.Tensor]  # site -> [pos]
+    grads: dict[str, torch.Tensor]  # site -> [batch, pos, d] dm/dx (IG: mean over steps; exact: on the clean run)
+    deltas_f: dict[str, torch.Tensor]  # site -> [batch, pos, F] f_clean - f_corrupt (0 at padding)
+    deltas_err: dict[str, torch.Tensor]  # site -> [batch, pos, d] err_clean - err_corrupt (0 at padding)
+    metric_clean: torch.Tensor  # [batch]
+    metric_corrupt: torch.Tensor  # [batch]
+
+    def summed(self) -> "NodeEffects":
+        """Positions summed: features [1, F], errors [1]; grads and deltas keep their positions."""
+        return replace(self, features={s: v.sum(0, keepdim=True) for s, v in self.features.items()},
+                       errors={s: v.sum(0, keepdim=True) for s, v in self.errors.items()})
+
+    def site_total(self, site: str) -> torch.Tensor:
+        """Sum of a site's feature and error effects, a scalar: ~ mean m(clean) - m(site patched to corrupt)."""
+        return self.features[site].sum() + self.errors[site].sum()
+
+
+@dataclass
+class _SiteData:
+    x_clean: torch.Tensor  # [batch, pos, d]
+    x_corrupt: torch.Tensor  # [batch, pos, d]
+    delta_f: torch.Tensor  # [batch, pos, F]
+    delta_err: torch.Tensor  # [batch, pos, d]
+
+
+def run_capture(model: Model, tokens: Tokens, sites: Iterable[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One no-grad run: logits [batch, pos, vocab] and each site's activation [batch, pos, d]."""
+    acts: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        logits = model.run(tokens, {s: (lambda x, s=s: acts.__setitem__(s, x.detach())) for s in sites})
+    return logits, acts
+
+
+def metric_grads(model: Model, batch: TaskBatch, sites: Iterable[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Metric [batch] on the clean run and its total gradient dm/dx [batch, pos, d] at each site (one trace)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(site):
+        def edit(x):
+            # the tensor we return is what flows on: gradients w.r.t. it are total effects through all later sites
+            y = x.clone() if x.requires_grad else x.detach().requires_grad_(True)
+            captured[site] = y
+            return y
+
+        return edit
+
+    with torch.enable_grad():
+        logits = model.run(batch.clean, {s: grab(s) for s in sites})
+        m = batch.metric(logits)
+        names = list(captured)
+        grads = torch.autograd.grad(m.sum(), [captured[s] for s in names], allow_unused=True)
+    return m.detach(), {s: (g if g is not None else torch.zeros_like(captured[s])).detach()
+                        for s, g in zip(names, grads)}
+
+
+def node_effects(
+    model: Model,
+    dictionaries: Mapping[str, Dictionary],
+    batch: TaskBatch,
+    method: str = "ig",
+    steps: int = 10,
+    batch_size: int | None = None,
+    nodes: Mapping[str, Iterable[tuple[int, int | None]]] | None = None,
+    max_nodes: int = 512,
+) -> NodeEffects:
+    """Effects of every feature and error node at the dictionaries' sites on batch.metric.
+
+    method: "attrib" (one forward+backward), "ig" (one trace per site, batch x steps rows) or "exact" (one row per
+    node and prompt). exact evaluates `nodes` ({site: [(pos, feature) or (pos, None) for the error]}) or, by
+    default, every node whose value differs between clean and corrupt, refusing more than max_nodes; nodes it
+    skips are NaN. batch_size caps the prompts per trace (rows = batch_size * steps for ig).
+    """
+    if method not in METHODS:
+        raise DictCircuitsError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if steps < 1:
+        raise DictCircuitsError(f"steps={steps}: IG needs at least one step")
+    sites = [s.name for s in model.resolve_sites(list(dictionaries))]
+    logits_clean, acts_clean = run_capture(model, batch.clean, sites)
+    logits_corrupt, acts_corrupt = run_capture(model, batch.corrupt, sites)
+    if batch.metric_name == "kl" and batch.reference is None:
+        batch = replace(batch, reference=_last(logits_clean, batch.clean))
+    m_clean = batch.metric(logits_clean)
+    m_corrupt = batch.metric(logits_corrupt, batch.corrupt)
+    mask = batch.clean.attention_mask.to(logits_clean.device)[..., None]  # [batch, pos, 1]
+    data: dict[str, _SiteData] = {}
+    with torch.no_grad():
+        for s in sites:
+            dic, xc, xk = dictionaries[s], acts_clean[s], acts_corrupt[s]
+            fc, fk = dic.encode(xc), dic.encode(xk)
+            ec, ek = xc - dic.decode(fc), xk - dic.decode(fk)
+            data[s] = _SiteData(xc, xk, (fc - fk) * mask, (ec - ek) * mask)
+
+    chunk = batch_size or len(batch)
+    spans = [slice(i, min(i + chunk, len(batch))) for i in range(0, len(batch), chunk)]
+    if method == "ig":
+        grads = {s: torch.cat([_ig_grads(model, batch[sp], s, data[s], sp, steps) for sp in spans]) for s in sites}
+    else:
+        per_span = [metric_grads(model, batch[sp], sites)[1] for sp in spans]
+        grads = {s: torch.cat([g[s] for g in per_span]) for s in sites}
+
+    if method == "exact":
+        features, errors = _exact(model, dictionaries, batch, data, m_clean, nodes, max_nodes, chunk)
+    else:
+        features, errors = {}, {}
+        with torch.no_grad():
+            for s in sites:
+                D, d = dictionaries[s].directions.detach(), data[s]
+                features[s] = (d.delta_f * (grads[s].to(D.dtype) @ D.T)).mean(0)  # [pos, F]
+                errors[s] = (d.delta_err * grads[s]).sum(-1).mean(0)  # [pos]
+    return NodeEffects(method, features, errors, grads, {s: data[s].delta_f for s in sites},
+                       {s: data[s].delta_err for s in sites}, m_clean, m_corrupt)
+
+
+def _ig_grads(model: Model, batch: TaskBatch, site: str, data: _SiteData, span: slice, steps: int) -> torch.Tensor:
+    """Mean gradient [batch, pos, d] over x_a = x_corrupt + a (x_clean - x_corrupt), a = (k + 0.5) / steps."""
+    xc, xk = data.x_clean[span], data.x_corrupt[span]
+    alphas = (torch.arange(steps, dtype=xc.dtype, device=xc.device) + 0.5) / steps
+    x_alpha = (xk[None] + alphas[:, None, None, None] * (xc - xk)[None]).flatten(0, 1)  # [steps*batch, pos, d]
+    x_alpha.requires_grad_(True)
+    rows = batch.repeat(steps)
+    with torch.enable_grad():
+        logits = model.run(rows.clean, {site: lambda x: x_alpha})
+        (g,) = torch.autograd.grad(rows.metric(logits).sum(), x_alpha)
+    return g.view(steps, len(batch), *g.shape[1:]).mean(0).detach()
+
+
+def _exact(model, dictionaries, batch, data, m_clean, nodes, max_nodes, chunk):
+    """Rerun the clean prompt once per node with that node at its corrupt value; effects averaged over prompts."""
+    chosen: dict[str, list[tuple[int, int | None]]] = {}
+    features, errors = {}, {}
+    for s, d in data.items():
+        if nodes is None:
+            feats = torch.nonzero(d.delta_f.abs().amax(0) > 0).tolist()
+            errs = torch.nonzero(d.delta_err.abs().amax(0).amax(-1) > 0).flatten().tolist()
+            chosen[s] = [(p, j) for p, j in feats] + [(p, None) for p in errs]
+            features[s] = torch.zeros(d.delta_f.shape[1:])
+            errors[s] = torch.zeros(d.delta_f.shape[1])
+        else:
+            chosen[s] = list(nodes.get(s, []))
+            P, F = d.delta_f.shape[1:]
+            for p, j in chosen[s]:
+                if not (0 <= p < P and (j is None or 0 <= j < F)):
+                    raise DictCircuitsError(f"exact node ({p}, {j}) at {s} is out of range: positions 0..{P - 1}, "
+                                            f"features 0..{F - 1} or None for the error term")
+            features[s] = torch.full(d.delta_f.shape[1:], float("nan"))
+            errors[s] = torch.full(d.delta_f.shape[1:2], float("nan"))
+    total = sum(len(v) for v in chosen.values())
+    if total > max_nodes:
+        raise DictCircuitsError(f"exact patching needs one rerun per node and {total} nodes differ (> max_nodes="
+                                f"{max_nodes}); pass nodes={{site: [(pos, feature), ...]}}, raise max_nodes or use ig")
+    per_run = max(1, 256 // max(1, min(chunk, len(batch))))
+    for s, todo in chosen.items():
+        D, d = dictionaries[s].directions.detach(), data[s]
+        for start in range(0, len(todo), per_run):
+            group = todo[start:start + per_run]
+            x = d.x_clean.repeat(len(group), 1, 1)  # [nodes*batch, pos, d]
+            b = len(batch)
+            with torch.no_grad():
+                for k, (p, j) in enumerate(group):
+                    step = d.delta_err[:, p] if j is None else d.delta_f[:, p, j:j + 1] * D[j]
+                    x[k * b:(k + 1) * b, p] -= step.to(x.dtype)
+                rows = batch.repeat(len(group))
+                m = rows.metric(model.run(rows.clean, {s: lambda _x, x=x: x}))
+            effect = (m_clean.repeat(len(group)) - m).view(len(group), b).mean(1)
+            for k, (p, j) in enumerate(group):
+                if j is None:
+                    errors[s][p] = effect[k]
+                else:
+                    features[s][p, j] = effect[k]
+    return features, errors
