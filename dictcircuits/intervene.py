@@ -1,0 +1,317 @@
+"""Interventions on dictionary features, all written as splice edits of (f, err): sub-rank feature patching,
+ablation (zero, mean, resample) of features, error terms or whole sites, steering (pin or add a feature), and the
+greedy "how many features does it take?" search with its PCA and neuron-basis baselines.
+
+Patching at a site replaces the chosen features' activations by the source run's values and keeps everything else:
+x' = x_target + sum_{i in S} (c_i - cbar_i) f_i, with c the source's and cbar the target's feature activations and
+f_i the directions; the target's error term stays unless the site's error is patched too. At a later spliced site
+the unpatched features and the error take whatever values the patched run gives them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from .dictionary import Dictionary, IdentityDictionary, LinearDictionary
+from .errors import DictCircuitsError
+from .models import Model, Tokens
+from .splice import SiteState, splice
+from .tasks import TaskBatch
+
+# which features of a site: "all", feature indices, or a bool mask [F] or [pos, F] (per-position choice)
+FeatureSpec = Union[str, Sequence[int], torch.Tensor]
+ABLATIONS = ("zero", "mean", "resample")
+
+
+@dataclass
+class InterventionResult:
+    logits: torch.Tensor  # [batch, pos, vocab]
+    metric: torch.Tensor | None  # [batch] batch.metric of the run, when a TaskBatch was given
+    states: dict[str, SiteState]  # what the splice saw and wrote at each edited site
+
+
+def _mask(spec, shape: tuple[int, int], positions: Sequence[int] | None, what: str) -> torch.Tensor:
+    """A bool mask [pos, n] from a spec ("all", indices, or a mask [n] / [pos, n]) restricted to `positions`."""
+    P, n = shape
+    if isinstance(spec, str):
+        if spec != "all":
+            raise DictCircuitsError(f"{what}: {spec!r} is not a feature choice; give 'all', indices or a bool mask")
+        mask = torch.ones(P, n, dtype=torch.bool)
+    elif isinstance(spec, torch.Tensor) and spec.dtype == torch.bool:
+        if spec.shape not in ((n,), (P, n)):
+            raise DictCircuitsError(f"{what}: mask of shape {tuple(spec.shape)}; expected ({n},) or ({P}, {n})")
+        mask = spec.expand(P, n).clone()
+    else:
+        idx = torch.as_tensor(list(spec) if not isinstance(spec, torch.Tensor) else spec, dtype=torch.long)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= n):
+            raise DictCircuitsError(f"{what}: feature index out of range 0..{n - 1}")
+        mask = torch.zeros(P, n, dtype=torch.bool)
+        mask[:, idx] = True
+    if positions is not None:
+        keep = torch.zeros(P, 1, dtype=torch.bool)
+        keep[[p for p in positions if -P <= p < P]] = True
+        mask &= keep
+    return mask
+
+
+def _apply(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Tokens, rules: dict,
+           batch: TaskBatch | None) -> InterventionResult:
+    """Splice only the ruled sites; rules[site](f, err) -> (f', err')."""
+    unknown = [s for s in rules if s not in dictionaries]
+    if unknown:
+        raise DictCircuitsError(f"no dictionary for site(s) {', '.join(unknown)}: pass one in dictionaries")
+    with torch.no_grad():
+        res = splice(model, tokens, {s: dictionaries[s] for s in rules}, edit=lambda s, f, err: rules[s](f, err))
+    metric = batch.metric(res.logits, tokens) if batch is not None else None
+    return InterventionResult(res.logits, metric, res.states)
+
+
+def _source_states(model, dictionaries, tokens: Tokens, sites: Iterable[str]) -> dict[str, SiteState]:
+    sites = [s.name for s in model.resolve_sites(list(sites))]
+    with torch.no_grad():
+        return splice(model, tokens, {s: dictionaries[s] for s in sites}, stop_after=sites[-1]).states
+
+
+def patch(
+    model: Model,
+    dictionaries: Mapping[str, Dictionary],
+    batch: TaskBatch,
+    features: Mapping[str, FeatureSpec] | None = None,
+    errors: Iterable[str] = (),
+    positions: Sequence[int] | None = None,
+    into: str = "corrupt",
+) -> InterventionResult:
+    """Patch the chosen features (and the error terms of the sites in `errors`) between the paired prompts.
+
+    into="corrupt" runs the corrupt prompts with clean values (denoising); into="clean" runs the clean prompts with
+    corrupt values (noising). positions restricts patching to those positions (None: all).
+    """
+    if into not in ("corrupt", "clean"):
+        raise DictCircuitsError(f"into={into!r}: patch into 'corrupt' (clean values) or 'clean' (corrupt values)")
+    features, errors = dict(features or {}), list(errors)
+    if not features and not errors:
+        target = batch.corrupt if into == "corrupt" else batch.clean
+        with torch.no_grad():
+            logits = model.run(target)
+        return InterventionResult(logits, batch.metric(logits, target), {})
+    source, target = (batch.clean, batch.corrupt) if into == "corrupt" else (batch.corrupt, batch.clean)
+    src = _source_states(model, dictionaries, source, [*features, *errors])
+    P = target.input_ids.shape[1]
+    rules = {}
+    for site in dict.fromkeys([*features, *errors]):
+        fm = _mask(features.get(site, []), (P, dictionaries[site].F), positions, f"features at {site}")
+        em = _mask("all" if site in errors else [], (P, 1), positions, f"error at {site}")
+        rules[site] = lambda f, err, fm=fm, em=em, s=src[site]: (torch.where(fm.to(f.device), s.f, f),
+                                                                   torch.where(em.to(err.device), s.err, err))
+    return _apply(model, dictionaries, target, rules, batch)
+
+
+def ablate(
+    model: Model,
+    dictionaries: Mapping[str, Dictionary],
+    data: TaskBatch | Tokens,
+    features: Mapping[str, FeatureSpec] | None = None,
+    errors: Iterable[str] = (),
+    sites: Iterable[str] = (),
+    how: str = "zero",
+    reference: Tokens | None = None,
+    positions: Sequence[int] | None = None,
+    seed: int = 0,
+) -> InterventionResult:
+    """Ablate features, error terms, or whole sites (all features and the error) of the clean prompts (or tokens).
+
+    zero: features to 0, errors to 0, whole sites to x = 0. mean: to the mean over every real token of `reference`
+    (default: the prompts being run). resample: row i takes the values of reference row perm[i] (a seeded random
+    permutation) at the same positions; reference defaults to the corrupt prompts and must have the same width.
+    """
+    if how not in ABLATIONS:
+        raise DictCircuitsError(f"how={how!r}: ablate with one of {', '.join(ABLATIONS)}")
+    batch = data if isinstance(data, TaskBatch) else None
+    tokens = batch.clean if batch is not None else data
+    features, errors, whole = dict(features or {}), set(errors), set(sites)
+    chosen = list(dict.fromkeys([*features, *errors, *whole]))
+    if not chosen:
+        raise DictCircuitsError("nothing to ablate: name features={site: ...}, errors=[site] or sites=[site]")
+    P = tokens.input_ids.shape[1]
+    if how == "resample":
+        reference = reference if reference is not None else (batch.corrupt if batch is not None else None)
+        if reference is None or reference.input_ids.shape[1] != P:
+            raise DictCircuitsError("resample ablation needs reference tokens of the same width as the prompts "
+                                    "(pass reference=, or a TaskBatch whose corrupt prompts are used)")
+    replacement = {}
+    if how != "zero":
+        ref = _source_states(model, dictionaries, reference if reference is not None else tokens, chosen)
+        for site in chosen:
+            st = ref[site]
+            if how == "mean":
+                mask = (reference if reference is not None else tokens).attention_mask.bool().to(st.f.device)
+                replacement[site] = (st.f[mask].mean(0), st.err[mask].mean(0))  # [F], [d]
+            else:
+                perm = torch.randperm(len(st.f), generator=torch.Generator().manual_seed(seed))
+                rows = perm[torch.arange(len(tokens)) % len(perm)]
+                replacement[site] = (st.f[rows], st.err[rows])  # [batch, pos, F], [batch, pos, d]
+    rules = {}
+    for site in chosen:
+        dic = dictionaries[site]
+        fm = _mask("all" if site in whole else features.get(site, []), (P, dic.F), positions, f"features at {site}")
+        em = _mask("all" if site in whole or site in errors else [], (P, 1), positions, f"error at {site}")
+
+        def rule(f, err, fm=fm, em=em, site=site, dic=dic):
+            if how == "zero":
+                zero_err = -dic.decode(torch.zeros_like(f[:1, :1])) if site in whole else torch.zeros_like(err[:1, :1])
+                new_f, new_err = torch.zeros_like(f), zero_err.expand_as(err)
+            else:
+                new_f, new_err = (t.to(f.device).expand_as(like) for t, like in zip(replacement[site], (f, err)))
+            return torch.where(fm.to(f.device), new_f, f), torch.where(em.to(err.device), new_err, err)
+
+        rules[site] = rule
+    return _apply(model, dictionaries, tokens, rules, batch)
+
+
+def steer(
+    model: Model,
+    dictionaries: Mapping[str, Dictionary],
+    data: TaskBatch | Tokens,
+    values: Mapping[str, Mapping[int, float]],
+    add: bool = False,
+    positions: Sequence[int] | None = None,
+) -> InterventionResult:
+    """Pin features to values ({site: {feature: value}}) or, with add=True, add the values to their activations,
+    on the clean prompts (or tokens), at `positions` (None: all). The error term is kept."""
+    batch = data if isinstance(data, TaskBatch) else None
+    tokens = batch.clean if batch is not None else data
+    P = tokens.input_ids.shape[1]
+    rules = {}
+    for site, feats in values.items():
+        if site not in dictionaries:
+            raise DictCircuitsError(f"no dictionary for site {site}: pass one in dictionaries")
+        F = dictionaries[site].F
+        vec = torch.zeros(F)
+        fm = _mask(list(feats), (P, F), positions, f"steered features at {site}")
+        vec[list(feats)] = torch.tensor([float(v) for v in feats.values()])
+        rules[site] = lambda f, err, fm=fm, vec=vec: (
+            torch.where(fm.to(f.device), f + vec.to(f) if add else vec.to(f).expand_as(f), f), err)
+    return _apply(model, dictionaries, tokens, rules, batch)
+
+
+# --- how many features does it take? ----------------------------------------------------------------
+@dataclass
+class GreedyCurve:
+    """Metric after patching the first k directions (clean into corrupt, all positions) for k = 0..len(order)."""
+
+    basis: str
+    site: str
+    order: list[int]  # direction indices in the order the search patched them
+    metric: torch.Tensor  # [k+1] mean metric; metric[0] is the corrupt run
+    fraction: torch.Tensor  # [k+1] (metric - m_corrupt) / (m_clean - m_corrupt)
+    m_clean: float
+    m_corrupt: float
+    target: float
+    n_needed: int | None  # fewest directions reaching `target`; None if the search stopped first
+
+
+def greedy_patch(
+    model: Model,
+    dictionary: Dictionary,
+    site: str,
+    batch: TaskBatch,
+    target: float = 0.9,
+    max_steps: int = 64,
+    pool: int = 8,
+    basis: str | None = None,
+) -> GreedyCurve:
+    """Greedily patch the fewest directions of `dictionary` at `site` that move the corrupt run's metric `target`
+    of the way to the clean run's (Cunningham et al. 2023, section 4). Each step ranks the unpatched directions by
+    their first-order gain (gradient at the current patched state) and patches the best of the top `pool` by exact
+    reruns (pool x batch rows in one trace). The corrupt error term stays throughout."""
+    dicts = {site: dictionary}
+    with torch.no_grad():
+        f_clean = splice(model, batch.clean, dicts, stop_after=site).states[site].f  # [batch, pos, F]
+        f_corrupt = splice(model, batch.corrupt, dicts, stop_after=site).states[site].f  # [batch, pos, F]
+        base = patch(model, dicts, batch)
+        full = patch(model, dicts, batch, features={site: "all"})
+    m0, m1 = float(base.metric.mean()), float(full.metric.mean())
+    if abs(m1 - m0) < 1e-12:
+        raise DictCircuitsError(f"patching every direction at {site} does not change the metric: nothing to search")
+    chosen = torch.zeros(dictionary.F, dtype=torch.bool)
+    order, curve = [], [m0]
+    moved = ((f_clean != f_corrupt) & batch.corrupt.attention_mask.bool()[..., None]).any(0).any(0)  # [F]
+    bar = tqdm(range(min(max_steps, dictionary.F)), desc=f"greedy {basis or dictionary.arch} {site}", leave=False)
+    for _ in bar:
+        if (curve[-1] - m0) / (m1 - m0) >= target:
+            break
+        gain = _first_order_gain(model, dicts, site, batch, f_clean, chosen)  # [F]
+        gain = gain.masked_fill(chosen | ~moved, float("-inf"))
+        cands = [int(i) for i in gain.topk(min(pool, int(torch.isfinite(gain).sum()))).indices]
+        if not cands:
+            break
+        masks = chosen.repeat(len(cands), 1)  # [cands, F]
+        masks[torch.arange(len(cands)), cands] = True
+        rows = batch.repeat(len(cands))
+        fc = f_clean.repeat(len(cands), 1, 1)
+        masks = masks.repeat_interleave(len(batch), 0)[:, None, :]  # [cands*batch, 1, F]
+        with torch.no_grad():
+            res = splice(model, rows.corrupt, dicts, edit=lambda s, f, err: (torch.where(masks, fc, f), err))
+        scores = rows.metric(res.logits, rows.corrupt).view(len(cands), len(batch)).mean(1)
+        best = int(scores.argmax())
+        chosen[cands[best]] = True
+        order.append(cands[best])
+        curve.append(float(scores[best]))
+    metric = torch.tensor(curve)
+    fraction = (metric - m0) / (m1 - m0)
+    hit = torch.nonzero(fraction >= target).flatten()
+    return GreedyCurve(basis or dictionary.arch, site, order, metric, fraction, m1, m0, target,
+                       int(hit[0]) if len(hit) else None)
+
+
+def _first_order_gain(model, dicts, site, batch, f_clean, chosen) -> torch.Tensor:
+    """[F] sum over prompts and positions of (c_i - f_i) dm/df_i at the current patched state."""
+    captured = {}
+
+    def edit(s, f, err):
+        new = torch.where(chosen.to(f.device), f_clean, f).detach().requires_grad_(True)
+        captured["f"] = new
+        return new, err
+
+    with torch.enable_grad():
+        res = splice(model, batch.corrupt, dicts, edit=edit)
+        (g,) = torch.autograd.grad(batch.metric(res.logits, batch.corrupt).sum(), captured["f"])
+    return ((f_clean - captured["f"].detach()) * g).sum((0, 1))
+
+
+def fit_pca(acts: torch.Tensor, k: int | None = None) -> LinearDictionary:
+    """A PCA basis as a LinearDictionary: acts [N, d] -> top-k principal directions (rows of W_dec), centred on
+    the mean; encode gives the coordinates, decode adds the mean back."""
+    acts = acts.detach().float()
+    mean = acts.mean(0)
+    _, _, V = torch.linalg.svd(acts - mean, full_matrices=False)  # V [min(N, d), d]
+    k = V.shape[0] if k is None else min(k, V.shape[0])
+    dic = LinearDictionary(acts.shape[1], k)
+    with torch.no_grad():
+        dic.W_dec.copy_(V[:k])
+        dic.W_enc.copy_(V[:k].T)
+        dic.b_dec.copy_(mean)
+    dic.meta = {"baseline": "pca", "fit_tokens": acts.shape[0]}
+    return dic
+
+
+def compare_bases(
+    model: Model,
+    dictionary: Dictionary,
+    site: str,
+    batch: TaskBatch,
+    target: float = 0.9,
+    max_steps: int = 64,
+    pool: int = 8,
+) -> dict[str, GreedyCurve]:
+    """The greedy search in three bases at one site: the dictionary, PCA fitted on the task's clean and corrupt
+    activations (real tokens), and the neuron basis. Returns {"dictionary", "pca", "neurons"} -> GreedyCurve."""
+    acts = model.activations(batch.clean, [site])[site], model.activations(batch.corrupt, [site])[site]
+    mask = batch.clean.attention_mask.bool()
+    pca = fit_pca(torch.cat([a[mask] for a in acts]))
+    bases = {"dictionary": dictionary, "pca": pca, "neurons": IdentityDictionary(model.d_model)}
+    return {name: greedy_patch(model, dic, site, batch, target, max_steps, pool, basis=name)
+            for name, dic in bases.items()}
