@@ -90,10 +90,19 @@ def toy_effects(model, dicts, batch) -> ToyEffects:
     return eff
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (two spin-waiting threads crawl on a shared, busy CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 @pytest.fixture(scope="module")
-def toy():
+def toy(tokenizer):
     torch.manual_seed(0)
-    model = toy_model("gpt2")
+    model = toy_model("gpt2", tokenizer=tokenizer)
     model.hf.double()  # float64: finite differences below resolve the gradient edges to ~1e-6
     dicts = {s: d.double() for s, d in random_dictionaries(model, "all", expansion=2).items()}
     batch = toy_batch(model)
