@@ -180,13 +180,14 @@ class TaskBatch:
     def metric(self, logits: torch.Tensor, tokens: Tokens | None = None, reference: torch.Tensor | None = None
                ) -> torch.Tensor:
         """logits [batch, pos, vocab] (or [batch, vocab] already at the last position) -> metric [batch]."""
-        last = _last(logits, tokens or self.clean).float()  # [batch, vocab]
+        last = _last(logits, tokens or self.clean)  # [batch, vocab]
+        last = last.float() if last.dtype in (torch.float16, torch.bfloat16) else last
         rows = torch.arange(last.shape[0], device=last.device)
         if self.metric_name == "kl":
             ref = reference if reference is not None else self.reference
             if ref is None:
                 raise DictCircuitsError("the kl metric needs the clean logits: batch = batch.with_reference(model)")
-            p_ref = torch.log_softmax(ref.to(last.device).float(), -1)
+            p_ref = torch.log_softmax(ref.to(last), -1)
             return -(p_ref.exp() * (p_ref - torch.log_softmax(last, -1))).sum(-1)
         a_ids, w_ids = self.answer_ids.to(last.device), self.wrong_ids.to(last.device)
         if self.metric_name == "prob_diff":
