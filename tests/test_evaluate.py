@@ -1,0 +1,131 @@
+"""eval numbers against a hand computation with plain PyTorch forward hooks (no nnsight) on a tiny case."""
+import json
+import math
+
+import pytest
+import torch
+
+from dictcircuits.cli import main
+from dictcircuits.dictionary import save_dictionary
+from dictcircuits.evaluate import evaluate
+from dictcircuits.models import pad
+from dictcircuits.toy import random_dictionary
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    from dictcircuits.toy import toy_model
+
+    return toy_model("gpt2", tokenizer=tokenizer)
+
+
+def _forward(model, ids, mask, site, replace=None):
+    """Logits from the HF model with a forward hook that records (and optionally replaces) the site output."""
+    seen = {}
+    module = model.module(site)
+
+    def hook(mod, inp, out):
+        x = out[0] if isinstance(out, tuple) else out
+        seen["x"] = x.detach()
+        if replace is None:
+            return None
+        new = replace(x)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = model.hf(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+    return logits, seen["x"]
+
+
+def _ce(logits, ids, mask):
+    total, n = 0.0, 0
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):
+            if mask[b, t] and mask[b, t + 1]:
+                total -= float(logits[b, t].log_softmax(-1)[ids[b, t + 1]])
+                n += 1
+    return total / n, n
+
+
+def test_eval_matches_hand_computation(model, tmp_path):
+    site = "resid.0"
+    dic = random_dictionary("relu", 32, 64, seed=1)
+    with torch.no_grad():
+        dic.b_enc.sub_(0.3)  # make some features silent so dead/L0 are not trivial
+        dic.W_dec.mul_(0.05)
+    tokens = pad([[5, 17, 33, 8, 90, 12, 4], [44, 3, 19, 250], [7, 7, 100, 21, 60]], model.pad_id)
+    ids, mask = tokens.input_ids, tokens.attention_mask
+    res = evaluate(model, {site: dic}, tokens, batch_size=2, exclude_bos=False, plots=tmp_path)[site]
+
+    clean, x = _forward(model, ids, mask, site)
+    real = mask.bool()
+    xs = x[real]  # [n, d]
+    with torch.no_grad():
+        f = dic.encode(xs)
+        x_hat = dic.decode(f)
+    mu = xs.mean(0)
+    fvu = float((xs - x_hat).pow(2).sum() / (xs - mu).pow(2).sum())
+    assert res.tokens == 16
+    assert res.fvu == pytest.approx(fvu, rel=1e-4)
+    assert res.explained_variance == pytest.approx(1 - fvu, rel=1e-4)
+    assert res.mse == pytest.approx(float((xs - x_hat).pow(2).mean()), rel=1e-4)
+    assert res.l0 == pytest.approx(float((f != 0).sum(-1).float().mean()), rel=1e-5)
+    assert res.rel_bias == pytest.approx(float(x_hat.pow(2).sum() / (xs * x_hat).sum()), rel=1e-4)
+    freq = (f != 0).float().mean(0)
+    assert res.dead_frac == pytest.approx(float((freq == 0).float().mean()))
+    assert res.dense_frac == pytest.approx(float((freq > 0.1).float().mean()))
+    assert 0 < res.dead_frac < 1 and sum(res.freq_hist) == int((freq > 0).sum())
+
+    ce_clean, _ = _ce(clean, ids, mask)
+    spliced, _ = _forward(model, ids, mask, site, lambda x: dic.decode(dic.encode(x)))
+    zero, _ = _forward(model, ids, mask, site, torch.zeros_like)
+    mean, _ = _forward(model, ids, mask, site, lambda x: mu.expand_as(x))
+    ce_sp, n = _ce(spliced, ids, mask)
+    ce_zero, ce_mean = _ce(zero, ids, mask)[0], _ce(mean, ids, mask)[0]
+    assert n == 13
+    assert res.ce_clean == pytest.approx(ce_clean, rel=1e-5)
+    assert res.ce_spliced == pytest.approx(ce_sp, rel=1e-5)
+    assert res.ce_zero == pytest.approx(ce_zero, rel=1e-5)
+    assert res.ce_mean == pytest.approx(ce_mean, rel=1e-5)
+    assert res.ce_spliced != pytest.approx(res.ce_clean, abs=1e-4)  # the splice does change the loss
+    assert res.ce_recovered_zero == pytest.approx((ce_zero - ce_sp) / (ce_zero - ce_clean), rel=1e-3)
+    assert res.ce_recovered_mean == pytest.approx((ce_mean - ce_sp) / (ce_mean - ce_clean), rel=1e-3)
+    assert res.delta_ppl == pytest.approx(math.exp(ce_sp) - math.exp(ce_clean), rel=1e-3)
+    kl = 0.0
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):
+            if mask[b, t] and mask[b, t + 1]:
+                p, q = clean[b, t].log_softmax(-1), spliced[b, t].log_softmax(-1)
+                kl += float((p.exp() * (p - q)).sum())
+    assert res.kl == pytest.approx(kl / n, rel=1e-3)
+    assert (tmp_path / "resid.0.png").stat().st_size > 1000
+
+
+def test_eval_cli_json_and_errors(model, tmp_path, capsys):
+    folder = tmp_path / "toy-model"
+    model.hf.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    dic = random_dictionary("topk", 32, 64, k=4)
+    dic.meta["site"] = "mlp.0"
+    save_dictionary(dic, tmp_path / "dicts" / "mlp.0")
+    assert main(["eval", "--model", str(folder), "--dictionaries", str(tmp_path / "dicts"), "--tokens", "128",
+                 "--ctx-len", "32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mlp.0"]["tokens"] == 4 * 31 and out["mlp.0"]["l0"] == pytest.approx(4)
+    save_dictionary(random_dictionary("relu", 16, 32), tmp_path / "wrong" / "mlp.0")
+    assert main(["eval", "--model", str(folder), "--dictionaries", str(tmp_path / "wrong")]) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "width 16" in errors[0]
