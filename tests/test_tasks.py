@@ -1,5 +1,6 @@
 """Tasks: generators, data files, readers for other tools' formats, tokenization checks and metrics."""
 import json
+import re
 
 import pytest
 import torch
@@ -37,7 +38,10 @@ def test_generators_are_seeded_and_varied():
         assert corrupt.count(s.strip()) == 1
     held = ioi(32, names="heldout", templates="heldout")
     assert all(w.strip() in HELDOUT_NAMES for w in held.answers + held.wrong)
-    assert all(any(c.startswith(t.split("{")[0]) for t in IOI_HELDOUT_TEMPLATES) for c in held.clean)
+    patterns = [re.compile(re.escape(re.sub(r"\{\w+\}", "SLOT", t)).replace("SLOT", r"\w+") + "$")
+                for t in IOI_HELDOUT_TEMPLATES]
+    assert all(any(p.match(c) for p in patterns) for c in held.clean)
+    assert not any(p.match(c) for p in patterns for c in a.clean)
     depths = {m["depth"] for m in load_task("parens", n=64).meta}
     assert depths == {1, 2, 3}
     rc = load_task("sva-rc", n=8)
