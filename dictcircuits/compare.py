@@ -77,11 +77,11 @@ def compare(a: Dictionary, b: Dictionary, model: Model | None = None, tokens: To
             site: str | None = None, model_b: Model | None = None, batch_size: int = 16) -> Comparison:
     """Compare dictionaries a and b; with a model and tokens also their activation correlation at `site`
     (model_b, if given, produces b's activations: the same tokens through another model of the same width)."""
-    mab, mba = max_cosine(a.directions, b.directions), max_cosine(b.directions, a.directions)
+    da, db = a.directions.detach(), b.directions.detach()  # [Fa, d], [Fb, d]
+    mab, mba = max_cosine(da, db), max_cosine(db, da)
     result = Comparison(F_a=a.F, F_b=b.F, mmcs_ab=float(mab.mean()), mmcs_ba=float(mba.mean()),
                         frac_ab_09=float((mab > 0.9).float().mean()), hist_ab=_hist(mab), hist_ba=_hist(mba),
-                        simpson_a=float(simpson_diversity(a.directions).mean()),
-                        simpson_b=float(simpson_diversity(b.directions).mean()),
+                        simpson_a=float(simpson_diversity(da).mean()), simpson_b=float(simpson_diversity(db).mean()),
                         mcs_ab=mab.tolist(), mcs_ba=mba.tolist())
     if model is not None and tokens is not None:
         from .harvest import token_mask
