@@ -226,24 +226,27 @@ def greedy_patch(
     """Greedily patch the fewest directions of `dictionary` at `site` that move the corrupt run's metric `target`
     of the way to the clean run's (Cunningham et al. 2023, section 4). Each step ranks the unpatched directions by
     their first-order gain (gradient at the current patched state) and patches the best of the top `pool` by exact
-    reruns (pool x batch rows in one trace). The corrupt error term stays throughout."""
+    reruns (pool x batch rows in one trace). The corrupt error term stays throughout, so a dictionary whose error
+    carries part of the clean-corrupt difference may never reach the target; fractions are relative to the clean
+    run, the same yardstick for every basis."""
     dicts = {site: dictionary}
     with torch.no_grad():
         f_clean = splice(model, batch.clean, dicts, stop_after=site).states[site].f  # [batch, pos, F]
         f_corrupt = splice(model, batch.corrupt, dicts, stop_after=site).states[site].f  # [batch, pos, F]
-        base = patch(model, dicts, batch)
-        full = patch(model, dicts, batch, features={site: "all"})
-    m0, m1 = float(base.metric.mean()), float(full.metric.mean())
+        m0 = float(batch.metric(model.run(batch.corrupt), batch.corrupt).mean())
+        m1 = float(batch.metric(model.run(batch.clean)).mean())
     if abs(m1 - m0) < 1e-12:
-        raise DictCircuitsError(f"patching every direction at {site} does not change the metric: nothing to search")
+        raise DictCircuitsError("the clean and corrupt runs have the same metric: there is nothing to recover")
+    sign = 1.0 if m1 > m0 else -1.0  # which way is "toward clean"
     chosen = torch.zeros(dictionary.F, dtype=torch.bool)
     order, curve = [], [m0]
     moved = ((f_clean != f_corrupt) & batch.corrupt.attention_mask.bool()[..., None]).any(0).any(0)  # [F]
-    bar = tqdm(range(min(max_steps, dictionary.F)), desc=f"greedy {basis or dictionary.arch} {site}", leave=False)
+    bar = tqdm(range(min(max_steps, dictionary.F)), desc=f"greedy {basis or dictionary.arch} {site}", leave=False,
+               disable=None)
     for _ in bar:
         if (curve[-1] - m0) / (m1 - m0) >= target:
             break
-        gain = _first_order_gain(model, dicts, site, batch, f_clean, chosen)  # [F]
+        gain = sign * _first_order_gain(model, dicts, site, batch, f_clean, chosen)  # [F]
         gain = gain.masked_fill(chosen | ~moved, float("-inf"))
         cands = [int(i) for i in gain.topk(min(pool, int(torch.isfinite(gain).sum()))).indices]
         if not cands:
@@ -256,12 +259,12 @@ def greedy_patch(
         with torch.no_grad():
             res = splice(model, rows.corrupt, dicts, edit=lambda s, f, err: (torch.where(masks, fc, f), err))
         scores = rows.metric(res.logits, rows.corrupt).view(len(cands), len(batch)).mean(1)
-        best = int(scores.argmax())
+        best = int((sign * scores).argmax())
         chosen[cands[best]] = True
         order.append(cands[best])
         curve.append(float(scores[best]))
     metric = torch.tensor(curve)
-    fraction = (metric - m0) / (m1 - m0)
+    fraction = (metric - m0) / (m1 - m0) + 0.0  # + 0.0 turns -0.0 into 0.0
     hit = torch.nonzero(fraction >= target).flatten()
     return GreedyCurve(basis or dictionary.arch, site, order, metric, fraction, m1, m0, target,
                        int(hit[0]) if len(hit) else None)

@@ -104,6 +104,12 @@ def test_greedy_curve_and_bases(setup):
     assert len(curve.metric) == len(curve.order) + 1 == len(curve.fraction)
     assert len(set(curve.order)) == len(curve.order) and curve.fraction[0] == 0
     assert curve.n_needed is None or curve.fraction[curve.n_needed] >= 0.5
+    # a full-rank PCA basis at the last block carries everything: patching enough of it recovers the clean run
+    pca = fit_pca(torch.cat([model.activations(t, ["resid.1"])["resid.1"][t.attention_mask.bool()]
+                             for t in (batch.clean, batch.corrupt)]))
+    full = greedy_patch(model, pca, "resid.1", batch, target=0.999, max_steps=pca.F, pool=4)
+    assert full.n_needed is not None and full.fraction[full.n_needed] >= 0.999
+    assert abs(full.m_clean - float(batch.metric(model.run(batch.clean)).mean())) < 1e-6
     curves = compare_bases(model, dicts[site], site, batch, target=0.5, max_steps=4, pool=4)
     assert set(curves) == {"dictionary", "pca", "neurons"}
     assert curves["neurons"].basis == "neurons" and len(curves["pca"].metric) >= 2
