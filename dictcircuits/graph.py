@@ -145,19 +145,29 @@ def _downstream_quantity(node: Node, dic: Dictionary, state, grad: torch.Tensor,
     return (g_feat * state.f_in[rows][:, pos, node.feature]).sum()
 
 
-def _edge_weights(grads_up: torch.Tensor, delta: torch.Tensor, ups: list[Node]) -> torch.Tensor:
-    """grads_up [K, batch, pos, F|d] of K downstream quantities w.r.t. one upstream leaf; delta [batch, pos, F|d]
-    (clean - corrupt). Returns [K, len(ups)]: Σ over prompts (and positions for summed nodes) of grad·Δ, / batch."""
-    contrib = (grads_up * delta.unsqueeze(0)).sum(1) / delta.shape[0]  # [K, pos, F|d]
-    cols = []
+def _edge_weights(g_out: torch.Tensor, dic: Dictionary, delta_f: torch.Tensor, delta_err: torch.Tensor,
+                  ups: list[Node]) -> torch.Tensor:
+    """Edge weights [K, len(ups)] into K downstream nodes from the nodes `ups` of one upstream site.
+
+    g_out [K, batch, pos, d] is the gradient w.r.t. the site's output (its error leaf): the output is
+    decode(f) + err and decode is affine, so a feature's gradient is g_out @ direction and only the kept
+    features' columns are ever formed. Weight = Σ over prompts (and positions, for summed nodes) of grad·Δ, / batch."""
+    B = delta_f.shape[0]
+    feats = [u for u in ups if u.feature is not None]
+    proj = g_out @ dic.directions[[u.feature for u in feats]].detach().to(g_out.dtype).T if feats else None  # [K, b, pos, n]
+    cols, k = [], 0
     for u in ups:
-        c = contrib if u.position is None else contrib[:, u.position : u.position + 1]
-        cols.append(c.sum((1, 2)) if u.feature is None else c[:, :, u.feature].sum(1))
+        pos = slice(None) if u.position is None else slice(u.position, u.position + 1)
+        if u.feature is None:
+            cols.append((g_out[:, :, pos] * delta_err[None, :, pos].to(g_out.dtype)).sum((1, 2, 3)) / B)
+        else:
+            cols.append((proj[:, :, pos, k] * delta_f[None, :, pos, u.feature].to(g_out.dtype)).sum((1, 2)) / B)
+            k += 1
     return torch.stack(cols, 1)
 
 
 def compute_edges(model: Model, dictionaries: Mapping[str, Dictionary], batch, effects, nodes: Sequence[Node],
-                  mode: str = "rows", per_pass: int = 16, max_rows: int = 512,
+                  mode: str = "vmap", per_pass: int = 8, max_rows: int = 512,
                   progress: bool = True) -> dict[tuple[Node, Node], float]:
     """Direct-effect edges among `nodes` (all must be at spliced sites), averaged over prompts.
 
@@ -189,27 +199,22 @@ def compute_edges(model: Model, dictionaries: Mapping[str, Dictionary], batch, e
                          stop_after=deepest)
             total = sum(_downstream_quantity(n, dictionaries[n.site], res.states[n.site], effects.grads[n.site],
                                              slice(k * B, (k + 1) * B)) for k, n in enumerate(chunk))
-            leaves = [t for s in ups for t in (res.states[s].f, res.states[s].err)]
-            grads = torch.autograd.grad(total, leaves, allow_unused=True)
+            grads = torch.autograd.grad(total, [res.states[s].err for s in ups], allow_unused=True)
             grads = [None if g is None else g.view(len(chunk), B, *g.shape[1:]) for g in grads]
         else:
             qs = torch.stack([_downstream_quantity(n, dictionaries[n.site], shared.states[n.site],
                                                    effects.grads[n.site], slice(None)) for n in chunk])
-            leaves = [t for s in ups for t in (shared.states[s].f, shared.states[s].err)]
-            grads = torch.autograd.grad(qs, leaves, grad_outputs=torch.eye(len(chunk)), is_grads_batched=True,
-                                        retain_graph=True, allow_unused=True)
-        for i, s in enumerate(ups):
-            g_f, g_e = grads[2 * i], grads[2 * i + 1]
-            feats = [u for u in by_site[s] if u.feature is not None]
-            errs = [u for u in by_site[s] if u.feature is None]
-            for group, g, delta in ((feats, g_f, effects.deltas_f[s]), (errs, g_e, effects.deltas_err[s])):
-                if not group or g is None:
-                    continue
-                w = _edge_weights(g.detach(), delta.detach().to(g.dtype), group)  # [K, len(group)]
-                for k, d in enumerate(chunk):
-                    for j, u in enumerate(group):
-                        if _site_order(model, u.site) < _site_order(model, d.site) and float(w[k, j]) != 0.0:
-                            edges[(u, d)] = float(w[k, j])
+            grads = torch.autograd.grad(qs, [shared.states[s].err for s in ups], grad_outputs=torch.eye(len(chunk)),
+                                        is_grads_batched=True, retain_graph=True, allow_unused=True)
+        for s, g in zip(ups, grads):  # g: [K, batch, pos, d] gradient w.r.t. the upstream site's output
+            if g is None:
+                continue
+            w = _edge_weights(g.detach(), dictionaries[s], effects.deltas_f[s].detach(), effects.deltas_err[s].detach(),
+                              by_site[s]).tolist()  # [K][len(ups at s)]
+            for k, d in enumerate(chunk):
+                for j, u in enumerate(by_site[s]):
+                    if _site_order(model, u.site) < _site_order(model, d.site) and w[k][j] != 0.0:
+                        edges[(u, d)] = w[k][j]
         bar.update(len(chunk))
     bar.close()
     return edges

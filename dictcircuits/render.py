@@ -202,6 +202,9 @@ def render_html(cg: CircuitGraph) -> str:
         stats += [("faithfulness", f"{ver.faithfulness:.3f}"), ("completeness", f"{ver.completeness:.3f}"),
                   ("ablation", ver.ablation)]
     header = " · ".join(f"<span class='k'>{_esc(k)}</span> <b>{_esc(v)}</b>" for k, v in stats)
+    if ver is not None and ver.curve:
+        header += ("<div class='k'>faithfulness of the top-n nodes: "
+                   + " ".join(f"{n}:&nbsp;{f:.2f}" for n, f in ver.curve) + "</div>")
     prompt = "".join(f"<code title='position {p}'>{_esc(_shown(t))}</code>" for p, t in enumerate(cg.tokens))
     sites = sorted({(a["order"], a["site"]) for _, a in cg.graph.nodes(data=True) if a["kind"] != "logit"})
     kinds = sorted({s.split(".")[0] for _, s in sites})

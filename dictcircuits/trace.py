@@ -113,6 +113,9 @@ def summary(cg: CircuitGraph) -> str:
                   f"{ver.m_empty:.3f}, circuit only {ver.m_circuit:.3f}",
                   f"  faithfulness {ver.faithfulness:.3f}   completeness {ver.completeness:.3f} "
                   "(faithfulness without the circuit: 0 = nothing works without it)"]
+        if abs(ver.m_model - ver.m_empty) < 1e-2:
+            lines.append("  warning: the model and the fully ablated model nearly agree on the metric, so faithfulness "
+                         "and completeness are ratios of tiny numbers (is the model able to do the task?)")
         if ver.refined_from is not None:
             lines.append(f"  refined from {ver.refined_from} nodes")
         if ver.curve:
