@@ -79,8 +79,8 @@ def rank_nodes(effects, sites: Sequence[str], positions: bool = True) -> Ranking
     """Rank the nodes of `sites` by |effect| from a NodeEffects (features {site: [pos, F]}, errors {site: [pos]})."""
     chunks, offsets, start = [], [], 0
     for site in sites:
-        feats = effects.features[site].detach().float()  # [pos, F]
-        errs = effects.errors[site].detach().float()  # [pos]
+        feats = effects.features[site].detach().float().nan_to_num(0.0)  # [pos, F] (exact leaves skipped nodes NaN)
+        errs = effects.errors[site].detach().float().nan_to_num(0.0)  # [pos]
         if not positions:
             feats, errs = feats.sum(0, keepdim=True), errs.sum(0, keepdim=True)
         P, F = feats.shape
@@ -375,8 +375,9 @@ class CircuitGraph:
                 "timings": self.timings, "settings": self.settings}
 
     def to_dict(self) -> dict:
-        """circuit-tracer / Neuronpedia-like: metadata, nodes (node_id, layer, ctx_idx, feature_type, ...), links."""
-        nodes = [{"node_id": n, "ctx_idx": a.get("position"), "feature_type": a["kind"], **a}
+        """circuit-tracer / Neuronpedia-like: metadata, nodes (id, with circuit-tracer's node_id, ctx_idx and
+        feature_type alongside), links, and per-feature hover details."""
+        nodes = [{"id": n, "node_id": n, "ctx_idx": a.get("position"), "feature_type": a["kind"], **a}
                  for n, a in self.graph.nodes(data=True)]
         links = [{"source": u, "target": v, **a} for u, v, a in self.graph.edges(data=True)]
         return {"metadata": self.metadata(), "nodes": nodes, "links": links, "features": self.features}
@@ -387,8 +388,8 @@ class CircuitGraph:
             meta = data["metadata"]
             g = nx.DiGraph()
             for node in data["nodes"]:
-                attrs = {k: v for k, v in node.items() if k not in ("node_id", "ctx_idx", "feature_type")}
-                g.add_node(node["node_id"], **attrs)
+                attrs = {k: v for k, v in node.items() if k not in ("id", "node_id", "ctx_idx", "feature_type")}
+                g.add_node(node["id"], **attrs)
             for link in data["links"]:
                 g.add_edge(link["source"], link["target"], **{k: v for k, v in link.items() if k not in ("source", "target")})
             ver = meta.get("verification")
@@ -400,7 +401,8 @@ class CircuitGraph:
             raise DictCircuitsError(f"not a dictcircuits graph JSON (missing or bad field {exc}); write it with CircuitGraph.save_json") from exc
 
     def save_json(self, path: str | Path) -> Path:
-        return _atomic_write(path, json.dumps(self.to_dict(), indent=1))
+        """Strict JSON (a NaN, e.g. faithfulness with m(M) = m(∅), is written as null)."""
+        return _atomic_write(path, json.dumps(_no_nan(self.to_dict()), indent=1, allow_nan=False))
 
     @classmethod
     def load_json(cls, path: str | Path) -> "CircuitGraph":
@@ -423,6 +425,16 @@ class CircuitGraph:
         nx.write_graphml(g, tmp)
         os.replace(tmp, path)
         return path
+
+
+def _no_nan(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_no_nan(v) for v in obj]
+    return obj
 
 
 def _atomic_write(path: str | Path, text: str) -> Path:

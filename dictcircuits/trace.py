@@ -23,6 +23,9 @@ from .render import feature_details, write_html
 from .tasks import Task, load_task
 
 
+EXACT_CANDIDATES = 3  # --method exact measures this many times --max-nodes candidates
+
+
 def default_dictionaries(model: Model) -> Path:
     """./dictionaries/<model>, else the repository's dictionaries/<model> beside the package."""
     for root in (Path("dictionaries"), Path(__file__).resolve().parents[1] / "dictionaries"):
@@ -73,7 +76,14 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
         batch = batch.with_reference(model)
     lap("load")
 
-    effects = node_effects(model, dictionaries, batch, method=method, steps=steps)
+    if method == "exact":  # one rerun per node: measure the strongest attribution-patching candidates only
+        pre = rank_nodes(node_effects(model, dictionaries, batch, method="attrib"), list(dictionaries))
+        todo: dict[str, list[tuple[int, int | None]]] = {}
+        for node in pre.top(EXACT_CANDIDATES * max_nodes):
+            todo.setdefault(node.site, []).append((node.position, node.feature))
+        effects = node_effects(model, dictionaries, batch, method="exact", nodes=todo, max_nodes=EXACT_CANDIDATES * max_nodes)
+    else:
+        effects = node_effects(model, dictionaries, batch, method=method, steps=steps)
     lap("effects")
 
     ranking = rank_nodes(effects, list(dictionaries), positions=positions)
