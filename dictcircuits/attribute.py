@@ -22,6 +22,7 @@ from .models import Model, Tokens
 from .tasks import TaskBatch, _last
 
 METHODS = ("attrib", "ig", "exact")
+EXACT_ROWS = 256  # exact packs nodes x prompts into traces of about this many rows
 
 
 @dataclass
@@ -100,7 +101,7 @@ def node_effects(
     method: "attrib" (one forward+backward), "ig" (one trace per site, batch x steps rows) or "exact" (one row per
     node and prompt). exact evaluates `nodes` ({site: [(pos, feature) or (pos, None) for the error]}) or, by
     default, every node whose value differs between clean and corrupt, refusing more than max_nodes; nodes it
-    skips are NaN. batch_size caps the prompts per trace (rows = batch_size * steps for ig).
+    skips are NaN. batch_size caps the prompts per trace for attrib and ig (rows = batch_size * steps for ig).
     """
     if method not in METHODS:
         raise DictCircuitsError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
@@ -131,7 +132,7 @@ def node_effects(
         grads = {s: torch.cat([g[s] for g in per_span]) for s in sites}
 
     if method == "exact":
-        features, errors = _exact(model, dictionaries, batch, data, m_clean, nodes, max_nodes, chunk)
+        features, errors = _exact(model, dictionaries, batch, data, m_clean, nodes, max_nodes)
     else:
         features, errors = {}, {}
         with torch.no_grad():
@@ -156,7 +157,7 @@ def _ig_grads(model: Model, batch: TaskBatch, site: str, data: _SiteData, span: 
     return g.view(steps, len(batch), *g.shape[1:]).mean(0).detach()
 
 
-def _exact(model, dictionaries, batch, data, m_clean, nodes, max_nodes, chunk):
+def _exact(model, dictionaries, batch, data, m_clean, nodes, max_nodes):
     """Rerun the clean prompt once per node with that node at its corrupt value; effects averaged over prompts."""
     chosen: dict[str, list[tuple[int, int | None]]] = {}
     features, errors = {}, {}
@@ -180,7 +181,7 @@ def _exact(model, dictionaries, batch, data, m_clean, nodes, max_nodes, chunk):
     if total > max_nodes:
         raise DictCircuitsError(f"exact patching needs one rerun per node and {total} nodes differ (> max_nodes="
                                 f"{max_nodes}); pass nodes={{site: [(pos, feature), ...]}}, raise max_nodes or use ig")
-    per_run = max(1, 256 // max(1, min(chunk, len(batch))))
+    per_run = max(1, EXACT_ROWS // len(batch))  # nodes per trace
     for s, todo in chosen.items():
         D, d = dictionaries[s].directions.detach(), data[s]
         for start in range(0, len(todo), per_run):

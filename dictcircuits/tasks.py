@@ -369,7 +369,12 @@ def load_task(spec: str, n: int = 64, seed: int = 0, model: Model | None = None,
     read whole (n and seed do not apply). With model, answers are checked now (one clear error if not single tokens);
     EAP-IG CSVs that give token ids need the model to decode them."""
     if spec in GENERATORS:
-        task = GENERATORS[spec](n, seed, **options)
+        try:
+            task = GENERATORS[spec](n, seed, **options)
+        except TypeError as exc:
+            if not options:
+                raise
+            raise DictCircuitsError(f"task {spec!r} does not take the options {sorted(options)} ({exc})") from exc
     else:
         path = Path(spec)
         if not path.is_file():

@@ -42,7 +42,7 @@ def site_patched_metric(model, batch, site):
 def test_ig_completeness_and_single_node_exact(family, tokenizer):
     model, dicts = make(family, tokenizer)
     batch = Task("toy-ioi", CLEAN, CORRUPT, [" Mary", " Alice"], [" John", " Bob"]).tokenize(model)
-    eff = node_effects(model, dicts, batch, method="ig", steps=16)
+    eff = node_effects(model, dicts, batch, method="ig", steps=32)
     for site in dicts:
         want = (eff.metric_clean - site_patched_metric(model, batch, site)).mean()
         assert abs(want) > 1e-8, "the pair must differ for the check to mean anything"
@@ -105,6 +105,9 @@ def test_kl_metric_ig_completeness_and_bad_input(tokenizer):
     assert (eff.metric_corrupt < 0).all()  # -KL: the corrupt run is further from the clean distribution
     want = (eff.metric_clean - site_patched_metric(model, batch.with_reference(model), "mlp.1")).mean()
     assert abs(eff.site_total("mlp.1") - want) <= 2e-2 * abs(want)
+    chunked = node_effects(model, dicts, batch, method="ig", steps=16, batch_size=1)
+    assert torch.allclose(chunked.features["mlp.1"], eff.features["mlp.1"], atol=1e-12)
+    assert torch.allclose(chunked.grads["mlp.1"], eff.grads["mlp.1"], atol=1e-12)
     with pytest.raises(DictCircuitsError, match="unknown method"):
         node_effects(model, dicts, batch, method="magic")
     with pytest.raises(DictCircuitsError, match="max_nodes"):

@@ -47,6 +47,8 @@ def test_generators_are_seeded_and_varied():
     rc = load_task("sva-rc", n=8)
     assert all(" that the " in c for c in rc.clean) and {a for a in rc.answers} & {" is", " are", " was", " were",
                                                                                    " has", " have"}
+    with pytest.raises(DictCircuitsError, match="does not take the options"):
+        load_task("parens", n=4, names="heldout")
     with pytest.raises(DictCircuitsError, match="use abc"):
         ioi(4, corruption="swap")
 
