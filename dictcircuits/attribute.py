@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 
 import torch
+from tqdm.auto import tqdm
 
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
@@ -126,7 +127,8 @@ def node_effects(
     chunk = batch_size or len(batch)
     spans = [slice(i, min(i + chunk, len(batch))) for i in range(0, len(batch), chunk)]
     if method == "ig":
-        grads = {s: torch.cat([_ig_grads(model, batch[sp], s, data[s], sp, steps) for sp in spans]) for s in sites}
+        grads = {s: torch.cat([_ig_grads(model, batch[sp], s, data[s], sp, steps) for sp in spans])
+                 for s in tqdm(sites, desc="ig", leave=False, disable=None)}
     else:
         per_span = [metric_grads(model, batch[sp], sites)[1] for sp in spans]
         grads = {s: torch.cat([g[s] for g in per_span]) for s in sites}
@@ -166,8 +168,8 @@ def _exact(model, dictionaries, batch, data, m_clean, nodes, max_nodes):
             feats = torch.nonzero(d.delta_f.abs().amax(0) > 0).tolist()
             errs = torch.nonzero(d.delta_err.abs().amax(0).amax(-1) > 0).flatten().tolist()
             chosen[s] = [(p, j) for p, j in feats] + [(p, None) for p in errs]
-            features[s] = torch.zeros(d.delta_f.shape[1:])
-            errors[s] = torch.zeros(d.delta_f.shape[1])
+            features[s] = torch.zeros(d.delta_f.shape[1:], dtype=m_clean.dtype)
+            errors[s] = torch.zeros(d.delta_f.shape[1], dtype=m_clean.dtype)
         else:
             chosen[s] = list(nodes.get(s, []))
             P, F = d.delta_f.shape[1:]
@@ -175,14 +177,14 @@ def _exact(model, dictionaries, batch, data, m_clean, nodes, max_nodes):
                 if not (0 <= p < P and (j is None or 0 <= j < F)):
                     raise DictCircuitsError(f"exact node ({p}, {j}) at {s} is out of range: positions 0..{P - 1}, "
                                             f"features 0..{F - 1} or None for the error term")
-            features[s] = torch.full(d.delta_f.shape[1:], float("nan"))
-            errors[s] = torch.full(d.delta_f.shape[1:2], float("nan"))
+            features[s] = torch.full(d.delta_f.shape[1:], float("nan"), dtype=m_clean.dtype)
+            errors[s] = torch.full(d.delta_f.shape[1:2], float("nan"), dtype=m_clean.dtype)
     total = sum(len(v) for v in chosen.values())
     if total > max_nodes:
         raise DictCircuitsError(f"exact patching needs one rerun per node and {total} nodes differ (> max_nodes="
                                 f"{max_nodes}); pass nodes={{site: [(pos, feature), ...]}}, raise max_nodes or use ig")
     per_run = max(1, EXACT_ROWS // len(batch))  # nodes per trace
-    for s, todo in chosen.items():
+    for s, todo in tqdm(chosen.items(), desc="exact", leave=False, disable=None):
         D, d = dictionaries[s].directions.detach(), data[s]
         for start in range(0, len(todo), per_run):
             group = todo[start:start + per_run]

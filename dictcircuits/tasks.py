@@ -79,7 +79,9 @@ class Task:
         wrong_ids = torch.tensor([ids(w, i) for i, w in enumerate(self.wrong)])
         clean, corrupt = model.tokenize(self.clean, add_bos=add_bos), model.tokenize(self.corrupt, add_bos=add_bos)
         lc, lk = clean.attention_mask.sum(1), corrupt.attention_mask.sum(1)
-        for i in torch.nonzero(lc != lk).flatten().tolist():
+        unequal = torch.nonzero(lc != lk).flatten().tolist()
+        if unequal:
+            i = unequal[0]
             raise DictCircuitsError(
                 f"task {self.name!r}: clean prompt {self.clean[i]!r} is {int(lc[i])} tokens but its corrupt "
                 f"{self.corrupt[i]!r} is {int(lk[i])}; pairs must tokenize to the same length (use single-token words)"
@@ -121,12 +123,18 @@ class Task:
 
 
 def _single_token(tokenizer, word: str, prompt: str) -> int:
+    """The id of `word` as one token: alone (byte-level BPE), or else as the one token it adds after the prompt
+    (SentencePiece tokenizers, which spell a leading space differently alone)."""
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        hint = ("greater-than needs a tokenizer with two-digit number tokens"
-                if word.isdigit() else "answers must be single tokens: pick other words or drop this prompt")
-        raise DictCircuitsError(f"answer {word!r} of prompt {prompt!r} is {len(ids)} tokens for this tokenizer; {hint}")
-    return int(ids[0])
+    if len(ids) == 1:
+        return int(ids[0])
+    before = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    after = tokenizer(prompt + word, add_special_tokens=False)["input_ids"]
+    if len(after) == len(before) + 1 and after[:-1] == before:
+        return int(after[-1])
+    hint = ("greater-than needs a tokenizer with two-digit number tokens"
+            if word.isdigit() else "answers must be single tokens: pick other words or drop this prompt")
+    raise DictCircuitsError(f"answer {word!r} of prompt {prompt!r} is {len(ids)} tokens for this tokenizer; {hint}")
 
 
 def _pad_to(tokens: Tokens, width: int, pad_id: int) -> Tokens:
