@@ -5,7 +5,8 @@ greedy "how many features does it take?" search with its PCA and neuron-basis ba
 Patching at a site replaces the chosen features' activations by the source run's values and keeps everything else:
 x' = x_target + sum_{i in S} (c_i - cbar_i) f_i, with c the source's and cbar the target's feature activations and
 f_i the directions; the target's error term stays unless the site's error is patched too. At a later spliced site
-the unpatched features and the error take whatever values the patched run gives them.
+the unpatched features and the error take whatever values the patched run gives them. `positions` index the padded
+columns of the batch: use an aligned task (Task.aligned) when a position should mean the same token in every prompt.
 """
 from __future__ import annotations
 
@@ -57,12 +58,15 @@ def _mask(spec, shape: tuple[int, int], positions: Sequence[int] | None, what: s
     return mask
 
 
+def _check_sites(dictionaries: Mapping[str, Dictionary], sites: Iterable[str]) -> None:
+    unknown = [s for s in sites if s not in dictionaries]
+    if unknown:
+        raise DictCircuitsError(f"no dictionary for site(s) {', '.join(unknown)}: pass one in dictionaries")
+
+
 def _apply(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Tokens, rules: dict,
            batch: TaskBatch | None) -> InterventionResult:
     """Splice only the ruled sites; rules[site](f, err) -> (f', err')."""
-    unknown = [s for s in rules if s not in dictionaries]
-    if unknown:
-        raise DictCircuitsError(f"no dictionary for site(s) {', '.join(unknown)}: pass one in dictionaries")
     with torch.no_grad():
         res = splice(model, tokens, {s: dictionaries[s] for s in rules}, edit=lambda s, f, err: rules[s](f, err))
     metric = batch.metric(res.logits, tokens) if batch is not None else None
@@ -97,6 +101,7 @@ def patch(
         with torch.no_grad():
             logits = model.run(target)
         return InterventionResult(logits, batch.metric(logits, target), {})
+    _check_sites(dictionaries, [*features, *errors])
     source, target = (batch.clean, batch.corrupt) if into == "corrupt" else (batch.corrupt, batch.clean)
     src = _source_states(model, dictionaries, source, [*features, *errors])
     P = target.input_ids.shape[1]
@@ -135,6 +140,7 @@ def ablate(
     chosen = list(dict.fromkeys([*features, *errors, *whole]))
     if not chosen:
         raise DictCircuitsError("nothing to ablate: name features={site: ...}, errors=[site] or sites=[site]")
+    _check_sites(dictionaries, chosen)
     P = tokens.input_ids.shape[1]
     if how == "resample":
         reference = reference if reference is not None else (batch.corrupt if batch is not None else None)
@@ -185,9 +191,8 @@ def steer(
     tokens = batch.clean if batch is not None else data
     P = tokens.input_ids.shape[1]
     rules = {}
+    _check_sites(dictionaries, values)
     for site, feats in values.items():
-        if site not in dictionaries:
-            raise DictCircuitsError(f"no dictionary for site {site}: pass one in dictionaries")
         F = dictionaries[site].F
         vec = torch.zeros(F)
         fm = _mask(list(feats), (P, F), positions, f"steered features at {site}")

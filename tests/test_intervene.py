@@ -80,6 +80,8 @@ def test_ablations(setup):
     assert err.states[site].err.abs().max() == 0 and not torch.allclose(err.logits, clean, atol=1e-5)
     one = ablate(model, dicts, batch, features={site: [5]})
     assert one.states[site].f[..., 5].abs().max() == 0 and one.metric.shape == (2,)
+    with pytest.raises(DictCircuitsError, match="no dictionary for site"):
+        patch(model, dicts, batch, features={"mlp.9": "all"})
     with pytest.raises(DictCircuitsError, match="ablate with one of"):
         ablate(model, dicts, batch, sites=[site], how="median")
 
