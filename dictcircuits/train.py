@@ -365,6 +365,13 @@ def _finish(session: _Session, trainers: dict[str, list[Trainer]], summary: dict
                 "tokens_per_s": round(result.tokens_per_s, 1), "input_scale": float(t.dic.input_scale),
                 "final": {k: round(v, 5) for k, v in session.final[s][i].items()},
             }
+    if world > 1:  # data-parallel ranks must hold the same dictionaries; a difference is a bug, not noise
+        sums = torch.tensor([float(sum(p.detach().double().sum() for p in t.dic.parameters()))
+                             for ts in trainers.values() for t in ts], dtype=torch.float64)
+        every = [torch.zeros_like(sums) for _ in range(world)]
+        dist.all_gather(every, sums)
+        if any(not torch.allclose(e, every[0], rtol=1e-6, atol=1e-6) for e in every):
+            raise DictCircuitsError("data-parallel ranks ended with different dictionaries; report this bug")
     if interrupted or rank != 0 or out is None:
         return result
     for s, ts in trainers.items():
@@ -537,7 +544,7 @@ def run(args) -> int:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
     result = train(cfg)
-    if _rank_world()[0] != 0:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     if result.interrupted:
         print(f"interrupted at step {result.steps}: checkpoint saved in {result.out}; continue with --resume")
