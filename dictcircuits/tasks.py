@@ -231,13 +231,14 @@ IOI_TEMPLATES = (
     "The {PLACE} {N1} and {N2} went to had a {OBJECT}. {S} gave it to",
     "Then, {N1} and {N2} had a long argument, and afterwards {S} said to",
 )
-# never in the default model's training corpus (examples/build_default.py keeps the same four out): evaluating on
-# them measures generalisation. IOI_TEMPLATES are all among the corpus's training templates.
+# never in the default model's training corpus (examples/build_default.py keeps these four out; the last one gains
+# "Earlier," here so that every name follows a space: names are single tokens only with their leading space).
+# Evaluating on them measures generalisation. IOI_TEMPLATES are all among the corpus's training templates.
 IOI_HELDOUT_TEMPLATES = (
     "Yesterday, {N1} and {N2} walked to the {PLACE}. {S} handed a {OBJECT} to",
     "As {N1} and {N2} arrived at the {PLACE}, {S} passed a {OBJECT} to",
     "Later, {N1} and {N2} met at the {PLACE}, and {S} brought a {OBJECT} to",
-    "{N1} and {N2} spent the day at the {PLACE}. In the end, {S} sent a {OBJECT} to",
+    "Earlier, {N1} and {N2} spent the day at the {PLACE}. In the end, {S} sent a {OBJECT} to",
 )
 TRAIN_NAMES = tuple(n for n in NAMES if n not in HELDOUT_NAMES)
 
