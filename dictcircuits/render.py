@@ -20,7 +20,7 @@ from .graph import LOGIT, CircuitGraph, Node, _atomic_write
 from .models import Model
 
 VIS_VERSION = "vis-9.1.2"
-ROW_H, NODE_W, LABEL_W = 110, 46, 120
+ROW_GAP, LINE_H, NODE_W, LABEL_W, WRAP = 120, 38, 40, 150, 8  # layout units (pixels at zoom 1)
 POS, NEG = (33, 102, 172), (178, 24, 43)  # blue: supports the clean answer; red: opposes it
 
 
@@ -124,27 +124,39 @@ def _tooltip(node_id: str, a: dict, tokens: Sequence[str], details: dict | None)
     return "".join(parts)
 
 
-def layout(cg: CircuitGraph) -> tuple[dict[str, tuple[float, float]], list[float]]:
-    """Fixed x/y per node and the x of each token column: one row per site (forward order, embeddings at the
-    bottom, the metric on top), one column per token position, nodes sharing a row and position side by side."""
+def layout(cg: CircuitGraph) -> tuple[dict[str, tuple[float, float]], list[float], list[float]]:
+    """Fixed x/y per node, the x of each token column and the y of each row: one row per site (forward order,
+    embeddings at the bottom, the metric on top), one column per token position; nodes sharing a row and
+    position sit side by side, WRAP to a line (strongest first), rows as tall as their fullest cell."""
     g = cg.graph
     row_of = {o: i for i, o in enumerate(sorted({a["order"] for _, a in g.nodes(data=True)}))}
     cells: dict[tuple[int, int], list[str]] = {}
     for n, a in sorted(g.nodes(data=True), key=lambda kv: (kv[1].get("feature") is None, -abs(kv[1]["effect"]))):
         cells.setdefault((row_of[a["order"]], a["position"] if a["position"] is not None else 0), []).append(n)
     P = max([len(cg.tokens)] + [p + 1 for _, p in cells])
-    label = [len(_shown(cg.tokens[p])) * 9 + 14 if p < len(cg.tokens) else NODE_W for p in range(P)]
-    width = [max([len(v) * NODE_W for (_, p), v in cells.items() if p == pos] + [label[pos]]) for pos in range(P)]
+    label = [len(_shown(cg.tokens[p])) * 11 + 16 if p < len(cg.tokens) else NODE_W for p in range(P)]
+    width = [max([min(len(v), WRAP) * NODE_W for (_, p), v in cells.items() if p == pos] + [label[pos]]) for pos in range(P)]
     centre = [sum(width[:i]) + width[i] / 2 for i in range(P)]
-    xy = {n: (centre[p] + (k - (len(members) - 1) / 2) * NODE_W, -r * ROW_H)
-          for (r, p), members in cells.items() for k, n in enumerate(members)}
-    return xy, centre
+    lines = [max([math.ceil(len(v) / WRAP) for (r, _), v in cells.items() if r == row] + [1]) for row in range(len(row_of))]
+    row_y, y = [], 0.0
+    for row, n_lines in enumerate(lines):  # vis y grows downward: row 0 (embed) at the bottom
+        if row:
+            y -= ROW_GAP + (n_lines + lines[row - 1] - 2) * LINE_H / 2
+        row_y.append(y)
+    xy = {}
+    for (r, p), members in cells.items():
+        n_lines = math.ceil(len(members) / WRAP)
+        for k, n in enumerate(members):
+            line, col = divmod(k, WRAP)
+            in_line = min(WRAP, len(members) - line * WRAP)
+            xy[n] = (centre[p] + (col - (in_line - 1) / 2) * NODE_W, row_y[r] + (line - (n_lines - 1) / 2) * LINE_H)
+    return xy, centre, row_y
 
 
 def vis_data(cg: CircuitGraph) -> dict:
     """Nodes, edges and the label nodes (row and token labels) for vis-network."""
     g = cg.graph
-    xy, col_x = layout(cg)
+    xy, col_x, row_y = layout(cg)
     max_eff = max([abs(a["effect"]) for _, a in g.nodes(data=True) if a["kind"] != "logit"] + [1e-12])
     max_w = max([abs(w) for _, _, w in g.edges(data="weight")] + [1e-12])
     nodes = []
@@ -166,13 +178,14 @@ def vis_data(cg: CircuitGraph) -> dict:
                       "title": f"{u} → {v}: {w:+.4g}"})
     rows = sorted({(a["order"], a["site"]) for _, a in g.nodes(data=True)})
     min_x = min([x for x, _ in xy.values()] + [0.0])
-    labels = [{"id": f"__row{i}", "x": min_x - LABEL_W, "y": -i * ROW_H, "label": "metric" if site == LOGIT else site}
+    labels = [{"id": f"__row{i}", "x": min_x - LABEL_W, "y": row_y[i], "label": "metric" if site == LOGIT else site}
               for i, (_, site) in enumerate(rows)]
     if any(a["position"] is not None for _, a in g.nodes(data=True)):  # token columns (not for summed nodes)
-        labels += [{"id": f"__tok{p}", "x": x, "y": ROW_H * 0.7, "label": f"{_shown(tok)}\n{p}"}
+        bottom = max(y for _, y in xy.values()) + ROW_GAP * 0.6
+        labels += [{"id": f"__tok{p}", "x": x, "y": bottom, "label": f"{_shown(tok)}\n{p}"}
                    for p, (x, tok) in enumerate(zip(col_x, cg.tokens))]
     for lab in labels:
-        lab.update(shape="text", font={"size": 13, "color": "#555", "face": "monospace"})
+        lab.update(shape="text", font={"size": 20, "color": "#444", "face": "monospace"})
     return {"nodes": nodes, "edges": edges, "labels": labels}
 
 
@@ -228,13 +241,14 @@ _TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
 __ASSETS__
 <style>
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:0;color:#222;background:#fafafa}
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:0;color:#222;background:#fafafa;
+ display:flex;flex-direction:column;height:100vh}
 header{padding:8px 14px;background:#fff;border-bottom:1px solid #ddd}
 header h1{font-size:18px;margin:0 0 4px 0} .k{color:#777} .prompt code{margin-right:2px;background:#eee;padding:0 2px}
 #bar{display:flex;gap:10px;align-items:center;padding:6px 14px;font-size:13px;flex-wrap:wrap}
 #legend span{margin-right:10px} .sw{display:inline-block;width:11px;height:11px;vertical-align:middle;margin-right:3px}
-#main{display:flex;height:calc(100vh - 118px)} #net{flex:1;background:#fff;border-right:1px solid #ddd}
-#side{width:330px;overflow:auto;padding:8px 10px;font-size:13px}
+#main{display:flex;flex:1;min-height:0} #net{flex:1;min-width:0;overflow:hidden;background:#fff;border-right:1px solid #ddd}
+#side{width:330px;flex:none;overflow:auto;padding:8px 10px;font-size:13px}
 .tt-h{font-weight:600} .tt-k{color:#777;font-size:11px} .tt-ex{margin:3px 0;font-family:monospace;white-space:pre-wrap}
 div.vis-tooltip{max-width:420px;white-space:normal;font-size:12px}
 </style></head>
@@ -249,7 +263,8 @@ div.vis-tooltip{max-width:420px;white-space:normal;font-size:12px}
  <span>● feature</span><span>▲ error term</span><span>◆ metric</span>
  <span>edge width ∝ |weight|, colour = sign</span></span>
 </div>
-<div id="main"><div id="net"></div><div id="side"><i>Hover or click a node for details.</i></div></div>
+<div id="main"><div id="net"></div><div id="side"><i>Hover or click a node for details (a click also puts it in
+the address: page.html#node=&lt;id&gt; opens with that node selected).</i></div></div>
 <div id="dc-status" data-nodes="" data-edges="" data-errors="" hidden></div>
 <script>
 (function(){
@@ -271,7 +286,9 @@ var network=new vis.Network(document.getElementById("net"),{nodes:nodes,edges:ed
   edges:{smooth:false,selectionWidth:2},nodes:{borderWidth:1.5}});
 function show(id){if(tips[id]!==undefined){side.innerHTML=tips[id];}}
 network.on("hoverNode",function(p){show(p.node);});
-network.on("click",function(p){if(p.nodes.length){show(p.nodes[0]);}});
+network.on("click",function(p){if(p.nodes.length){show(p.nodes[0]);history.replaceState(null,"","#node="+encodeURIComponent(p.nodes[0]));}});
+var linked=decodeURIComponent((location.hash.match(/^#node=(.*)$/)||["",""])[1]);
+if(tips[linked]!==undefined){show(linked);network.selectNodes([linked]);}
 function apply(){
   var q=document.getElementById("search").value.trim().toLowerCase(),k=document.getElementById("kind").value,
       l=document.getElementById("layer").value;
@@ -279,12 +296,13 @@ function apply(){
     &&(l===""||String(n.layer)===l||n.kind==="logit");return {id:n.id,hidden:!keep};}));
 }
 ["search","kind","layer"].forEach(function(id){document.getElementById(id).addEventListener("input",apply);});
+window.addEventListener("resize",function(){network.fit();});
 network.once("afterDrawing",function(){
+  network.fit();
   status.setAttribute("data-nodes",String(data.nodes.length));
   status.setAttribute("data-edges",String(network.body.data.edges.length));
   status.setAttribute("data-drawn",String(Object.keys(network.body.nodes).length-data.labels.length));
 });
-network.fit();
 })();
 </script>
 </body></html>

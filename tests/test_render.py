@@ -12,7 +12,7 @@ import torch
 from dictcircuits.cli import main
 from dictcircuits.dictionary import save_dictionary
 from dictcircuits.graph import CircuitGraph, Node, Verification
-from dictcircuits.render import _vis_assets, feature_details, layout, render_html, vis_data, write_html
+from dictcircuits.render import NODE_W, WRAP, _vis_assets, feature_details, layout, render_html, vis_data, write_html
 from dictcircuits.tasks import Task
 from dictcircuits.toy import random_dictionaries, toy_model
 from dictcircuits.trace import summary, trace
@@ -30,8 +30,8 @@ def hand_graph(tokens=("When", " Mary", EVIL, IMG, " to")) -> CircuitGraph:
         for p in range(len(tokens)):
             g.add_node(f"{site}/7@{p}", kind="feature", site=site, layer=layer, order=order, position=p, feature=7,
                        effect=0.1 * (p + 1) * (-1) ** p, activation=1.5, label=f"{site} 7")
-        g.add_node(f"{site}/err@{p}", kind="error", site=site, layer=layer, order=order, position=p, feature=None,
-                   effect=-0.3, activation=2.0, label=f"{site} ε")
+            g.add_node(f"{site}/err@{p}", kind="error", site=site, layer=layer, order=order, position=p, feature=None,
+                       effect=-0.3, activation=2.0, label=f"{site} ε")
     g.add_node("logit@4", kind="logit", site="logit", layer=2, order=9, position=4, feature=None, effect=1.0,
                activation=2.0, label="metric")
     g.add_edge("embed/7@2", "resid.0/7@2", weight=0.5)
@@ -71,14 +71,20 @@ def test_page_is_self_contained_and_escapes_every_token():
 
 def test_layout_rows_by_site_and_columns_by_position():
     cg = hand_graph()
-    xy, cols = layout(cg)
+    for j in range(20):  # a crowded cell wraps into lines instead of one very wide row
+        cg.graph.add_node(f"resid.0/{100 + j}@1", kind="feature", site="resid.0", layer=0, order=3, position=1,
+                          feature=100 + j, effect=0.01, activation=1.0, label="x")
+    xy, cols, rows = layout(cg)
     g = cg.graph
+    crowded = [xy[f"resid.0/{100 + j}@1"] for j in range(20)] + [xy["resid.0/7@1"], xy["resid.0/err@1"]]
+    assert max(x for x, _ in crowded) - min(x for x, _ in crowded) < WRAP * NODE_W
+    assert len({y for _, y in crowded}) == 3 and rows == sorted(rows, reverse=True)
     for u in g:
         for v in g:
             a, b = g.nodes[u], g.nodes[v]
             if a["order"] < b["order"]:
                 assert xy[u][1] > xy[v][1]  # deeper sites higher on screen (vis y grows downward)
-            if a["position"] < b["position"]:
+            if a["position"] < b["position"] and a["order"] == b["order"]:
                 assert xy[u][0] < xy[v][0]
     assert cols == sorted(cols) and len(cols) == len(cg.tokens)
     labels = {lab["label"] for lab in vis_data(cg)["labels"]}
