@@ -173,6 +173,12 @@ class Trainer:
     def decode_scaled(self, f: torch.Tensor) -> torch.Tensor:  # f [b, F] -> [b, d] in scaled units
         return f @ self.dic.W_dec + self.dic.b_dec
 
+    def project(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:  # x [b, d], W [d, F] -> [b, F]
+        """(x − b_dec) W written as x W − b_dec W: equal values, but the backward pass needs no [b, F]·[F, d]
+        product for a gradient w.r.t. the (constant) input, a sixth of a dense step's cost."""
+        out = x @ W
+        return out - self.dic.b_dec @ W if self.dic.center_input else out
+
     def centred(self, x: torch.Tensor) -> torch.Tensor:
         return x - self.dic.b_dec if self.dic.center_input else x
 
@@ -276,7 +282,7 @@ class StandardTrainer(Trainer):
         return {**super().hyperparams(), "resample_every": self.resample_every}
 
     def loss(self, x, step):
-        f = self.dic._encode(self.centred(x))  # [b, F]
+        f = torch.relu(self.project(x, self.dic.W_enc) + self.dic.b_enc)  # [b, F]
         x_hat = self.decode_scaled(f)  # [b, d]
         self._last_err = (x - x_hat).detach().pow(2).sum(-1)  # [b] per-input loss for resampling
         return (x - x_hat).pow(2).sum(-1).mean() + self.l1 * f.abs().sum(-1).mean(), x_hat, f
@@ -327,7 +333,7 @@ class Standard2024Trainer(Trainer):
 
     def loss(self, x, step):
         dic = self.dic
-        f = dic._encode(self.centred(x))  # [b, F]
+        f = torch.relu(self.project(x, dic.W_enc) + dic.b_enc)  # [b, F]
         x_hat = self.decode_scaled(f)
         warm = min(1.0, (step + 1) / max(1, self.cfg.l1_warmup * self.total_steps))
         sparsity = (f * dic.W_dec.norm(dim=-1)).sum(-1).mean()
@@ -343,7 +349,7 @@ class TiedTrainer(Trainer):
     uses = ("l1",)
 
     def loss(self, x, step):
-        f = self.dic._encode(self.centred(x))
+        f = torch.relu(self.project(x, self.dic.W_dec.T) + self.dic.b_enc)  # [b, F]
         x_hat = self.decode_scaled(f)
         return (x - x_hat).pow(2).sum(-1).mean() + self.l1 * f.abs().sum(-1).mean(), x_hat, f
 
@@ -357,10 +363,11 @@ class GatedTrainer(Trainer):
 
     def loss(self, x, step):
         dic = self.dic
-        xc = self.centred(x)
-        f = dic._encode(xc)  # [b, F]
+        pre = self.project(x, dic.W_enc)  # [b, F]
+        gate_pre = pre + dic.b_gate
+        f = torch.relu(pre * torch.exp(dic.r_mag) + dic.b_mag) * (gate_pre > 0)  # [b, F]
         x_hat = self.decode_scaled(f)
-        gate = torch.relu(dic.gate_pre(xc))  # [b, F]
+        gate = torch.relu(gate_pre)
         x_aux = gate @ dic.W_dec.detach() + dic.b_dec.detach()
         loss = (x - x_hat).pow(2).sum(-1).mean() + self.l1 * gate.sum(-1).mean() + (x - x_aux).pow(2).sum(-1).mean()
         return loss, x_hat, f
@@ -377,7 +384,7 @@ class TopKTrainer(Trainer):
         return {"k": self.cfg.k}
 
     def pre(self, x):  # [b, F] ReLU pre-activations
-        return torch.relu(self.dic.pre_acts(self.centred(x)))
+        return torch.relu(self.project(x, self.dic.W_enc) + self.dic.b_enc)
 
     def sparsify(self, pre):
         vals, idx = pre.topk(self.dic.k, dim=-1, sorted=False)
@@ -450,7 +457,7 @@ class JumpReLUTrainer(Trainer):
 
     def loss(self, x, step):
         dic = self.dic
-        z = dic.pre_acts(self.centred(x))  # [b, F]
+        z = self.project(x, dic.W_enc) + dic.b_enc  # [b, F]
         f = _RectangleSTE.apply(torch.relu(z), dic.threshold, self.cfg.bandwidth, False)
         l0 = _RectangleSTE.apply(z, dic.threshold, self.cfg.bandwidth, True).sum(-1).mean()
         x_hat = self.decode_scaled(f)

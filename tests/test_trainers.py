@@ -86,6 +86,7 @@ def test_lr_schedule_and_geometric_median():
     assert m.norm() < 1.5  # the outlier barely moves it (the mean sits at 25, 25)
 
 
+@torch.no_grad()
 def test_baselines():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 8, generator=g) @ torch.randn(8, 8, generator=g) + 3.0
