@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from . import __version__
 from .dictionary import Dictionary, save_dictionary
 from .errors import DictCircuitsError
 from .harvest import ActivationBuffer, ContextStream, TensorSource, collect, default_dataset
@@ -363,7 +364,8 @@ def _finish(session: _Session, trainers: dict[str, list[Trainer]], summary: dict
                 **summary, "trainer": t.hyperparams(), "run": t.cfg.run_name(), "tokens": tokens,
                 "steps": session.step, "seconds": round(session.elapsed, 2),
                 "tokens_per_s": round(result.tokens_per_s, 1), "input_scale": float(t.dic.input_scale),
-                "final": {k: round(v, 5) for k, v in session.final[s][i].items()},
+                "final": {k: round(v, 5) for k, v in session.final[s][i].items()},  # mean of the last log window
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
     if world > 1:  # data-parallel ranks must hold the same dictionaries; a difference is a bug, not noise
         sums = torch.tensor([float(sum(p.detach().double().sum() for p in t.dic.parameters()))
@@ -465,7 +467,8 @@ def _train(cfg: TrainConfig, model: Model | None, on_step) -> TrainResult:
     dataset = cfg.dataset or default_dataset()
     out = Path(cfg.out) if cfg.out else Path("dictionaries") / Path(model.name).name / cfg.arch
     summary = {"model": model.name, "dataset": dataset, "ctx_len": cfg.ctx_len, "batch_size": cfg.batch_size,
-               "world_size": world, "seed": cfg.seed, "exclude_bos": cfg.exclude_bos}
+               "buffer_tokens": cfg.buffer_tokens, "world_size": world, "seed": cfg.seed, "add_bos": cfg.add_bos,
+               "exclude_bos": cfg.exclude_bos, "dictcircuits_version": __version__}
     if cfg.arch in baselines.BASELINES:
         return baselines.train_baselines(model, sites, cfg.arch, dataset, total_tokens, out, summary,
                                          width=parse_width(_split(cfg.width)[0], model.d_model) if cfg.width else None,
