@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+from tqdm.auto import tqdm
+
 from .attribute import METHODS, node_effects
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
@@ -23,6 +25,7 @@ from .render import feature_details, write_html
 from .tasks import Task, load_task
 
 
+PHASES = ("load", "effects", "verify", "edges", "details")
 EXACT_CANDIDATES = 3  # --method exact measures this many times --max-nodes candidates
 
 
@@ -40,7 +43,7 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
           positions: bool = True, node_threshold: float | None = None, keep_influence: float | None = None,
           max_nodes: int = 100, edge_threshold: float | None = None, keep_edge_influence: float = 0.98,
           ablation: str = "corrupt", refine: float | None = None, contexts: list[str] | None = None,
-          edge_mode: str = "vmap", progress: bool = True) -> CircuitGraph:
+          edge_mode: str = "vmap", device: str = "cpu", progress: bool = True) -> CircuitGraph:
     """Trace the circuit of `task` (a built-in name, a task file or a Task) in `model` with `dictionaries`.
 
     Nodes are kept by |effect| >= node_threshold, or as the fewest carrying keep_influence of the total |effect|
@@ -48,18 +51,23 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
     examples (default: the task's prompts)."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
+    phases = tqdm(PHASES, desc="trace", unit="phase", disable=not progress, leave=False)
+    phases.set_postfix_str(PHASES[0])
 
     def lap(name: str) -> None:
         nonlocal clock
         now = time.perf_counter()
         timings[name] = round(now - clock, 3)
         clock = now
+        phases.update(1)
+        following = PHASES.index(name) + 1
+        phases.set_postfix_str(PHASES[following] if following < len(PHASES) else "done")
 
     if method not in METHODS:
         raise DictCircuitsError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if node_threshold is None and keep_influence is None:
         keep_influence = 0.8
-    model = model if isinstance(model, Model) else load_model(model)
+    model = model if isinstance(model, Model) else load_model(model, device=device)
     wanted = model.resolve_sites(sites) if sites else None
     if not isinstance(dictionaries, Mapping):
         dictionaries = load_dictionaries(dictionaries or default_dictionaries(model), model=model, sites=wanted)
@@ -101,6 +109,7 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
     features = feature_details(model, dictionaries, nodes, contexts or list(dict.fromkeys(task.clean + task.corrupt)),
                                progress=progress)
     lap("details")
+    phases.close()
     tokens = [model.tokenizer.decode([int(i)]) for i in batch.clean.input_ids[0]]
     settings = {"sites": list(dictionaries), "positions": positions, "node_threshold": node_threshold,
                 "keep_influence": keep_influence, "max_nodes": max_nodes, "edge_threshold": edge_threshold,
@@ -166,18 +175,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(args.model, device=args.device)
     contexts = None
     if args.contexts:
         try:
             contexts = [line for line in Path(args.contexts).read_text().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:
             raise DictCircuitsError(f"cannot read contexts file {args.contexts} ({exc})") from exc
-    cg = trace(args.task, model, args.dictionaries, n=args.n, seed=args.seed, method=args.method, steps=args.steps,
+    cg = trace(args.task, args.model, args.dictionaries, n=args.n, seed=args.seed, method=args.method, steps=args.steps,
                sites=args.sites, positions=args.aggregate == "none", node_threshold=args.node_threshold,
                keep_influence=args.keep_influence, max_nodes=args.max_nodes, edge_threshold=args.edge_threshold,
                keep_edge_influence=args.keep_edge_influence, ablation=args.ablation, refine=args.refine,
-               contexts=contexts)
+               contexts=contexts, device=args.device)
     out = Path(args.out)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", cg.task) or "circuit"
     t = time.perf_counter()
