@@ -204,7 +204,8 @@ def compute_edges(model: Model, dictionaries: Mapping[str, Dictionary], batch, e
         else:
             qs = torch.stack([_downstream_quantity(n, dictionaries[n.site], shared.states[n.site],
                                                    effects.grads[n.site], slice(None)) for n in chunk])
-            grads = torch.autograd.grad(qs, [shared.states[s].err for s in ups], grad_outputs=torch.eye(len(chunk)),
+            eye = torch.eye(len(chunk), dtype=qs.dtype, device=qs.device)
+            grads = torch.autograd.grad(qs, [shared.states[s].err for s in ups], grad_outputs=eye,
                                         is_grads_batched=True, retain_graph=True, allow_unused=True)
         for s, g in zip(ups, grads):  # g: [K, batch, pos, d] gradient w.r.t. the upstream site's output
             if g is None:
@@ -278,8 +279,9 @@ class Patcher:
         for start in range(0, len(masks), per):
             chunk = masks[start : start + per]
             K = len(chunk)
-            keep = {s: (torch.stack([m[s][0] for m in chunk])[:, None, :, :],  # [K, 1, pos, F]
-                        torch.stack([m[s][1] for m in chunk])[:, None, :, None])  # [K, 1, pos, 1]
+            dev = self.model.device
+            keep = {s: (torch.stack([m[s][0] for m in chunk])[:, None, :, :].to(dev),  # [K, 1, pos, F]
+                        torch.stack([m[s][1] for m in chunk])[:, None, :, None].to(dev))  # [K, 1, pos, 1]
                     for s in self.dictionaries}
 
             def edit(site, f, err, keep=keep, K=K):

@@ -65,14 +65,13 @@ def feature_details(model: Model, dictionaries: Mapping[str, Dictionary], nodes:
         for start in tqdm(range(0, len(texts), chunk), desc="contexts", disable=not progress, leave=False):
             toks = model.tokenize(list(texts[start : start + chunk]), max_length=max_tokens)
             acts = model.activations(toks, list(by_site))
-            mask = toks.attention_mask.bool()
+            mask = toks.attention_mask.bool().to(model.device)
             for b in range(len(toks)):
-                all_ids.append(toks.input_ids[b, mask[b]])
+                all_ids.append(toks.input_ids[b, toks.attention_mask[b].bool()])
             for site, group in by_site.items():
                 f = dictionaries[site].encode(acts[site])[..., [n.feature for n in group]]  # [b, pos, k]
-                all_acts[site] += [f[b, mask[b]] for b in range(len(toks))]
-                f = f.masked_fill(~mask[..., None], float("-inf"))
-                peak, where = f.max(1)  # [b, k]
+                all_acts[site] += [f[b, mask[b]].cpu() for b in range(len(toks))]
+                peak, where = (t.cpu() for t in f.masked_fill(~mask[..., None], float("-inf")).max(1))  # [b, k]
                 for k, n in enumerate(group):
                     best[n.id] += [(float(peak[b, k]), start + b, int(where[b, k])) for b in range(len(toks))
                                    if float(peak[b, k]) > 0]
