@@ -461,6 +461,8 @@ def build_graph(model: Model, nodes: Sequence[Node], effects, edges: Mapping[tup
                 edge_threshold: float | None = None, keep_edge_influence: float | None = 0.98) -> nx.DiGraph:
     """The DiGraph of `nodes` plus the metric node: edges kept by |weight| >= edge_threshold or as the fewest
     carrying keep_edge_influence of the total |weight|; edges into the metric carry the node effect."""
+    if keep_edge_influence is not None and not 0 < keep_edge_influence <= 1:
+        raise DictCircuitsError(f"keep_edge_influence={keep_edge_influence} must lie in (0, 1]")
     g = nx.DiGraph()
     effect = {n: node_effect(effects, n) for n in nodes}
     P = next(iter(effects.features.values())).shape[0]

@@ -130,7 +130,7 @@ def test_feature_details(toy_setup):
 
 def test_trace_api(toy_setup):
     model, dicts, task = toy_setup
-    cg = trace(task, model, dicts, method="attrib", max_nodes=25, sites="embed,resid.*", progress=False)
+    cg = trace(task, model, dicts, method="ig", steps=2, max_nodes=25, sites="embed,resid.*", progress=False)
     kinds = [a["kind"] for _, a in cg.graph.nodes(data=True)]
     assert kinds.count("logit") == 1 and 0 < len(kinds) - 1 <= 25
     assert {a["site"] for _, a in cg.graph.nodes(data=True)} <= {"embed", "resid.0", "resid.1", "logit"}
