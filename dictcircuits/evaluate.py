@@ -19,7 +19,7 @@ import torch
 
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
-from .harvest import ContextStream, default_dataset, token_mask
+from .harvest import ContextStream, check_ctx_len, default_dataset, token_mask
 from .models import Model, Tokens, load_model
 from .splice import splice
 
@@ -208,6 +208,7 @@ def _plot(r: SiteEval, folder: Path) -> Path:
 
 def eval_tokens(model: Model, dataset: str | None, n_tokens: int, ctx_len: int = 128, seed_skip: int = 0) -> Tokens:
     """About n_tokens of packed contexts (BOS first) from a dataset, for evaluation."""
+    check_ctx_len(model, ctx_len)
     stream = ContextStream(model.tokenizer, dataset or default_dataset(), ctx_len)
     stream.skip_to(seed_skip)
     ids = stream.take(max(1, math.ceil(n_tokens / ctx_len)))  # [n, ctx_len]
@@ -224,7 +225,8 @@ def format_table(results: Mapping[str, SiteEval]) -> str:
              "ce_zero": "CE0", "ce_mean": "CEμ", "delta_ppl": "Δppl", "dead_frac": "dead", "dense_frac": "dense",
              "rel_bias": "γ"}
     widths = [len(fmt.format(getattr(next(iter(results.values())), c))) for c, fmt in cols]
-    lines = ["  ".join(heads.get(c, c).rjust(w) for (c, _), w in zip(cols, widths))]
+    lines = ["  ".join(heads.get(c, c).ljust(w) if "<" in fmt else heads.get(c, c).rjust(w)
+                       for (c, fmt), w in zip(cols, widths))]
     for r in results.values():
         lines.append("  ".join(fmt.format(getattr(r, c)) for c, fmt in cols))
     return "\n".join(lines)

@@ -125,6 +125,14 @@ class ContextStream:
             self.take(min(256, position - self.position))
 
 
+def check_ctx_len(model: Model, ctx_len: int) -> None:
+    """A clear error when contexts are longer than the model's position table."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and ctx_len > int(limit):
+        raise DictCircuitsError(f"--ctx-len {ctx_len} exceeds the {limit} positions of {model.name}: "
+                                f"use --ctx-len {limit} or less")
+
+
 def token_mask(model: Model, tokens: Tokens, exclude_bos: bool) -> torch.Tensor:  # [batch, pos] bool
     """Positions whose activations are used: real tokens, minus BOS tokens when exclude_bos."""
     mask = tokens.attention_mask.bool()
@@ -275,6 +283,7 @@ class TensorSource:
 def collect(model: Model, sites: Sequence[str], dataset: str, n_tokens: int, ctx_len: int = 128,
             harvest_batch: int = 32, exclude_bos: bool = True, add_bos: bool = True) -> dict[str, torch.Tensor]:
     """About n_tokens activations per site (site -> [n, d]) from the start of a dataset, unshuffled."""
+    check_ctx_len(model, ctx_len)
     stream = ContextStream(model.tokenizer, dataset, ctx_len, add_bos=add_bos)
     parts: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
     got = 0

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from . import __version__
 from .dictionary import Dictionary, save_dictionary
 from .errors import DictCircuitsError
-from .harvest import ActivationBuffer, ContextStream, TensorSource, collect, default_dataset
+from .harvest import ActivationBuffer, ContextStream, TensorSource, check_ctx_len, default_dataset
 from .models import Model, load_model
 from .trainers import METRICS, TRAINERS, Trainer, TrainerConfig, make_trainer
 
@@ -464,6 +464,7 @@ def _train(cfg: TrainConfig, model: Model | None, on_step) -> TrainResult:
     total_tokens = parse_count(cfg.tokens)
     model = model or load_model(cfg.model, device=device)
     sites = [s.name for s in model.resolve_sites(cfg.sites)]
+    check_ctx_len(model, cfg.ctx_len)
     dataset = cfg.dataset or default_dataset()
     out = Path(cfg.out) if cfg.out else Path("dictionaries") / Path(model.name).name / cfg.arch
     summary = {"model": model.name, "dataset": dataset, "ctx_len": cfg.ctx_len, "batch_size": cfg.batch_size,
