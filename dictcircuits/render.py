@@ -262,8 +262,8 @@ div.vis-tooltip{max-width:420px;white-space:normal;font-size:12px}
  <span>● feature</span><span>▲ error term</span><span>◆ metric</span>
  <span>edge width ∝ |weight|, colour = sign</span></span>
 </div>
-<div id="main"><div id="net"></div><div id="side"><i>Hover or click a node for details (a click also puts it in
-the address: page.html#node=&lt;id&gt; opens with that node selected).</i></div></div>
+<div id="main"><div id="net"></div><div id="side"><i>Hover or click a node for details. The address keeps the
+clicked node and the filters (#node=&lt;id&gt;&amp;q=&lt;search&gt;&amp;site=mlp&amp;layer=1): share it to share the view.</i></div></div>
 <div id="dc-status" data-nodes="" data-edges="" data-errors="" hidden></div>
 <script>
 (function(){
@@ -285,16 +285,22 @@ var network=new vis.Network(document.getElementById("net"),{nodes:nodes,edges:ed
   edges:{smooth:false,selectionWidth:2},nodes:{borderWidth:1.5}});
 function show(id){if(tips[id]!==undefined){side.innerHTML=tips[id];}}
 network.on("hoverNode",function(p){show(p.node);});
-network.on("click",function(p){if(p.nodes.length){show(p.nodes[0]);history.replaceState(null,"","#node="+encodeURIComponent(p.nodes[0]));}});
-var linked=decodeURIComponent((location.hash.match(/^#node=(.*)$/)||["",""])[1]);
-if(tips[linked]!==undefined){show(linked);network.selectNodes([linked]);}
+// page state lives in the address: #node=<id>&q=<search>&site=<kind>&layer=<L>
+var params=new URLSearchParams(location.hash.slice(1)), fields={q:"search",site:"kind",layer:"layer"};
+function remember(){history.replaceState(null,"","#"+params.toString());}
+network.on("click",function(p){if(p.nodes.length&&tips[p.nodes[0]]!==undefined){show(p.nodes[0]);params.set("node",p.nodes[0]);remember();}});
 function apply(){
   var q=document.getElementById("search").value.trim().toLowerCase(),k=document.getElementById("kind").value,
-      l=document.getElementById("layer").value;
-  nodes.update(data.nodes.map(function(n){var keep=(!q||n.search.indexOf(q)>=0)&&(!k||n.site.split(".")[0]===k||n.kind==="logit")
-    &&(l===""||String(n.layer)===l||n.kind==="logit");return {id:n.id,hidden:!keep};}));
+      l=document.getElementById("layer").value, shown=0;
+  nodes.update(data.nodes.map(function(n){var keep=(!q||n.search.indexOf(q)>=0||n.kind==="logit")&&(!k||n.site.split(".")[0]===k||n.kind==="logit")
+    &&(l===""||String(n.layer)===l||n.kind==="logit");shown+=keep?1:0;return {id:n.id,hidden:!keep};}));
+  status.setAttribute("data-visible",String(shown));
 }
-["search","kind","layer"].forEach(function(id){document.getElementById(id).addEventListener("input",apply);});
+Object.keys(fields).forEach(function(key){var el=document.getElementById(fields[key]);
+  if(params.has(key)){el.value=params.get(key);}
+  el.addEventListener("input",function(){if(el.value){params.set(key,el.value);}else{params.delete(key);}remember();apply();});});
+apply();
+if(tips[params.get("node")]!==undefined){show(params.get("node"));network.selectNodes([params.get("node")]);}
 window.addEventListener("resize",function(){network.fit();});
 network.once("afterDrawing",function(){
   network.fit();

@@ -32,7 +32,8 @@ def test_page_renders_offline_without_errors(toy_setup, tmp_path):  # noqa: F811
     first = next(n for n, a in cg.graph.nodes(data=True) if a["kind"] == "feature")
     cg.features[first] = {"top_logits": [[IMG, 1.0]], "bottom_logits": [], "examples": []}
     page = write_html(cg, tmp_path / "circuit.html")
-    done = chromium(tmp_path, "--dump-dom", page.resolve().as_uri())
+    wanted = sum(1 for n in cg.graph if "resid.1" in n) + 1  # the search keeps the metric node too
+    done = chromium(tmp_path, "--dump-dom", page.resolve().as_uri() + "#q=resid.1")
     dom = done.stdout
     status = re.search(r'<div id="dc-status"([^>]*)>', dom)
     assert status, f"no status element in the rendered page; chromium said: {done.stderr[-800:]}"
@@ -41,6 +42,7 @@ def test_page_renders_offline_without_errors(toy_setup, tmp_path):  # noqa: F811
     assert attrs.get("data-errors") == "", attrs.get("data-errors")
     assert attrs.get("data-nodes") == str(n) and attrs.get("data-drawn") == str(n), attrs
     assert attrs.get("data-edges") == str(cg.graph.number_of_edges())
+    assert attrs.get("data-visible") == str(wanted)  # the search from the address was applied
     assert "Uncaught" not in done.stderr and "ERR_" not in done.stderr, done.stderr[-800:]
     assert not re.search(r"<body[^>]*data-pwned", dom) and EVIL not in dom
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
