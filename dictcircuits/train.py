@@ -173,7 +173,9 @@ class _Session:
         self.step = 0
         self.elapsed = 0.0
         self.e2e_gen = torch.Generator().manual_seed(seed + 17)
-        self.window = {s: [torch.zeros(len(METRICS)) for _ in ts] for s, ts in trainers.items()}
+        # metric sums since the last log line, kept on the training device (no host sync per step)
+        self.window = {s: [torch.zeros(len(METRICS), device=t.dic.W_dec.device) for t in ts]
+                       for s, ts in trainers.items()}
         self.window_steps = 0
         self.final: dict[str, list[dict]] = {s: [{} for _ in ts] for s, ts in trainers.items()}
         self.stop_requested = False
@@ -199,7 +201,8 @@ class _Session:
             "dictionaries": {s: [{k: v.detach().cpu() for k, v in t.dic.state_dict().items()} for t in ts]
                              for s, ts in self.trainers.items()},
             "trainers": {s: [t.state_dict() for t in ts] for s, ts in self.trainers.items()},
-            "final": json.dumps(self.final),
+            "final": json.dumps(self.final), "window_steps": self.window_steps,
+            "window": {s: [w.cpu() for w in ws] for s, ws in self.window.items()},
         }
         self.out.mkdir(parents=True, exist_ok=True)
         _atomic_torch_save(ckpt, self.ckpt_path)
@@ -234,6 +237,10 @@ class _Session:
                 t.load_state_dict(tsd)
         self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
         self.final = json.loads(ckpt["final"])
+        self.window_steps = int(ckpt["window_steps"])
+        for s, ws in self.window.items():
+            for w, saved in zip(ws, ckpt["window"][s]):
+                w.copy_(saved)
         torch.set_rng_state(ckpt["torch_rng"])
         self.e2e_gen.set_state(ckpt["e2e_gen"])
         self.source.restore(ckpt["sources"][self.rank].tolist())
@@ -308,7 +315,7 @@ class _Session:
                     for i, t in enumerate(ts):
                         xs = x * t.dic.input_scale  # scaled units
                         extra = self._e2e_term(s, t, tokens, clean_logp) if e2e and t.cfg.e2e_kl > 0 else None
-                        self.window[s][i] += t.step(xs, self.step, extra=extra, autocast=self.autocast).cpu()
+                        self.window[s][i] += t.step(xs, self.step, extra=extra, autocast=self.autocast)
                 self.step += 1
                 self.window_steps += 1
                 if self.step % self.log_every == 0 or self.step == self.total_steps:

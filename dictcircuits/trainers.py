@@ -425,9 +425,8 @@ class BatchTopKTrainer(TopKTrainer):
 
     def after_step(self, x, f, step):
         with torch.no_grad():
-            pos = f[f > 0]
-            low = pos.min() if pos.numel() else torch.tensor(0.0, device=f.device)
-            low = low.reshape(1).float()
+            low = torch.where(f > 0, f, torch.inf).min().reshape(1).float()  # smallest kept activation
+            low = torch.where(torch.isfinite(low), low, self.dic.threshold.float().reshape(1))
             if _world() > 1:
                 dist.all_reduce(low)
                 low /= _world()

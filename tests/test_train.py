@@ -97,6 +97,7 @@ def test_sigint_checkpoints_and_resume_equals_uninterrupted(model, straight, tmp
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     resumed = train(small(tmp_path, checkpoint_every=0, resume=True), model=model)
     _equal(straight, resumed)
+    assert resumed.final == straight.final  # the metric window around the interruption is kept too
 
 
 def test_resume_refuses_changed_settings(model, tmp_path):
