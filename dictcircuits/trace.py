@@ -22,11 +22,12 @@ from .graph import (CircuitGraph, Patcher, build_graph, compute_edges, metric_pa
                     select_count, verify)
 from .models import Model, load_model
 from .render import feature_details, write_html
-from .tasks import Task, load_task
+from .tasks import GENERATORS, Task, load_task
 
 
 PHASES = ("load", "effects", "verify", "edges", "details")
 EXACT_CANDIDATES = 3  # --method exact measures this many times --max-nodes candidates
+OVERSAMPLE = 8  # built-in tasks generate n * OVERSAMPLE prompts, of which the first n of the commonest length are kept
 
 
 def default_dictionaries(model: Model) -> Path:
@@ -44,7 +45,8 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
           max_nodes: int = 100, edge_threshold: float | None = None, keep_edge_influence: float = 0.98,
           ablation: str = "corrupt", refine: float | None = None, contexts: list[str] | None = None,
           edge_mode: str = "vmap", device: str = "cpu", progress: bool = True) -> CircuitGraph:
-    """Trace the circuit of `task` (a built-in name, a task file or a Task) in `model` with `dictionaries`.
+    """Trace the circuit of `task` (a built-in name, a task file or a Task) in `model` with `dictionaries`, on
+    n prompts of one token length (the commonest; built-in tasks generate extra prompts to find them).
 
     Nodes are kept by |effect| >= node_threshold, or as the fewest carrying keep_influence of the total |effect|
     (0.8 when neither is given), at most max_nodes. contexts: reference texts for the features' top-activating
@@ -77,8 +79,10 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
             raise DictCircuitsError(f"no dictionary for site(s) {', '.join(missing)}; have {', '.join(dictionaries)}")
         dictionaries = {s.name: dictionaries[s.name] for s in wanted}
     dictionaries = {s.name: dictionaries[s.name] for s in model.resolve_sites(list(dictionaries))}
-    task = task if isinstance(task, Task) else load_task(str(task), n=n, seed=seed, model=model)
+    if not isinstance(task, Task):  # generate extra prompts so that n of them share one token length
+        task = load_task(str(task), n=n * OVERSAMPLE if str(task) in GENERATORS else n, seed=seed, model=model)
     task = task.aligned(model)
+    task = task.subset(range(min(n, len(task))))
     batch = task.tokenize(model)
     if batch.metric_name == "kl":
         batch = batch.with_reference(model)
@@ -149,7 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dictionaries", default=None,
                         help="folder of per-site dictionaries (default: dictionaries/<model name>)")
     parser.add_argument("--sites", default=None, help="restrict traced sites, e.g. 'resid.*' or 'embed,mlp.1' (default: all with dictionaries)")
-    parser.add_argument("--n", type=int, default=64, help="prompts to generate (built-in tasks; default 64)")
+    parser.add_argument("--n", type=int, default=64,
+                        help="prompts to trace, all of one token length (default 64; task files are capped at n)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--method", choices=METHODS, default="ig", help="node effects (default ig)")
     parser.add_argument("--steps", type=int, default=10, help="IG steps (default 10)")
