@@ -174,3 +174,18 @@ def test_write_html_is_atomic_and_readable(tmp_path):
     path = write_html(hand_graph(), tmp_path / "sub" / "c.html")
     assert path.read_text().startswith("<!DOCTYPE html>") and path.stat().st_mode & 0o044
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_trace_builtin_task_finds_n_prompts_of_one_length():
+    from dictcircuits.tasks import IOI_TEMPLATES
+    from dictcircuits.toy import toy_tokenizer
+    from dictcircuits.wordlists import NAMES, OBJECTS, PLACES
+
+    words = " " + " ".join(NAMES + PLACES + OBJECTS)
+    tok = toy_tokenizer(extra_text=words * 10 + " ".join(IOI_TEMPLATES) * 5, vocab_size=1200)
+    torch.manual_seed(0)
+    model = toy_model("gpt2", tokenizer=tok)
+    dicts = random_dictionaries(model, "resid.*", expansion=2)
+    cg = trace("ioi", model, dicts, n=16, method="attrib", max_nodes=8, progress=False)
+    assert cg.n_prompts == 16 and cg.task == "ioi"
+    assert len(cg.tokens) == len(model.tokenize([cg.settings["prompt"]]).input_ids[0])
