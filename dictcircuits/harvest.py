@@ -163,13 +163,13 @@ class ActivationBuffer:
 
     def __init__(self, model: Model, sites: Sequence[str], stream: ContextStream, batch_size: int,
                  buffer_tokens: int = 65_536, harvest_batch: int = 32, exclude_bos: bool = True,
-                 seed: int = 0, device: torch.device | str | None = None, progress: bool = False):
+                 seed: int = 0, device: torch.device | str | None = None):
         if batch_size < 1 or buffer_tokens < batch_size:
             raise DictCircuitsError(f"the buffer ({buffer_tokens} tokens) must hold at least one batch "
                                     f"({batch_size} tokens): raise --buffer-tokens or lower --batch-size")
         self.model, self.sites, self.stream = model, list(sites), stream
         self.batch_size, self.harvest_batch, self.exclude_bos = int(batch_size), int(harvest_batch), exclude_bos
-        self.seed, self.device, self.progress = seed, torch.device(device or model.device), progress
+        self.seed, self.device = seed, torch.device(device or model.device)
         self.n_contexts = max(1, math.ceil(buffer_tokens / stream.ctx_len))  # contexts per block
         self.block = -1  # index of the block being served
         self.block_start = stream.position  # stream position where that block began
@@ -182,12 +182,8 @@ class ActivationBuffer:
         self.block_start = self.stream.position
         self.contexts = self.stream.take(self.n_contexts)
         parts: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
-        batches = range(0, self.n_contexts, self.harvest_batch)
-        if self.progress:
-            from tqdm.auto import tqdm
-            batches = tqdm(batches, desc="harvest", unit="batch", leave=False)
         with torch.no_grad():
-            for i in batches:
+            for i in range(0, self.n_contexts, self.harvest_batch):
                 ids = self.contexts[i:i + self.harvest_batch]  # [b, ctx_len]
                 got = harvest(self.model, Tokens(ids, torch.ones_like(ids)), self.sites, self.exclude_bos)
                 for s, a in got.items():
@@ -248,7 +244,6 @@ class TensorSource:
             raise DictCircuitsError(f"activation tensors must share one row count >= batch size {batch_size}")
         self.data, self.batch_size, self.seed = acts, int(batch_size), seed
         self.block, self.served, self.acts = -1, 0, {}
-        self.contexts = None
 
     @property
     def rows(self) -> int:

@@ -167,7 +167,7 @@ class _Session:
         self.source, self.trainers, self.total_steps = source, trainers, total_steps
         self.batch_size, self.out, self.config, self.model = batch_size, out, config, model
         self.e2e_contexts, self.checkpoint_every, self.log_every = e2e_contexts, checkpoint_every, log_every
-        self.autocast, self.seed = autocast, seed
+        self.autocast = autocast
         self.rank, self.world = _rank_world()
         self.progress = progress and self.rank == 0
         self.step = 0
