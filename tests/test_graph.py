@@ -257,9 +257,29 @@ def test_pruned_faithfulness_reproduces_from_saved_graph(traced, toy, tmp_path):
     loaded = CircuitGraph.load_json(path)
     nodes = [Node(a["site"], a["position"], a["feature"]) for _, a in loaded.graph.nodes(data=True) if a["kind"] != "logit"]
     assert set(nodes) == set(kept)
-    rerun, _ = verify(Patcher(model, dicts, batch), nodes, progress=False)  # a fresh patcher: independent rerun
+    rerun, _ = verify(Patcher(model, dicts, batch), nodes, progress=False)  # a fresh patcher
     assert rerun.faithfulness == pytest.approx(loaded.faithfulness, abs=1e-5)
     assert rerun.completeness == pytest.approx(loaded.completeness, abs=1e-5)
+    # and a hand-written patch, one splice per node set, not using Patcher at all
+    corrupt = splice(model, batch.corrupt, dicts).states
+
+    def patched_metric(keep):
+        """Nodes outside `keep` at their corrupt values; kept nodes as the (patched) run computes them."""
+        def edit(site, f, err):
+            f_new, err_new = corrupt[site].f.clone(), corrupt[site].err.clone()
+            for n in keep:
+                if n.site == site and n.feature is None:
+                    err_new[:, n.position] = err[:, n.position]
+                elif n.site == site:
+                    f_new[:, n.position, n.feature] = f[:, n.position, n.feature]
+            return f_new, err_new
+        with torch.no_grad():
+            return float(batch.metric(splice(model, batch.clean, dicts, edit=edit).logits).mean())
+
+    with torch.no_grad():
+        m_model = float(batch.metric(model.run(batch.clean)).mean())
+    m_c, m_empty = patched_metric(nodes), patched_metric([])
+    assert (m_c - m_empty) / (m_model - m_empty) == pytest.approx(loaded.faithfulness, abs=1e-4)
     assert 0 < len(cg.verification.curve) and cg.verification.curve[-1][0] == len(kept)
     assert cg.verification.curve[-1][1] == pytest.approx(cg.faithfulness, abs=1e-5)
 
