@@ -151,6 +151,13 @@ def _resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+def _comm_device() -> torch.device:
+    """Where tensors for collectives must live: the current GPU under NCCL, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -187,11 +194,12 @@ class _Session:
 
     def save_checkpoint(self) -> None:
         """All ranks call this; rank 0 writes one file holding every rank's data position."""
-        states = torch.tensor([self.source.state()], dtype=torch.long)  # [1, 3]
+        states = torch.tensor([self.source.state()], dtype=torch.long, device=_comm_device())  # [1, 3]
         if self.world > 1:
             gathered = [torch.zeros_like(states) for _ in range(self.world)]
             dist.all_gather(gathered, states)
             states = torch.cat(gathered)  # [world, 3]
+        states = states.cpu()
         if self.rank != 0 or self.ckpt_path is None:
             return
         ckpt = {
@@ -334,7 +342,7 @@ class _Session:
         return False
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor([float(self.stop_requested)])
+        flag = torch.tensor([float(self.stop_requested)], device=_comm_device())
         if self.world > 1:  # every rank stops at the same step when any rank got SIGINT
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -376,7 +384,7 @@ def _finish(session: _Session, trainers: dict[str, list[Trainer]], summary: dict
             }
     if world > 1:  # data-parallel ranks must hold the same dictionaries; a difference is a bug, not noise
         sums = torch.tensor([float(sum(p.detach().double().sum() for p in t.dic.parameters()))
-                             for ts in trainers.values() for t in ts], dtype=torch.float64)
+                             for ts in trainers.values() for t in ts], dtype=torch.float64, device=_comm_device())
         every = [torch.zeros_like(sums) for _ in range(world)]
         dist.all_gather(every, sums)
         if any(not torch.allclose(e, every[0], rtol=1e-6, atol=1e-6) for e in every):
