@@ -309,6 +309,11 @@ def faithfulness_of(m: float, m_model: float, m_empty: float) -> float:
     return (m - m_empty) / den if abs(den) > 1e-12 else float("nan")
 
 
+def format_metric(value: float | None, digits: int = 3) -> str:
+    """A faithfulness-like number for people; n/a where undefined (m(M) = m(∅); saved as null)."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
 def log_counts(n: int, points: int = 8) -> list[int]:
     """Log-spaced circuit sizes 1..n."""
     if n < 1:
@@ -404,7 +409,7 @@ class CircuitGraph:
 
     def save_json(self, path: str | Path) -> Path:
         """Strict JSON (a NaN, e.g. faithfulness with m(M) = m(∅), is written as null)."""
-        return _atomic_write(path, json.dumps(_no_nan(self.to_dict()), indent=1, allow_nan=False))
+        return atomic_write(path, json.dumps(_no_nan(self.to_dict()), indent=1, allow_nan=False))
 
     @classmethod
     def load_json(cls, path: str | Path) -> "CircuitGraph":
@@ -439,7 +444,7 @@ def _no_nan(obj):
     return obj
 
 
-def _atomic_write(path: str | Path, text: str) -> Path:
+def atomic_write(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
-from .graph import LOGIT, CircuitGraph, Node, _atomic_write
+from .graph import LOGIT, CircuitGraph, Node, atomic_write, format_metric
 from .models import Model
 
 VIS_VERSION = "vis-9.1.2"
@@ -211,12 +211,12 @@ def render_html(cg: CircuitGraph) -> str:
              ("nodes", sum(1 for _, a in cg.graph.nodes(data=True) if a["kind"] != "logit")),
              ("edges", cg.graph.number_of_edges())]
     if ver is not None:
-        stats += [("faithfulness", f"{ver.faithfulness:.3f}"), ("completeness", f"{ver.completeness:.3f}"),
+        stats += [("faithfulness", format_metric(ver.faithfulness)), ("completeness", format_metric(ver.completeness)),
                   ("ablation", ver.ablation)]
     header = " · ".join(f"<span class='k'>{_esc(k)}</span> <b>{_esc(v)}</b>" for k, v in stats)
     if ver is not None and ver.curve:
         header += ("<div class='k'>faithfulness of the top-n nodes: "
-                   + " ".join(f"{n}:&nbsp;{f:.2f}" for n, f in ver.curve) + "</div>")
+                   + " ".join(f"{n}:&nbsp;{format_metric(f, 2)}" for n, f in ver.curve) + "</div>")
     prompt = "".join(f"<code title='position {p}'>{_esc(_shown(t))}</code>" for p, t in enumerate(cg.tokens))
     sites = sorted({(a["order"], a["site"]) for _, a in cg.graph.nodes(data=True) if a["kind"] != "logit"})
     kinds = sorted({s.split(".")[0] for _, s in sites})
@@ -233,7 +233,7 @@ def render_html(cg: CircuitGraph) -> str:
 
 
 def write_html(cg: CircuitGraph, path: str | Path) -> Path:
-    return _atomic_write(path, render_html(cg))
+    return atomic_write(path, render_html(cg))
 
 
 _TEMPLATE = """<!DOCTYPE html>

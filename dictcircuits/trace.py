@@ -18,8 +18,8 @@ from .attribute import METHODS, node_effects
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
 from .formats import load_dictionaries
-from .graph import (CircuitGraph, Patcher, build_graph, compute_edges, metric_parents, node_activations, rank_nodes,
-                    select_count, verify)
+from .graph import (CircuitGraph, Patcher, build_graph, compute_edges, format_metric, metric_parents, node_activations,
+                    rank_nodes, select_count, verify)
 from .models import Model, load_model
 from .render import feature_details, write_html
 from .tasks import GENERATORS, Task, load_task
@@ -134,7 +134,7 @@ def summary(cg: CircuitGraph) -> str:
     if ver is not None:
         lines += [f"  metric: model {ver.m_model:.3f}, corrupt {ver.m_corrupt:.3f}, all ablated ({ver.ablation}) "
                   f"{ver.m_empty:.3f}, circuit only {ver.m_circuit:.3f}",
-                  f"  faithfulness {ver.faithfulness:.3f}   completeness {ver.completeness:.3f} "
+                  f"  faithfulness {format_metric(ver.faithfulness)}   completeness {format_metric(ver.completeness)} "
                   "(faithfulness without the circuit: 0 = nothing works without it)"]
         if abs(ver.m_model - ver.m_empty) < 1e-2:
             lines.append("  warning: the model and the fully ablated model nearly agree on the metric, so faithfulness "
@@ -142,7 +142,7 @@ def summary(cg: CircuitGraph) -> str:
         if ver.refined_from is not None:
             lines.append(f"  refined from {ver.refined_from} nodes")
         if ver.curve:
-            lines.append("  faithfulness by size: " + "  ".join(f"{k}:{f:.2f}" for k, f in ver.curve))
+            lines.append("  faithfulness by size: " + "  ".join(f"{k}:{format_metric(f, 2)}" for k, f in ver.curve))
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in cg.timings.items()))
     return "\n".join(lines)
 

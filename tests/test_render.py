@@ -189,3 +189,13 @@ def test_trace_builtin_task_finds_n_prompts_of_one_length():
     cg = trace("ioi", model, dicts, n=16, method="attrib", max_nodes=8, progress=False)
     assert cg.n_prompts == 16 and cg.task == "ioi"
     assert len(cg.tokens) == len(model.tokenize([cg.settings["prompt"]]).input_ids[0])
+
+
+def test_undefined_faithfulness_is_saved_as_null_and_shown_as_na(tmp_path):
+    cg = hand_graph()
+    cg.verification.faithfulness = float("nan")  # m(M) = m(∅): the ratio is undefined
+    path = cg.save_json(tmp_path / "nan.json")
+    assert '"faithfulness": null' in path.read_text()
+    loaded = CircuitGraph.load_json(path)
+    assert loaded.faithfulness is None
+    assert "<b>n/a</b>" in render_html(loaded) and "faithfulness n/a" in summary(loaded)
