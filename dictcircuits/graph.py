@@ -250,16 +250,16 @@ class Verification:
 
 class Patcher:
     """Runs the clean prompts with all nodes outside given node sets set to their ablation values, several
-    node sets per trace (one replica of the batch each)."""
+    node sets per trace (one replica of the batch each, as many as fit in max_features feature values)."""
 
     def __init__(self, model: Model, dictionaries: Mapping[str, Dictionary], batch, ablation: str = "corrupt",
-                 max_rows: int = 512):
+                 max_features: int = 50_000_000):
         if ablation not in ("corrupt", "mean"):
             raise DictCircuitsError(f"ablation {ablation!r} is not corrupt or mean")
         if batch.clean.input_ids.shape != batch.corrupt.input_ids.shape:
             raise DictCircuitsError("clean and corrupt prompts differ in token length: align the task (Task.aligned) first")
         self.model, self.dictionaries, self.batch, self.ablation = model, dict(dictionaries), batch, ablation
-        self.max_rows = max_rows
+        self.max_features = max_features
         with torch.no_grad():
             states = splice(model, batch.corrupt, self.dictionaries).states
             self.m_model = float(batch.metric(model.run(batch.clean), batch.clean).mean())
@@ -274,7 +274,7 @@ class Patcher:
     def metrics(self, masks: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]]) -> list[float]:
         """Mean metric for each mask set ({site: (features [pos, F], errors [pos]) bool, True = keep})."""
         B = len(self.batch.clean)
-        per = max(1, self.max_rows // B)
+        per = max(1, self.max_features // (B * sum(P * F for P, F in self.shapes.values())))
         out: list[float] = []
         for start in range(0, len(masks), per):
             chunk = masks[start : start + per]

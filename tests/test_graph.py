@@ -246,6 +246,11 @@ def test_full_and_empty_circuits(toy):
     empty, _ = verify(patcher, [], progress=False)
     assert empty.faithfulness == pytest.approx(0.0, abs=1e-4)
     assert abs(ver.m_model - ver.m_corrupt) > 1e-3
+    some = ranking.top(30)
+    one_per_trace = verify(Patcher(model, dicts, batch, max_features=1), some, ranking, progress=False)[0]
+    batched = verify(patcher, some, ranking, progress=False)[0]
+    assert one_per_trace.faithfulness == pytest.approx(batched.faithfulness, abs=1e-5)
+    assert [f for _, f in one_per_trace.curve] == pytest.approx([f for _, f in batched.curve], abs=1e-5)
     mean = Patcher(model, dicts, batch, ablation="mean")
     assert verify(mean, every, progress=False)[0].faithfulness == pytest.approx(1.0, abs=1e-4)
 
