@@ -108,7 +108,7 @@ class _RectangleSTE(torch.autograd.Function):
 class Trainer:
     """Trains one dictionary: `init_from(x)` once, then `step(x, step)` per batch.
 
-    x is [batch, d] in scaled units. Subclasses set `arch`, `dictionary_arch` and `loss`."""
+    x is [batch, d] in scaled units. Subclasses set `name` (the recipe), `dictionary_arch` and `loss`."""
 
     name: ClassVar[str] = ""
     dictionary_arch: ClassVar[str] = ""

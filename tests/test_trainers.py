@@ -112,3 +112,18 @@ def test_baselines():
         fit_baseline("svd", x)
     assert fit_baseline("random", x, 16).F == 16
     assert fit_baseline("identity", x).arch == "identity"
+
+
+def test_bf16_autocast_steps_lower_the_loss():
+    """The CUDA default (bf16 autocast) exercised on CPU: every recipe still trains."""
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(0))
+    for arch in TRAINERS:
+        from dictcircuits.trainers import make_trainer
+
+        t = make_trainer(32, TrainerConfig(arch=arch, width=64, k=4), 20, 256)
+        t.init_from(x)
+        first = t.step(x, 0, autocast=True)
+        for i in range(1, 20):
+            last = t.step(x, i, autocast=True)
+        assert t.dic.W_dec.dtype == torch.float32
+        assert last[0] < 0.9 * first[0], arch  # loss
