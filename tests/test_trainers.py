@@ -10,7 +10,7 @@ from dictcircuits.errors import DictCircuitsError
 from dictcircuits.harvest import collect, default_dataset
 from dictcircuits.synthetic import Superposition, recovery
 from dictcircuits.train import train_on_activations
-from dictcircuits.trainers import TRAINERS, TrainerConfig, geometric_median, lr_at
+from dictcircuits.trainers import TRAINERS, TrainerConfig, geometric_median, lr_at, make_trainer
 
 # FVU each recipe must reach on resid.1 of the random toy GPT-2 (d=32, F=128) fed State of the Union text,
 # 200 steps of 256 tokens (measured on CPU: relu 0.21, relu-2024 0.13, tied 0.25, gated 0.09, topk 0.21,
@@ -118,8 +118,6 @@ def test_bf16_autocast_steps_lower_the_loss():
     """The CUDA default (bf16 autocast) exercised on CPU: every recipe still trains."""
     x = torch.randn(256, 32, generator=torch.Generator().manual_seed(0))
     for arch in TRAINERS:
-        from dictcircuits.trainers import make_trainer
-
         t = make_trainer(32, TrainerConfig(arch=arch, width=64, k=4), 20, 256)
         t.init_from(x)
         first = t.step(x, 0, autocast=True)
