@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -41,31 +42,37 @@ def _text_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_documents(dataset: str, split: str = "train", text_field: str = "text") -> Iterator[list[str]]:
+def iter_documents(dataset: str, split: str = "train", text_field: str = "text", skip: int = 0) -> Iterator[list[str]]:
     """Each document as a list of text chunks (joined, they are the document). `dataset` is a .txt/.jsonl file,
-    a folder of them (sorted, recursive) or a hub dataset name streamed with `datasets`."""
+    a folder of them (sorted, recursive) or a hub dataset name streamed with `datasets`. The first `skip`
+    documents are passed over without being read in full (a .txt file is one document)."""
     path = Path(dataset)
     if path.exists():
+        index = 0
         for file in _text_files(path):
             if file.suffix == ".txt":
-                text = file.read_text(encoding="utf-8", errors="replace")
-                yield [text[i:i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)]
+                if index >= skip:
+                    text = file.read_text(encoding="utf-8", errors="replace")
+                    yield [text[i:i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)]
+                index += 1
                 continue
             with file.open(encoding="utf-8") as fh:
                 for lineno, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
-                    try:
-                        yield [json.loads(line)[text_field]]
-                    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                        raise DictCircuitsError(f"{file}:{lineno} is not a JSON object with a {text_field!r} "
-                                                "field; fix the line or pass --text-field") from exc
+                    if index >= skip:
+                        try:
+                            yield [json.loads(line)[text_field]]
+                        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                            raise DictCircuitsError(f"{file}:{lineno} is not a JSON object with a {text_field!r} "
+                                                    "field; fix the line or pass --text-field") from exc
+                    index += 1
         return
     try:
         import datasets
 
         rows = datasets.load_dataset(dataset, split=split, streaming=True)
-        for row in rows:
+        for row in rows.skip(skip) if skip else rows:
             yield [row[text_field]]
     except KeyError as exc:
         raise DictCircuitsError(f"dataset {dataset!r} has no {text_field!r} column; pass --text-field") from exc
@@ -78,7 +85,9 @@ class ContextStream:
     """Token ids packed into contexts of `ctx_len` (BOS first when add_bos), documents separated by EOS.
 
     Context i of the packed stream belongs to rank i % world. `position` counts this rank's contexts served;
-    the data loops over the dataset again when it ends (`epochs` counts the passes)."""
+    the data loops over the dataset again when it ends (`epochs` counts the passes). `cursor` =
+    (epoch, document, token offset, context index) of the next context: `seek` restarts the stream there
+    without re-tokenizing the documents before it."""
 
     def __init__(self, tokenizer, dataset: str, ctx_len: int, add_bos: bool = True, rank: int = 0,
                  world: int = 1, split: str = "train", text_field: str = "text"):
@@ -88,29 +97,52 @@ class ContextStream:
         self.bos = tokenizer.bos_token_id if add_bos else None
         self.eos = tokenizer.eos_token_id
         self.rank, self.world, self.split, self.text_field = rank, world, split, text_field
-        self.position = 0
-        self.epochs = 0
-        self._it = self._contexts()
+        self.seek((0, 0, 0, 0), 0)
 
-    def _contexts(self) -> Iterator[list[int]]:
+    def seek(self, cursor: Sequence[int], position: int) -> None:
+        """Continue from a cursor saved earlier, when this rank had served `position` contexts."""
+        self.cursor = tuple(int(c) for c in cursor)
+        self.position, self.epochs = int(position), self.cursor[0]
+        self._it = self._contexts(*self.cursor)
+
+    def _tokens(self, doc: list[str]) -> list[int]:
+        ids = [t for chunk in doc for t in self.tokenizer(chunk, add_special_tokens=False)["input_ids"]]
+        return ids + ([self.eos] if self.eos is not None else [])
+
+    def _contexts(self, epoch: int, doc0: int, off0: int, index: int) -> Iterator[list[int]]:
         body = self.ctx_len - (self.bos is not None)
-        index = 0
         while True:
             pending: list[int] = []
+            lens: deque[int] = deque()  # tokens of each document still in `pending`
+            head_doc, head_off = doc0, off0  # where pending[0] sits in the data
             produced = False
-            for doc in iter_documents(self.dataset, self.split, self.text_field):
-                for chunk in doc:
-                    pending.extend(self.tokenizer(chunk, add_special_tokens=False)["input_ids"])
-                if self.eos is not None:
-                    pending.append(self.eos)
+            for doc_i, doc in enumerate(iter_documents(self.dataset, self.split, self.text_field, skip=doc0),
+                                        start=doc0):
+                toks = self._tokens(doc)[off0 if doc_i == doc0 else 0:]
+                pending.extend(toks)
+                lens.append(len(toks))
                 while len(pending) >= body:
                     row, pending = pending[:body], pending[body:]
-                    if index % self.world == self.rank:
+                    n = body
+                    while n > 0:  # move the head past the tokens just taken
+                        if n < lens[0]:
+                            lens[0] -= n
+                            head_off += n
+                            n = 0
+                        else:
+                            n -= lens.popleft()
+                            head_doc, head_off = head_doc + 1, 0
+                    mine = index % self.world == self.rank
+                    index += 1
+                    self.cursor = (epoch, head_doc, head_off, index)
+                    if mine:
                         produced = True
                         yield ([self.bos] if self.bos is not None else []) + row
-                    index += 1
-            self.epochs += 1
-            if not produced:
+            full_pass = doc0 == 0 and off0 == 0
+            epoch, doc0, off0 = epoch + 1, 0, 0
+            self.epochs = epoch
+            self.cursor = (epoch, 0, 0, index)
+            if full_pass and not produced:
                 raise DictCircuitsError(f"dataset {self.dataset} holds fewer than {self.world} context(s) of "
                                         f"{self.ctx_len} tokens: give more text or a shorter --ctx-len")
 
@@ -120,7 +152,7 @@ class ContextStream:
         return torch.tensor(rows, dtype=torch.long)
 
     def skip_to(self, position: int) -> None:
-        """Fast-forward to a saved position (re-reads and re-tokenizes the data up to it)."""
+        """Fast-forward by reading (and tokenizing) contexts up to `position`."""
         while self.position < position:
             self.take(min(256, position - self.position))
 
@@ -159,7 +191,7 @@ class ActivationBuffer:
 
     The buffer holds one block of about `buffer_tokens` activations per site; batches are drawn without
     replacement in a random order shared by all sites (the same tokens reach every site's dictionaries).
-    When the block drains, the next block of contexts is harvested. The state is three integers."""
+    When the block drains, the next block of contexts is harvested. The state is seven integers."""
 
     def __init__(self, model: Model, sites: Sequence[str], stream: ContextStream, batch_size: int,
                  buffer_tokens: int = 65_536, harvest_batch: int = 32, exclude_bos: bool = True,
@@ -173,13 +205,14 @@ class ActivationBuffer:
         self.n_contexts = max(1, math.ceil(buffer_tokens / stream.ctx_len))  # contexts per block
         self.block = -1  # index of the block being served
         self.block_start = stream.position  # stream position where that block began
+        self.block_cursor = stream.cursor  # and the stream's cursor there
         self.served = 0  # rows of the block already served
         self.acts: dict[str, torch.Tensor] = {}  # site -> [rows, d], rows in served order
         self.contexts = torch.empty(0, stream.ctx_len, dtype=torch.long)  # [n_contexts, ctx_len] of the block
 
     def _fill(self) -> None:
         self.block += 1
-        self.block_start = self.stream.position
+        self.block_start, self.block_cursor = self.stream.position, self.stream.cursor
         self.contexts = self.stream.take(self.n_contexts)
         parts: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
         with torch.no_grad():
@@ -221,14 +254,14 @@ class ActivationBuffer:
         return Tokens(ids, torch.ones_like(ids))
 
     def state(self) -> list[int]:
-        """[block, block_start, served]: enough to rebuild the buffer exactly."""
-        return [self.block, self.block_start, self.served]
+        """[block, block_start, served, *cursor at block start]: enough to rebuild the buffer exactly."""
+        return [self.block, self.block_start, self.served, *self.block_cursor]
 
     def restore(self, state: Sequence[int]) -> None:
-        block, block_start, served = (int(v) for v in state)
+        block, block_start, served, *cursor = (int(v) for v in state)
         if block < 0:
             return
-        self.stream.skip_to(block_start)
+        self.stream.seek(cursor, block_start)
         self.block = block - 1
         self._fill()
         self.served = served

@@ -194,11 +194,11 @@ class _Session:
 
     def save_checkpoint(self) -> None:
         """All ranks call this; rank 0 writes one file holding every rank's data position."""
-        states = torch.tensor([self.source.state()], dtype=torch.long, device=_comm_device())  # [1, 3]
+        states = torch.tensor([self.source.state()], dtype=torch.long, device=_comm_device())  # [1, n]
         if self.world > 1:
             gathered = [torch.zeros_like(states) for _ in range(self.world)]
             dist.all_gather(gathered, states)
-            states = torch.cat(gathered)  # [world, 3]
+            states = torch.cat(gathered)  # [world, n]
         states = states.cpu()
         if self.rank != 0 or self.ckpt_path is None:
             return
