@@ -540,16 +540,30 @@ def add_arguments(p) -> None:
     p.add_argument("--l0-coef", default=d.l0_coef, help="L0 penalty for jumprelu; comma list sweeps")
     p.add_argument("--tokens", default=d.tokens, help="training tokens per dictionary, e.g. 10M")
     p.add_argument("--dataset", default=d.dataset, help="hub dataset, .txt/.jsonl file or folder (default: sotu)")
-    p.add_argument("--split", default=d.split)
-    p.add_argument("--text-field", default=d.text_field)
     p.add_argument("--out", default=d.out, help="output folder (default dictionaries/<model>/<arch>)")
-    for name, typ in (("ctx_len", int), ("batch_size", int), ("buffer_tokens", int), ("harvest_batch", int),
-                      ("lr", float), ("warmup_steps", int), ("decay_start", float), ("auxk_alpha", float),
-                      ("resample_every", int), ("dead_tokens", int), ("e2e_kl", float), ("e2e_contexts", int),
-                      ("seed", int), ("checkpoint_every", int), ("log_every", int)):
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name))
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--save-dtype", default=d.save_dtype)
+    p.add_argument("--split", default=d.split, help="hub dataset split")
+    p.add_argument("--text-field", default=d.text_field, help="text column (hub datasets, .jsonl)")
+    options = (
+        ("ctx_len", int, "tokens per context (BOS included)"),
+        ("batch_size", int, "tokens per optimiser step, per process"),
+        ("buffer_tokens", int, "activations per site held by the shuffling buffer"),
+        ("harvest_batch", int, "contexts per model trace"),
+        ("lr", float, "learning rate (default 2e-4/sqrt(F/16384), at most 3e-3)"),
+        ("warmup_steps", int, "LR warm-up steps (default 5%% of steps, at most 1000)"),
+        ("decay_start", float, "fraction of training after which the LR decays linearly to 0"),
+        ("auxk_alpha", float, "AuxK loss weight (topk, batchtopk)"),
+        ("resample_every", int, "relu: resample dead features every N steps (default steps/8; 0: never)"),
+        ("dead_tokens", int, "a feature is dead after this many tokens without firing (default min(10M, tokens/8))"),
+        ("e2e_kl", float, "weight of KL(model || model with x_hat spliced in); 0: off"),
+        ("e2e_contexts", int, "contexts per step for the KL term"),
+        ("seed", int, "random seed"),
+        ("checkpoint_every", int, "steps between checkpoints (0: only on Ctrl-C)"),
+        ("log_every", int, "steps between metric lines and progress updates"),
+    )
+    for name, typ, text in options:
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name), help=text)
+    p.add_argument("--device", default=d.device, help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:1...")
+    p.add_argument("--save-dtype", default=d.save_dtype, help="dtype of the saved weights, e.g. bfloat16")
     p.add_argument("--no-bos", dest="add_bos", action="store_false", help="do not prepend BOS to contexts")
     p.add_argument("--keep-bos", dest="exclude_bos", action="store_false", help="train on BOS positions too")
     p.add_argument("--autocast", dest="autocast", action="store_true", default=None, help="bf16 autocast (default on CUDA)")
