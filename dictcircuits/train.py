@@ -26,13 +26,13 @@ from . import __version__
 from .dictionary import Dictionary, save_dictionary
 from .errors import DictCircuitsError
 from .harvest import ActivationBuffer, ContextStream, TensorSource, check_ctx_len, default_dataset
-from .models import Model, load_model
+from .models import Model, Tokens, load_model
 from .trainers import METRICS, TRAINERS, Trainer, TrainerConfig, make_trainer
 
 CHECKPOINT_NAME, METRICS_NAME = "checkpoint.pt", "metrics.jsonl"
 CHECKPOINT_VERSION = 1
 # TrainConfig fields that may change between a run and its resumption
-RESUMABLE_CHANGES = {"resume", "checkpoint_every", "log_every", "progress", "device", "compile"}
+RESUMABLE_CHANGES = {"resume", "checkpoint_every", "log_every", "progress", "device", "compile", "eval_tokens"}
 
 
 def parse_count(text: str | int) -> int:
@@ -101,6 +101,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps; 0: only on SIGINT and at the end
     resume: bool = False
     log_every: int = 25  # steps between metric lines / progress updates
+    eval_tokens: int = 16_384  # after training, evaluate on this many unseen tokens (0: skip)
     progress: bool = True
     save_dtype: str | None = None  # e.g. bfloat16 for smaller files
 
@@ -135,6 +136,7 @@ class TrainResult:
     tokens_per_s: float
     interrupted: bool = False  # stopped by SIGINT (a checkpoint was written)
     final: dict[str, list[dict]] = field(default_factory=dict)  # site -> metrics of each dictionary
+    heldout: dict[str, list[dict]] = field(default_factory=dict)  # site -> evaluation on unseen tokens
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -364,14 +366,33 @@ def _prepare(trainers: dict[str, list[Trainer]], sample: dict[str, torch.Tensor]
             t.broadcast()
 
 
+HELDOUT_FIELDS = ("tokens", "fvu", "l0", "dead_frac", "rel_bias", "ce_clean", "ce_spliced", "ce_zero", "ce_mean",
+                  "ce_recovered_zero", "ce_recovered_mean", "kl")
+
+
+def _heldout(model: Model, trainers: dict[str, list[Trainer]], stream: ContextStream, n_tokens: int,
+             exclude_bos: bool) -> dict[str, list[dict]]:
+    """Evaluate every dictionary on the contexts that follow the training data (never trained on)."""
+    from .evaluate import evaluate
+
+    ids = stream.take(max(1, math.ceil(n_tokens / stream.ctx_len)))  # [n, ctx_len]
+    tokens = Tokens(ids, torch.ones_like(ids))
+    out: dict[str, list[dict]] = {s: [] for s in trainers}
+    for i in range(len(next(iter(trainers.values())))):
+        results = evaluate(model, {s: ts[i].dic for s, ts in trainers.items()}, tokens, exclude_bos=exclude_bos)
+        for s, r in results.items():
+            out[s].append({k: getattr(r, k) if k == "tokens" else round(getattr(r, k), 5) for k in HELDOUT_FIELDS})
+    return out
+
+
 def _finish(session: _Session, trainers: dict[str, list[Trainer]], summary: dict, out: Path | None,
-            save_dtype: torch.dtype | None, interrupted: bool) -> TrainResult:
+            save_dtype: torch.dtype | None, interrupted: bool, heldout: dict | None = None) -> TrainResult:
     rank, world = _rank_world()
     tokens = session.step * session.batch_size * world
     result = TrainResult(dictionaries={s: [t.dic for t in ts] for s, ts in trainers.items()}, out=out,
                          steps=session.step, tokens=tokens, seconds=session.elapsed,
                          tokens_per_s=tokens / max(session.elapsed, 1e-9), interrupted=interrupted,
-                         final=session.final)
+                         final=session.final, heldout=heldout or {})
     for s, ts in trainers.items():
         for i, t in enumerate(ts):
             t.dic.meta.update(site=s, model=summary.get("model"))
@@ -381,6 +402,7 @@ def _finish(session: _Session, trainers: dict[str, list[Trainer]], summary: dict
                 "tokens_per_s": round(result.tokens_per_s, 1), "input_scale": float(t.dic.input_scale),
                 "final": {k: round(v, 5) for k, v in session.final[s][i].items()},  # mean of the last log window
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **({"heldout": heldout[s][i]} if heldout else {}),
             }
     if world > 1:  # data-parallel ranks must hold the same dictionaries; a difference is a bug, not noise
         sums = torch.tensor([float(sum(p.detach().double().sum() for p in t.dic.parameters()))
@@ -521,7 +543,10 @@ def _train(cfg: TrainConfig, model: Model | None, on_step) -> TrainResult:
     finally:
         restore()
     summary.update(epochs=stream.epochs, autocast=autocast)
-    result = _finish(session, trainers, summary, out, _dtype(cfg.save_dtype), interrupted)
+    heldout = None
+    if cfg.eval_tokens > 0 and not interrupted and rank == 0:
+        heldout = _heldout(model, trainers, stream, cfg.eval_tokens, cfg.exclude_bos)
+    result = _finish(session, trainers, summary, out, _dtype(cfg.save_dtype), interrupted, heldout)
     if world > 1:
         dist.barrier()
     return result
@@ -559,6 +584,7 @@ def add_arguments(p) -> None:
         ("seed", int, "random seed"),
         ("checkpoint_every", int, "steps between checkpoints (0: only on Ctrl-C)"),
         ("log_every", int, "steps between metric lines and progress updates"),
+        ("eval_tokens", int, "after training, evaluate on this many unseen tokens (0: skip)"),
     )
     for name, typ, text in options:
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name), help=text)
@@ -582,9 +608,13 @@ def run(args) -> int:
     if result.interrupted:
         print(f"interrupted at step {result.steps}: checkpoint saved in {result.out}; continue with --resume")
         return 130
+    nan = float("nan")
     for site, runs in result.final.items():
-        for dic, m in zip(result.dictionaries[site], runs):
-            print(f"{site:10s} {dic.meta['training']['run']:28s} L0 {m.get('l0', float('nan')):7.2f}  "
-                  f"FVU {m.get('fvu', float('nan')):.4f}  dead {m.get('dead', float('nan')):.3f}")
+        for i, (dic, m) in enumerate(zip(result.dictionaries[site], runs)):
+            h = result.heldout[site][i] if result.heldout else {}
+            print(f"{site:10s} {dic.meta['training']['run']:24s} train: L0 {m.get('l0', nan):7.2f} "
+                  f"FVU {m.get('fvu', nan):.4f} dead {m.get('dead', nan):.3f}"
+                  + (f" | held-out: FVU {h['fvu']:.4f} CE recovered {h['ce_recovered_zero']:.3f} (zero) "
+                     f"{h['ce_recovered_mean']:.3f} (mean) KL {h['kl']:.4f}" if h else ""))
     print(f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens_per_s:.0f} tok/s); saved to {result.out}")
     return 0

@@ -20,7 +20,7 @@ def test_two_process_gloo_run(tokenizer, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "dictcircuits", "train", "--model", str(folder), "--sites", "resid.0,mlp.1", "--arch", "topk",
            "--width", "2x", "--k", "4", "--tokens", "2048", "--batch-size", "128", "--buffer-tokens", "1024",
-           "--ctx-len", "32", "--harvest-batch", "8", "--device", "cpu", "--no-progress", "--log-every", "4",
+           "--ctx-len", "32", "--harvest-batch", "8", "--device", "cpu", "--no-progress", "--log-every", "4", "--eval-tokens", "128",
            "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -28,7 +28,7 @@ def test_two_process_gloo_run(tokenizer, tmp_path):
     dicts = load_dictionaries(out)
     t = dicts["resid.0"].meta["training"]
     assert t["world_size"] == 2 and t["steps"] == 8 and t["tokens"] == 2048  # 8 steps x 128 tokens x 2 ranks
-    assert 0 < t["final"]["fvu"] < 1
+    assert 0 < t["final"]["fvu"] < 1 and t["heldout"]["tokens"] == 4 * 31
     steps = [json.loads(ln)["tokens"] for ln in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(ln)["site"] == "mlp.1"]
     assert steps == [1024, 2048]

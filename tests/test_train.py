@@ -32,7 +32,7 @@ def small(out, **kw) -> TrainConfig:
     """20 steps of 256 tokens on two sites; the buffer holds 2048 tokens, so blocks turn over mid-run."""
     base = dict(model="toy", sites="resid.0,mlp.1", arch="topk", width="2x", k="4", tokens="5120", batch_size=256,
                 buffer_tokens=2048, ctx_len=32, harvest_batch=16, checkpoint_every=5, log_every=5, progress=False,
-                out=str(out), seed=3)
+                out=str(out), seed=3, eval_tokens=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -40,7 +40,7 @@ def small(out, **kw) -> TrainConfig:
 @pytest.fixture(scope="module")
 def straight(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    return train(small(out), model=model)
+    return train(small(out, eval_tokens=128), model=model)
 
 
 def _equal(a, b):
@@ -63,6 +63,9 @@ def test_output_layout_and_summary(straight):
     assert t["trainer"]["k"] == 4 and t["trainer"]["width"] == 64
     assert 0 < t["final"]["fvu"] < 1 and t["final"]["l0"] == pytest.approx(4)
     assert float(dic.input_scale) == pytest.approx(t["input_scale"]) and t["input_scale"] != 1.0
+    held = t["heldout"]  # evaluated on the 4 contexts after the training data
+    assert held["tokens"] == 4 * 31 and held["l0"] == pytest.approx(4) and 0 < held["fvu"] < 1
+    assert held["ce_clean"] > 0 and abs(held["ce_spliced"] - held["ce_clean"]) < 1
     assert not (out / CHECKPOINT_NAME).exists()  # removed once the dictionaries are saved
     lines = [json.loads(ln) for ln in (out / METRICS_NAME).read_text().splitlines()]
     assert [ln["step"] for ln in lines if ln["site"] == "mlp.1"] == [5, 10, 15, 20]
