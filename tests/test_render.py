@@ -146,13 +146,22 @@ def test_trace_api(toy_setup):
     assert len(effects) == 4 and all(e == e and e != 0 for e in effects)
 
 
-def test_cli_writes_html_json_graphml(toy_setup, tmp_path, capsys):
+def test_cli_writes_html_json_graphml(toy_setup, tmp_path, capsys, monkeypatch):
     model, dicts, task = toy_setup
     model.hf.save_pretrained(tmp_path / "m")
     model.tokenizer.save_pretrained(tmp_path / "m")
     for site, dic in dicts.items():
         dic.meta["site"] = site
         save_dictionary(dic, tmp_path / "d" / site)
+    monkeypatch.chdir(tmp_path)  # no --dictionaries: ./dictionaries/<model name>
+    default = ["trace", "--task", str(task.to_jsonl(tmp_path / "t.jsonl")), "--model", "m", "--method", "attrib",
+               "--max-nodes", "5", "--out", "o"]
+    assert main(default) == 2
+    assert "no dictionaries for m" in capsys.readouterr().err
+    (tmp_path / "dictionaries").mkdir()
+    (tmp_path / "d").rename(tmp_path / "dictionaries" / "m")
+    assert main(default) == 0 and (tmp_path / "o" / "toy-ioi.html").is_file()
+    (tmp_path / "dictionaries" / "m").rename(tmp_path / "d")
     task_file = task.to_jsonl(tmp_path / "toy-ioi.jsonl")
     out = tmp_path / "out"
     args = ["trace", "--task", str(task_file), "--model", str(tmp_path / "m"), "--dictionaries", str(tmp_path / "d"),
