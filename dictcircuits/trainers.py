@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
+from .sparse import dense_features, sparse_decode, sparse_topk_encode
 
 
 @dataclass
@@ -134,6 +135,7 @@ class Trainer:
         self.opt = torch.optim.Adam([p for p in self.dic.parameters() if p.requires_grad], lr=self.lr, betas=self.betas)
         self.since_fired = torch.zeros(cfg.width, dtype=torch.long, device=device)  # [F] tokens since last firing
         self.loss_fn: Callable = self.loss
+        self.autocast = False  # set by step(): whether the current step runs under bf16 autocast
 
     # --- pieces subclasses override --------------------------------------------------------------
     def dictionary_hyperparams(self) -> dict:
@@ -190,6 +192,7 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr_at(step, self.total_steps, self.lr, self.warmup, self.cfg.decay_start)
         self.opt.zero_grad(set_to_none=True)
+        self.autocast = autocast
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             loss, x_hat, f = self.loss_fn(x, step)
             if extra is not None:
@@ -391,6 +394,27 @@ class TopKTrainer(Trainer):
         return torch.zeros_like(pre).scatter(-1, idx, vals)
 
     def loss(self, x, step):
+        if self.autocast:  # the sparse kernels run in full precision; under bf16 autocast stay dense
+            return self.dense_loss(x, step)
+        dic = self.dic
+        xc = self.centred(x)  # [b, d]
+        vals, idx = sparse_topk_encode(xc, dic.W_enc, dic.b_enc, dic.k)  # [b, k] each
+        x_hat = sparse_decode(vals, idx, dic.W_dec) + dic.b_dec  # [b, d]
+        loss = (x - x_hat).pow(2).sum(-1).mean()
+        dead = self.dead_mask()
+        if self.cfg.auxk_alpha > 0 and dead.any():
+            dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
+            dead_pre = torch.relu(xc @ dic.W_enc[:, dead_idx] + dic.b_enc[dead_idx])  # [b, n_dead]
+            a_vals, a_pos = dead_pre.topk(min(len(dead_idx), max(1, dic.d // 2)), dim=-1, sorted=False)
+            loss = loss + self.auxk(x, x_hat, sparse_decode(a_vals, dead_idx[a_pos], dic.W_dec))
+        return loss, x_hat, dense_features(vals.detach(), idx, dic.F)
+
+    def auxk(self, x, x_hat, e_hat):
+        """AuxK: dead latents reconstruct the residual, normalised by its variance."""
+        e = (x - x_hat).detach()
+        return self.cfg.auxk_alpha * (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-8)
+
+    def dense_loss(self, x, step):
         pre = self.pre(x)
         f = self.sparsify(pre)
         x_hat = self.decode_scaled(f)
@@ -400,10 +424,7 @@ class TopKTrainer(Trainer):
             k_aux = min(int(dead.sum()), max(1, self.dic.d // 2))
             dead_pre = pre.masked_fill(~dead, 0.0)  # [b, F] only dead latents compete
             vals, idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
-            e_hat = torch.zeros_like(pre).scatter(-1, idx, vals) @ self.dic.W_dec  # [b, d], no bias
-            e = (x - x_hat).detach()
-            aux = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-8)
-            loss = loss + self.cfg.auxk_alpha * aux
+            loss = loss + self.auxk(x, x_hat, torch.zeros_like(pre).scatter(-1, idx, vals) @ self.dic.W_dec)
         return loss, x_hat, f
 
 
@@ -417,6 +438,9 @@ class BatchTopKTrainer(TopKTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.threshold_seen = False
+
+    def loss(self, x, step):
+        return self.dense_loss(x, step)
 
     def sparsify(self, pre):
         flat = pre.reshape(-1)
