@@ -84,7 +84,7 @@ def main():
     for name, curve in compare_bases(model, dicts[site], site, batch, target=0.5, max_steps=8, pool=4).items():
         shown = " ".join(f"{x:.2f}" for x in curve.fraction.tolist())
         needed = curve.n_needed if curve.n_needed is not None else f">{len(curve.order)}"
-        print(f"   {name:>10}: {needed} directions; fraction after 0..k: {shown}")
+        print(f"   {name:>10}: {needed} direction(s); fraction after 0..k: {shown}")
     print(f"\ndone in {time.time() - start:.0f} s")
 
 
