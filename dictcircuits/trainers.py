@@ -18,6 +18,7 @@ Recipes (TRAINERS):
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Callable, ClassVar
 
@@ -106,7 +107,7 @@ class _RectangleSTE(torch.autograd.Function):
         return d_z, d_theta, None, None
 
 
-class Trainer:
+class Trainer(ABC):
     """Trains one dictionary: `init_from(x)` once, then `step(x, step)` per batch.
 
     x is [batch, d] in scaled units. Subclasses set `name` (the recipe), `dictionary_arch` and `loss`."""
@@ -151,9 +152,9 @@ class Trainer:
             if hasattr(dic, "W_enc"):
                 dic.W_enc.copy_(w.T)
 
+    @abstractmethod
     def loss(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, x_hat [batch, d], f [batch, F]) for scaled inputs x [batch, d]."""
-        raise NotImplementedError
 
     def after_step(self, x: torch.Tensor, f: torch.Tensor, step: int) -> None:
         """Hook after the optimiser step (resampling, thresholds)."""

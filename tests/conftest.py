@@ -26,3 +26,11 @@ def toy_models(tokenizer):
 @pytest.fixture(scope="session")
 def gpt2(toy_models):
     return toy_models["gpt2"]
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A fresh random GPT-2 toy per test module (modules may change it)."""
+    from dictcircuits.toy import toy_model
+
+    return toy_model("gpt2", tokenizer=tokenizer)

@@ -12,21 +12,6 @@ from dictcircuits.models import pad
 from dictcircuits.toy import random_dictionary
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    from dictcircuits.toy import toy_model
-
-    return toy_model("gpt2", tokenizer=tokenizer)
-
-
 def _forward(model, ids, mask, site, replace=None):
     """Logits from the HF model with a forward hook that records (and optionally replaces) the site output."""
     seen = {}

@@ -90,15 +90,6 @@ def toy_effects(model, dicts, batch) -> ToyEffects:
     return eff
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two spin-waiting threads crawl on a shared, busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 @pytest.fixture(scope="module")
 def toy(tokenizer):
     torch.manual_seed(0)

@@ -91,15 +91,6 @@ def test_layout_rows_by_site_and_columns_by_position():
     assert {"embed", "resid.0", "resid.1", "metric"} <= labels
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two spin-waiting threads crawl on a shared, busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 @pytest.fixture(scope="module")
 def toy_setup(tokenizer):
     torch.manual_seed(0)

@@ -13,21 +13,6 @@ from dictcircuits.harvest import ActivationBuffer, ContextStream, default_datase
 from dictcircuits.train import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, parse_count, parse_width, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    from dictcircuits.toy import toy_model
-
-    return toy_model("gpt2", tokenizer=tokenizer)
-
-
 def small(out, **kw) -> TrainConfig:
     """20 steps of 256 tokens on two sites; the buffer holds 2048 tokens, so blocks turn over mid-run."""
     base = dict(model="toy", sites="resid.0,mlp.1", arch="topk", width="2x", k="4", tokens="5120", batch_size=256,

@@ -19,15 +19,6 @@ FVU_BOUND = {"relu": 0.35, "relu-2024": 0.25, "tied": 0.40, "gated": 0.25, "topk
              "jumprelu": 0.25}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops run several times slower with 2 threads on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def acts(tokenizer):
     from dictcircuits.toy import toy_model
