@@ -76,14 +76,10 @@ def main(argv=None) -> None:
         print(f"{name:<22}{secs:>9.1f}{args.tokens / secs:>14.0f}{args.tokens * len(sites) / secs:>18.0f}")
     print(f"one pass is {separate / one_pass:.2f}x faster")
     if args.recovery:
-        from dictcircuits.synthetic import recovery_curve
+        from dictcircuits.synthetic import print_curve, recovery_curve
 
-        rows = recovery_curve()
         print("\nground-truth recovery (64 features in 32 dims, ~3 active, TopK k=3, 400 steps):")
-        keys = list(rows[0])
-        print("  ".join(f"{k:>8}" for k in keys))
-        for r in rows:
-            print("  ".join(f"{r[k]:>8.3f}" if isinstance(r[k], float) else f"{r[k]:>8}" for k in keys))
+        print_curve(recovery_curve())
 
 
 if __name__ == "__main__":

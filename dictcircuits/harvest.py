@@ -186,7 +186,23 @@ def block_generator(seed: int, rank: int, block: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + rank * 7_919 + block * 104_729) % (2 ** 63))
 
 
-class ActivationBuffer:
+class _Blocks:
+    """Serves batches from shuffled blocks: subclasses define `rows` and `_fill()` (the next block into `acts`)."""
+
+    block: int
+    served: int
+    batch_size: int
+    acts: dict[str, torch.Tensor]
+
+    def next(self) -> dict[str, torch.Tensor]:
+        """The next batch: site -> [batch_size, d] (the remainder of a block smaller than a batch is dropped)."""
+        if self.block < 0 or self.served + self.batch_size > self.rows:
+            self._fill()
+        lo, self.served = self.served, self.served + self.batch_size
+        return {s: a[lo:self.served] for s, a in self.acts.items()}
+
+
+class ActivationBuffer(_Blocks):
     """A bounded shuffling buffer per site, filled from one trace per batch of contexts for all sites at once.
 
     The buffer holds one block of about `buffer_tokens` activations per site; batches are drawn without
@@ -234,13 +250,6 @@ class ActivationBuffer:
     def rows(self) -> int:
         return next(iter(self.acts.values())).shape[0] if self.acts else 0
 
-    def next(self) -> dict[str, torch.Tensor]:
-        """The next batch: site -> [batch_size, d] (the remainder of a block smaller than a batch is dropped)."""
-        if self.block < 0 or self.served + self.batch_size > self.rows:
-            self._fill()
-        lo, self.served = self.served, self.served + self.batch_size
-        return {s: a[lo:self.served] for s, a in self.acts.items()}
-
     def peek(self) -> dict[str, torch.Tensor]:
         """The current block (filling the first one if needed) without serving it: site -> [rows, d]."""
         if self.block < 0:
@@ -267,7 +276,7 @@ class ActivationBuffer:
         self.served = served
 
 
-class TensorSource:
+class TensorSource(_Blocks):
     """Batches drawn from fixed activation tensors (site -> [n, d]) with the same interface as the buffer:
     shuffled per pass with generators that depend only on (seed, pass)."""
 
@@ -287,12 +296,6 @@ class TensorSource:
         order = torch.randperm(self.rows, generator=block_generator(self.seed, 0, self.block))
         self.acts = {s: a[order.to(a.device)] for s, a in self.data.items()}
         self.served = 0
-
-    def next(self) -> dict[str, torch.Tensor]:
-        if self.block < 0 or self.served + self.batch_size > self.rows:
-            self._fill()
-        lo, self.served = self.served, self.served + self.batch_size
-        return {s: a[lo:self.served] for s, a in self.acts.items()}
 
     def peek(self) -> dict[str, torch.Tensor]:
         return self.data

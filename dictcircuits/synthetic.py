@@ -85,6 +85,11 @@ def main(argv=None) -> None:
     p.add_argument("--arch", default="topk")
     a = p.parse_args(argv)
     rows = recovery_curve(a.d, a.features, [int(w) for w in a.widths.split(",")], a.k, steps=a.steps, arch=a.arch)
+    print_curve(rows)
+
+
+def print_curve(rows: list[dict]) -> None:
+    """The recovery curve as a text table."""
     keys = list(rows[0])
     print("  ".join(f"{k:>8}" for k in keys))
     for r in rows:
