@@ -335,34 +335,38 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="small settings: F=4096 only, few steps, n=16 (< 5 min)")
     p.add_argument("--parts", default="sae,train,trace")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--impls", default="ours,dl,saelens,ours-dense")
+    p.add_argument("--impls", default=None, help="default ours,dl,saelens,ours-dense (quick: without ours-dense)")
     p.add_argument("--widths", default=None, help="SAE widths (default 4096,16384; quick 4096)")
     p.add_argument("--archs", default="standard,topk")
-    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=None, help="SAE batch (default 4096; quick 2048)")
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--steps", type=int, default=None, help="SAE steps per worker (default 8; quick 4)")
+    p.add_argument("--steps", type=int, default=None, help="SAE steps per worker (default 6; quick 3)")
     p.add_argument("--skip", type=int, default=None, help="untimed SAE steps (default 2; quick 1)")
-    p.add_argument("--reps", type=int, default=None, help="interleaved rounds (default 3; quick 2)")
+    p.add_argument("--reps", type=int, default=None, help="interleaved rounds (default 2; quick 2)")
     p.add_argument("--train-models", default=None, help="default dc-mini,pythia70m-shaped (quick: dc-mini, else the other)")
-    p.add_argument("--train-tokens", type=int, default=None, help="dc-mini (default 32768; quick 8192)")
-    p.add_argument("--train-tokens-pythia", type=int, default=None, help="Pythia-shaped (default 8192; quick 4096)")
-    p.add_argument("--train-batch", type=int, default=2048)
-    p.add_argument("--train-buffer", type=int, default=8192)
+    p.add_argument("--train-tokens", type=int, default=None, help="dc-mini (default 16384; quick 2048)")
+    p.add_argument("--train-tokens-pythia", type=int, default=None, help="Pythia-shaped (default 4096; quick 2048)")
+    p.add_argument("--train-batch", type=int, default=None, help="default 2048; quick 1024")
+    p.add_argument("--train-buffer", type=int, default=None, help="shuffling buffer tokens (default 8192; quick 2048)")
     p.add_argument("--train-reps", type=int, default=1)
     p.add_argument("--trace", default=None,
-                   help="runs as model:sites:n;... (default: dc-mini:all:16,64,256 and pythia70m-shaped:all:16,64 "
-                        "and pythia70m-shaped:resid.*:16,64; quick: dc-mini:all:16 and pythia70m-shaped:resid.*:16)")
+                   help="runs as model:sites:n;... (default: dc-mini:all:16,64,256, pythia70m-shaped:all:16 and "
+                        "pythia70m-shaped:resid.*:16,64; quick: dc-mini:all:16 and pythia70m-shaped:resid.2,resid.4:16)")
     p.add_argument("--worker-timeout", type=float, default=600)
     p.add_argument("--out", default=str(HERE / "results"), help="folder for latest.json and latest.md")
     args = p.parse_args(argv)
     q = args.quick
     args.widths = [int(w) for w in (args.widths or ("4096" if q else "4096,16384")).split(",")]
     args.archs = args.archs.split(",")
-    args.steps = args.steps or (4 if q else 8)
+    args.steps = args.steps or (3 if q else 6)
+    args.batch = args.batch or (2048 if q else 4096)
+    args.impls = args.impls or ("ours,dl,saelens" if q else "ours,dl,saelens,ours-dense")
+    args.train_batch = args.train_batch or (1024 if q else 2048)
+    args.train_buffer = args.train_buffer or (2048 if q else 8192)
     args.skip = args.skip if args.skip is not None else (1 if q else 2)
-    args.reps = args.reps or (2 if q else 3)
-    args.train_tokens = args.train_tokens or (8192 if q else 32768)
-    args.train_tokens_pythia = args.train_tokens_pythia or (4096 if q else 8192)
+    args.reps = args.reps or 2
+    args.train_tokens = args.train_tokens or (2048 if q else 16384)
+    args.train_tokens_pythia = args.train_tokens_pythia or (2048 if q else 4096)
     sys.path.insert(0, str(HERE))
     from bench_models import PYTHIA, dcmini_available
 
@@ -370,8 +374,8 @@ def main(argv=None) -> None:
         args.train_models = ["dc-mini" if dcmini_available() is None else PYTHIA] if q else ["dc-mini", PYTHIA]
     else:
         args.train_models = args.train_models.split(",")
-    spec = args.trace or ("dc-mini:all:16;pythia70m-shaped:resid.*:16" if q else
-                          "dc-mini:all:16,64,256;pythia70m-shaped:all:16,64;pythia70m-shaped:resid.*:16,64")
+    spec = args.trace or ("dc-mini:all:16;pythia70m-shaped:resid.2,resid.4:16" if q else
+                          "dc-mini:all:16,64,256;pythia70m-shaped:all:16;pythia70m-shaped:resid.*:16,64")
     args.trace_runs = [(m, s, int(n)) for part in spec.split(";") if part for m, s, ns in [part.split(":")]
                        for n in ns.split(",")]
 
