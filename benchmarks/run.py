@@ -385,21 +385,26 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     out = {"machine": machine_info(args.threads), "command": "python benchmarks/run.py " + " ".join(sys.argv[1:])}
     parts = args.parts.split(",")
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = "quick" if q else "latest"
+
+    def save() -> str:  # after every part, so that a run stopped half-way keeps what it measured
+        out["machine"]["loadavg_end"] = os.getloadavg()
+        out["elapsed_s"] = time.perf_counter() - start
+        text = tables(out)
+        for suffix, content in ((".json", json.dumps(out, indent=1)), (".md", text + "\n")):
+            tmp = folder / f".{stem}{suffix}.tmp"
+            tmp.write_text(content)
+            os.replace(tmp, folder / f"{stem}{suffix}")
+        return text
+
     for name, fn in (("sae", part_sae), ("train", part_train), ("trace", part_trace)):
         if name in parts:
             log(f"[{name}] ...")
             fn(args, out)
-    out["machine"]["loadavg_end"] = os.getloadavg()
-    out["elapsed_s"] = time.perf_counter() - start
-    text = tables(out)
-    print(text)
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = "quick" if q else "latest"
-    for suffix, content in ((".json", json.dumps(out, indent=1)), (".md", text + "\n")):
-        tmp = folder / f".{stem}{suffix}.tmp"
-        tmp.write_text(content)
-        os.replace(tmp, folder / f"{stem}{suffix}")
+            save()
+    print(save())
 
 
 if __name__ == "__main__":
