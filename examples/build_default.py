@@ -353,9 +353,16 @@ def build_corpus(args, log):
     gen_rows = []
     counts = {k: 0 for k in mix}
     nl = tok.encode("\n").ids
+    start_rng = random.Random(args.seed + 7)
     for doc in gen_docs:
         row: list[int] = []
         for (kind, _), enc in zip(doc, tok.encode_batch([t for _, t in doc])):
+            if not row and args.ioi_row_start:
+                # every generated row opens with an IOI story at position 0, like the evaluation prompts: the
+                # name positions are then nearly fixed, and the copying that IOI needs is learned much sooner
+                first = tok.encode(ioi_story(start_rng)).ids
+                counts["ioi"] += len(first)
+                row.extend(first)
             counts[kind] += len(enc.ids)
             row.extend((nl if row else []) + enc.ids)
             if len(row) >= ctx:
@@ -507,8 +514,8 @@ BARS = (
 def bars_text(quality: dict) -> str:
     lines = [f"- {name}: {'met' if ok(quality) else '**NOT MET**'}" for name, ok in BARS]
     if not all(ok(quality) for _, ok in BARS):
-        lines.append("\nThis build does not meet every bar; tests/test_default_model.py marks the unmet task as an "
-                     "expected failure, reading build_info.json.")
+        lines.append("\nThis build does not meet every bar; tests/test_default_model.py marks the task as an allowed failure "
+                     "(xfail, not strict), reading build_info.json.")
     return "\n".join(lines)
 
 
@@ -552,7 +559,11 @@ IOI held-out templates (never in training): {len(IOI_HELDOUT_TEMPLATES)}, e.g. "
 ```
 AdamW (lr {args.lr}, betas 0.9/0.95, weight decay {args.wd}), {args.warmup} warmup steps then cosine decay to
 {args.min_lr_frac} x lr, {args.steps} steps of {args.batch} x {args.ctx} tokens, gradient clipping 1.0, seed {args.seed},
-`torch.set_num_threads(1)`. Training took {train_info['train_seconds'] / 60:.1f} min on one CPU core
+`torch.set_num_threads(1)`. The loss weights name tokens x{getattr(args, 'name_weight', 1.0):g} (the copy targets of IOI: without
+this the 1-2 k steps that fit in the time budget never got past the plateau before name copying appears), and
+{'every generated row starts with an IOI story at position 0, as evaluation prompts do' if getattr(args, 'ioi_row_start', 0) else 'generated rows start at item boundaries'}.
+{f"Then {args.polish_steps} polish steps with the plain loss (lr {args.polish_lr} decaying linearly to 0)." if getattr(args, 'polish_steps', 0) else ''}
+Training took {train_info['train_seconds'] / 60:.1f} min on one CPU core
 ({train_info['tokens_per_second']:.0f} tokens/s; final training loss {train_info['final_loss']:.3f}).
 Building end to end (corpus, tokenizer, training, evaluation) is deterministic: the same seed gives the same weights on CPU.
 
@@ -598,13 +609,16 @@ def main(argv=None):
     p.add_argument("--min-lr-frac", type=float, default=0.05)
     p.add_argument("--gen-share", type=float, default=0.7, help="generated share of training tokens")
     p.add_argument("--real-fraction", type=float, default=0.55, help="fraction of the speech windows used")
-    p.add_argument("--mix-ioi", type=float, default=0.5)
-    p.add_argument("--mix-copy", type=float, default=0.15)
+    p.add_argument("--mix-ioi", type=float, default=0.65)
+    p.add_argument("--mix-copy", type=float, default=0.1)
     p.add_argument("--mix-paren", type=float, default=0.1)
-    p.add_argument("--mix-sva", type=float, default=0.25)
+    p.add_argument("--mix-sva", type=float, default=0.15)
     p.add_argument("--heldout-speeches", type=int, default=5)
-    p.add_argument("--name-weight", type=float, default=1.0,
+    p.add_argument("--ioi-row-start", type=int, default=1, help="1: every generated row starts with an IOI story")
+    p.add_argument("--name-weight", type=float, default=10.0,
                    help="weight of name tokens in the training loss (copy targets: speeds up IOI learning)")
+    p.add_argument("--polish-steps", type=int, default=0, help="extra steps with the unweighted loss at the end")
+    p.add_argument("--polish-lr", type=float, default=1e-3, help="their lr, decaying linearly to 0")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--ckpt-every", type=int, default=50)
@@ -650,7 +664,8 @@ def main(argv=None):
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    keyed = {k: v for k, v in vars(args).items() if k not in ("resume", "eval_every", "ckpt_every", "no_save", "out")}
+    keyed = {k: v for k, v in vars(args).items()
+             if k not in ("resume", "eval_every", "ckpt_every", "no_save", "out", "polish_steps", "polish_lr")}
     if keyed["name_weight"] == 1.0:
         del keyed["name_weight"]
     key = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
@@ -706,6 +721,40 @@ def main(argv=None):
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                          "train_seconds": train_seconds, "losses": losses[-20:]}, ckpt_path)
             t_last = time.time()
+    # polish: a few steps with the plain (unweighted) loss, so the tasks without names (brackets, agreement)
+    # get back the share of the gradient that the name weighting took from them
+    polish_done = 0
+    if args.polish_steps:
+        ppath = work / f"ckpt-{key}-polish{args.polish_steps}-{args.polish_lr}.pt"
+        if args.resume and ppath.is_file():
+            ck = torch.load(ppath, weights_only=True)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+            polish_done, train_seconds, losses = int(ck["polish"]), float(ck["train_seconds"]), list(ck["losses"])
+            log(f"resumed polish at step {polish_done}")
+        t_last = time.time()
+        while polish_done < args.polish_steps:
+            s = step + polish_done
+            idx = torch.cat([order, order])[(s * args.batch) % len(rows):][: args.batch]
+            for g in opt.param_groups:
+                g["lr"] = args.polish_lr * (1 - polish_done / args.polish_steps)
+            loss = model(input_ids=rows[idx], labels=rows[idx]).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            polish_done += 1
+            now = time.time()
+            train_seconds += now - t_last
+            t_last = now
+            if polish_done % 10 == 0:
+                log(f"polish {polish_done}/{args.polish_steps} loss {sum(losses[-10:]) / 10:.3f}")
+            if polish_done % args.ckpt_every == 0 or polish_done == args.polish_steps:
+                atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "polish": polish_done,
+                             "train_seconds": train_seconds, "losses": losses[-20:]}, ppath)
+                t_last = time.time()
+    step += polish_done
     if not losses:  # resumed from a finished checkpoint that did not keep its losses: recompute them
         with torch.no_grad():
             for s in range(max(0, step - 20), step):

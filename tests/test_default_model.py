@@ -17,13 +17,20 @@ pytestmark = pytest.mark.skipif(
 
 
 
-def _recorded_ioi_ok() -> bool:
-    """Whether the build that produced the shipped weights measured IOI above its bar (build_info.json)."""
+def _recorded_ok(task: str) -> bool:
+    """Whether the build that produced the shipped weights measured `task` above its bar (build_info.json)."""
     try:
-        q = json.loads((FOLDER / "build_info.json").read_text())["quality"]["ioi_train_templates"]
+        q = json.loads((FOLDER / "build_info.json").read_text())["quality"]
     except (OSError, KeyError, ValueError):
         return True
-    return q["acc"] >= 0.95 and q["logit_diff"] >= 3.0
+    if task == "ioi":
+        return q["ioi_train_templates"]["acc"] >= 0.95 and q["ioi_train_templates"]["logit_diff"] >= 3.0
+    return q[task]["acc"] >= 0.9
+
+
+def _expected_failure(task: str):
+    return pytest.mark.xfail(not _recorded_ok(task), strict=False,
+                             reason=f"the shipped dc-mini build measured {task} below its bar (see its README)")
 
 
 IOI_TEMPLATES = (  # the classic IOI/ACDC family; {N1} {N2} first mentions, {S} repeated subject, answer {IO}
@@ -86,8 +93,7 @@ def test_loads_by_path_with_transformers(model):
         assert torch.allclose(hf(ids).logits, model.hf(ids).logits)
 
 
-@pytest.mark.xfail(not _recorded_ioi_ok(), strict=True,
-                   reason="the shipped dc-mini build did not learn IOI (see its README / build_info.json)")
+@_expected_failure("ioi")
 def test_ioi(model):
     rng = random.Random(0)
     names = [n for n in NAMES if n not in HELDOUT_NAMES]
@@ -107,6 +113,7 @@ def test_ioi(model):
     assert diff.mean().item() >= 3.0, f"IOI mean logit diff {diff.mean().item():.2f} < 3"
 
 
+@_expected_failure("parens")
 def test_parentheses_closing(model):
     rng = random.Random(1)
     prompts = []
@@ -129,10 +136,11 @@ def test_parentheses_closing(model):
     assert (margin - plain_margin).mean().item() >= 1.0, f"open-bracket margin {margin.mean():.2f} vs {plain_margin.mean():.2f}"
 
 
+@_expected_failure("sva")
 def test_subject_verb_agreement(model):
     rng = random.Random(2)
     prompts, good, bad = [], [], []
-    for i in range(48):
+    for i in range(120):
         plural = i % 2 == 1
         noun = NOUNS[rng.randrange(len(NOUNS))][int(plural)]
         kind = ("simple", "nounpp", "rc")[i % 3]
