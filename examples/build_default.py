@@ -330,6 +330,15 @@ def build_corpus(args, log):
         gen_docs.append(doc)
         gen_chars += sum(len(t) + 1 for _, t in doc)
     log(f"generated {len(gen_docs)} documents ({gen_chars / 1e6:.1f} M chars)")
+    if args.corpus_out:  # the training text as JSONL documents, for `dictcircuits train --dataset`
+        docs = train_text + ["\n".join(t for _, t in doc) for doc in gen_docs]
+        random.Random(args.seed + 2).shuffle(docs)
+        tmp = Path(args.corpus_out).with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            for doc in docs:
+                fh.write(json.dumps({"text": doc}) + "\n")
+        os.replace(tmp, args.corpus_out)
+        log(f"wrote the training corpus ({len(docs)} documents) to {args.corpus_out}")
 
     t0 = time.time()
     tok = train_tokenizer(train_text + ["\n".join(t for _, t in doc) for doc in gen_docs], args.vocab)
@@ -625,6 +634,8 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-save", action="store_true", help="train and evaluate, write nothing to --out")
     p.add_argument("--no-eval", action="store_true", help="stop after training (prints the weights' sha256)")
+    p.add_argument("--corpus-out", help="write the training corpus as JSONL documents to this file and stop "
+                                        "(the dictionaries of dc-mini are trained on it)")
     p.add_argument("--rewrite-readme", action="store_true",
                    help="only rewrite --out/README.md from --out/build_info.json")
     args = p.parse_args(argv)
@@ -651,6 +662,8 @@ def main(argv=None):
     cmd = "python examples/build_default.py " + " ".join(given if "--seed" in given else ["--seed", str(args.seed), *given])
     log(f"start: {cmd}")
     rows, is_gen, held_ids, fast, sentences, held_sentences, stats = build_corpus(args, log)
+    if args.corpus_out:
+        return None
     stats["vocab"] = len(fast)
     eos_id = fast.convert_tokens_to_ids(EOS)
     model = make_model(args, len(fast), eos_id)
@@ -665,7 +678,8 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     keyed = {k: v for k, v in vars(args).items()
-             if k not in ("resume", "eval_every", "ckpt_every", "no_save", "out", "polish_steps", "polish_lr")}
+             if k not in ("resume", "eval_every", "ckpt_every", "no_save", "out", "polish_steps", "polish_lr",
+                          "corpus_out")}
     if keyed["name_weight"] == 1.0:
         del keyed["name_weight"]
     key = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
