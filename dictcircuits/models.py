@@ -6,7 +6,6 @@ talks about sites by name and never about module paths.
 from __future__ import annotations
 
 import fnmatch
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping

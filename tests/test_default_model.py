@@ -1,6 +1,5 @@
 """The embedded default model dc-mini: it loads, its task words are single tokens, and it does the circuit
 tasks it was trained for (IOI, bracket closing, subject-verb agreement) on freshly generated prompts."""
-import json
 import random
 
 import pytest
@@ -14,23 +13,6 @@ pytestmark = pytest.mark.skipif(
     not (FOLDER / "config.json").is_file(),
     reason=f"dc-mini is not built ({FOLDER} has no config.json): run python examples/build_default.py --seed 0",
 )
-
-
-
-def _recorded_ok(task: str) -> bool:
-    """Whether the build that produced the shipped weights measured `task` above its bar (build_info.json)."""
-    try:
-        q = json.loads((FOLDER / "build_info.json").read_text())["quality"]
-    except (OSError, KeyError, ValueError):
-        return True
-    if task == "ioi":
-        return q["ioi_train_templates"]["acc"] >= 0.95 and q["ioi_train_templates"]["logit_diff"] >= 3.0
-    return q[task]["acc"] >= 0.9
-
-
-def _expected_failure(task: str):
-    return pytest.mark.xfail(not _recorded_ok(task), strict=False,
-                             reason=f"the shipped dc-mini build measured {task} below its bar (see its README)")
 
 
 IOI_TEMPLATES = (  # the classic IOI/ACDC family; {N1} {N2} first mentions, {S} repeated subject, answer {IO}
@@ -93,7 +75,6 @@ def test_loads_by_path_with_transformers(model):
         assert torch.allclose(hf(ids).logits, model.hf(ids).logits)
 
 
-@_expected_failure("ioi")
 def test_ioi(model):
     rng = random.Random(0)
     names = [n for n in NAMES if n not in HELDOUT_NAMES]
@@ -113,7 +94,6 @@ def test_ioi(model):
     assert diff.mean().item() >= 3.0, f"IOI mean logit diff {diff.mean().item():.2f} < 3"
 
 
-@_expected_failure("parens")
 def test_parentheses_closing(model):
     rng = random.Random(1)
     prompts = []
@@ -136,7 +116,6 @@ def test_parentheses_closing(model):
     assert (margin - plain_margin).mean().item() >= 1.0, f"open-bracket margin {margin.mean():.2f} vs {plain_margin.mean():.2f}"
 
 
-@_expected_failure("sva")
 def test_subject_verb_agreement(model):
     rng = random.Random(2)
     prompts, good, bad = [], [], []

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dictcircuits import DictCircuitsError, convert, load_dictionaries, load_dictionary
+from dictcircuits import DictCircuitsError, load_dictionaries, load_dictionary
 from dictcircuits.cli import main
 
 d, F = 8, 24
