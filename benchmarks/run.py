@@ -344,14 +344,14 @@ def main(argv=None) -> None:
     p.add_argument("--skip", type=int, default=None, help="untimed SAE steps (default 2; quick 1)")
     p.add_argument("--reps", type=int, default=None, help="interleaved rounds (default 2; quick 2)")
     p.add_argument("--train-models", default=None, help="default dc-mini,pythia70m-shaped (quick: dc-mini, else the other)")
-    p.add_argument("--train-tokens", type=int, default=None, help="dc-mini (default 16384; quick 2048)")
-    p.add_argument("--train-tokens-pythia", type=int, default=None, help="Pythia-shaped (default 4096; quick 2048)")
-    p.add_argument("--train-batch", type=int, default=None, help="default 2048; quick 1024")
-    p.add_argument("--train-buffer", type=int, default=None, help="shuffling buffer tokens (default 8192; quick 2048)")
+    p.add_argument("--train-tokens", type=int, default=None, help="dc-mini (default 16384; quick 1024)")
+    p.add_argument("--train-tokens-pythia", type=int, default=None, help="Pythia-shaped (default 4096; quick 1024)")
+    p.add_argument("--train-batch", type=int, default=None, help="default 2048; quick 512")
+    p.add_argument("--train-buffer", type=int, default=None, help="shuffling buffer tokens (default 8192; quick 1024)")
     p.add_argument("--train-reps", type=int, default=1)
     p.add_argument("--trace", default=None,
                    help="runs as model:sites:n;... (default: dc-mini:all:16,64,256, pythia70m-shaped:all:16 and "
-                        "pythia70m-shaped:resid.*:16,64; quick: dc-mini:all:16 and pythia70m-shaped:resid.2,resid.4:16)")
+                        "pythia70m-shaped:resid.*:16,64; quick: dc-mini:all:16 and pythia70m-shaped:resid.3:16)")
     p.add_argument("--worker-timeout", type=float, default=600)
     p.add_argument("--out", default=str(HERE / "results"), help="folder for latest.json and latest.md")
     args = p.parse_args(argv)
@@ -361,12 +361,12 @@ def main(argv=None) -> None:
     args.steps = args.steps or (3 if q else 6)
     args.batch = args.batch or (2048 if q else 4096)
     args.impls = args.impls or ("ours,dl,saelens" if q else "ours,dl,saelens,ours-dense")
-    args.train_batch = args.train_batch or (1024 if q else 2048)
-    args.train_buffer = args.train_buffer or (2048 if q else 8192)
+    args.train_batch = args.train_batch or (512 if q else 2048)
+    args.train_buffer = args.train_buffer or (1024 if q else 8192)
     args.skip = args.skip if args.skip is not None else (1 if q else 2)
     args.reps = args.reps or 2
-    args.train_tokens = args.train_tokens or (2048 if q else 16384)
-    args.train_tokens_pythia = args.train_tokens_pythia or (2048 if q else 4096)
+    args.train_tokens = args.train_tokens or (1024 if q else 16384)
+    args.train_tokens_pythia = args.train_tokens_pythia or (1024 if q else 4096)
     sys.path.insert(0, str(HERE))
     from bench_models import PYTHIA, dcmini_available
 
@@ -374,7 +374,7 @@ def main(argv=None) -> None:
         args.train_models = ["dc-mini" if dcmini_available() is None else PYTHIA] if q else ["dc-mini", PYTHIA]
     else:
         args.train_models = args.train_models.split(",")
-    spec = args.trace or ("dc-mini:all:16;pythia70m-shaped:resid.2,resid.4:16" if q else
+    spec = args.trace or ("dc-mini:all:16;pythia70m-shaped:resid.3:16" if q else
                           "dc-mini:all:16,64,256;pythia70m-shaped:all:16;pythia70m-shaped:resid.*:16,64")
     args.trace_runs = [(m, s, int(n)) for part in spec.split(";") if part for m, s, ns in [part.split(":")]
                        for n in ns.split(",")]
