@@ -297,6 +297,15 @@ def check_single_tokens(fast) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- model
+def optimizer_step(model, opt, loss) -> float:
+    """One clipped AdamW step; returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
 def make_model(args, vocab_size: int, eos_id: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -714,11 +723,7 @@ def main(argv=None):
                                                    reduction="none")
             w = name_weight[target.reshape(-1)]
             loss = (ce * w).sum() / w.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, opt, loss))
         step += 1
         now = time.time()
         train_seconds += now - t_last
@@ -753,11 +758,7 @@ def main(argv=None):
             for g in opt.param_groups:
                 g["lr"] = args.polish_lr * (1 - polish_done / args.polish_steps)
             loss = model(input_ids=rows[idx], labels=rows[idx]).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
+            losses.append(optimizer_step(model, opt, loss))
             polish_done += 1
             now = time.time()
             train_seconds += now - t_last
