@@ -4,48 +4,87 @@ A dense TopK step costs about 12·d·F FLOP per token (encoder and decoder, forw
 encoder forward stays dense (2·d·F: every pre-activation is needed to pick the top k), but the decoder forward
 (embedding_bag over k rows), the decoder gradient, the encoder gradient and the input gradient only touch the
 k selected rows: about 2·d·F + 10·k·d FLOP per token.
+
+The backward passes run as sparse × dense products on the (B·k)-entry matrix of the selected features: in
+feature-major CSR form [F, B] (tokens grouped by feature, found by one sort of the indices) for the weight
+gradients, in token-major CSR form [B, F] for the input gradient, and as a sampled product (SDDMM) for the
+gradient of the k values. No [B·k, d] intermediate is built and nothing is scattered with index_add_.
 """
 from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A CSR matrix from valid parts (sorted, distinct columns per row; not checked)."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+
+def _by_token(idx: torch.Tensor, values: torch.Tensor, F_: int) -> torch.Tensor:
+    """CSR [B, F] holding values [B, k] at idx [B, k] (idx sorted along each row)."""
+    B, k = idx.shape
+    crow = torch.arange(0, B * k + 1, k, device=idx.device)  # [B+1]
+    return _csr(crow, idx.reshape(-1), values.reshape(-1), (B, F_))
+
+
+class _FeatureMajor:
+    """The entries of idx [B, k] grouped by feature: a stable sort of the flat indices, so that a CSR [F, B]
+    (the transposed feature matrix) can carry any values laid out like idx."""
+
+    def __init__(self, idx: torch.Tensor, F_: int):
+        B, k = idx.shape
+        feat, self.perm = idx.reshape(-1).sort(stable=True)  # [B*k] each
+        self.crow = torch.zeros(F_ + 1, dtype=torch.long, device=idx.device)  # [F+1]
+        self.crow[1:] = torch.bincount(feat, minlength=F_).cumsum(0)
+        self.tokens = self.perm // k  # [B*k] token of each entry, ascending within a feature
+        self.size = (F_, B)
+
+    def mm(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Σ over entries of feature f of values · dense[token]: the product Vᵀ dense, values [B, k], dense
+        [B, d] -> [F, d]."""
+        vt = _csr(self.crow, self.tokens, values.reshape(-1)[self.perm], self.size)  # [F, B]
+        return torch.sparse.mm(vt, dense)
+
+
 class _SparseTopKEncode(torch.autograd.Function):
-    """(x [B,d], W_enc [d,F], b_enc [F]) -> top-k of ReLU(x W_enc + b_enc): values [B,k], indices [B,k].
-    The backward pass computes gradients only at the selected entries."""
+    """(x [B,d], W_enc [d,F], b_enc [F]) -> top-k of ReLU(x W_enc + b_enc): values [B,k], indices [B,k] (ascending
+    along each row). The backward pass computes gradients only at the selected entries."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, k: int):
         pre = torch.addmm(b_enc, x, W_enc)  # [B, F]
         vals, idx = pre.topk(k, dim=-1, sorted=False)  # [B, k]
-        vals = vals.clamp_min(0)
+        del pre
+        idx, order = idx.sort(dim=-1)  # CSR rows need sorted columns
+        vals = vals.gather(1, order).clamp_min_(0)
         ctx.save_for_backward(x, W_enc, idx, vals)
-        ctx.F = W_enc.shape[1]
+        ctx.mark_non_differentiable(idx)
         return vals, idx
 
     @staticmethod
     def backward(ctx, grad_vals, grad_idx):
         x, W_enc, idx, vals = ctx.saved_tensors
-        B, k = idx.shape
+        F_ = W_enc.shape[1]
         g = grad_vals * (vals > 0)  # [B, k]: the ReLU's gate
-        flat = idx.reshape(-1)  # [B*k]
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
-            cols = W_enc.index_select(1, flat).T.reshape(B, k, -1)  # [B, k, d]
-            grad_x = torch.bmm(g.unsqueeze(1), cols).squeeze(1)  # [B, d]
+            grad_x = torch.sparse.mm(_by_token(idx, g, F_), W_enc.T)  # [B, d]
         if ctx.needs_input_grad[1]:
-            contrib = (x.unsqueeze(1) * g.unsqueeze(-1)).reshape(B * k, -1)  # [B*k, d]
-            grad_W = torch.zeros(ctx.F, x.shape[1], dtype=x.dtype, device=x.device)  # [F, d]
-            grad_W.index_add_(0, flat, contrib)
-            grad_W = grad_W.T
+            grad_W = _FeatureMajor(idx, F_).mm(g, x).T  # [d, F]
         if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(ctx.F, dtype=x.dtype, device=x.device).index_add_(0, flat, g.reshape(-1))
+            grad_b = torch.zeros(F_, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
         return grad_x, grad_W, grad_b, None
 
 
 class _SparseDecode(torch.autograd.Function):
-    """(values [B,k], indices [B,k], W_dec [F,d]) -> Σ_j values_j W_dec[indices_j]  [B, d]."""
+    """(values [B,k], indices [B,k] ascending along each row, W_dec [F,d]) -> Σ_j values_j W_dec[indices_j]
+    [B, d]."""
 
     @staticmethod
     def forward(ctx, vals, idx, W_dec):
@@ -55,27 +94,35 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         vals, idx, W_dec = ctx.saved_tensors
-        B, k = idx.shape
+        F_ = W_dec.shape[0]
         grad_vals = grad_W = None
-        if ctx.needs_input_grad[0]:
-            rows = F.embedding(idx, W_dec)  # [B, k, d]
-            grad_vals = torch.bmm(rows, grad_out.unsqueeze(-1)).squeeze(-1)  # [B, k]
+        if ctx.needs_input_grad[0]:  # <grad_out[b], W_dec[idx[b, j]]> at the B·k entries only
+            pattern = _by_token(idx, torch.zeros_like(vals), F_)  # [B, F]
+            grad_vals = torch.sparse.sampled_addmm(pattern, grad_out, W_dec.T, beta=0.0).values().view_as(vals)
         if ctx.needs_input_grad[2]:
-            contrib = (vals.unsqueeze(-1) * grad_out.unsqueeze(1)).reshape(B * k, -1)  # [B*k, d]
-            grad_W = torch.zeros_like(W_dec).index_add_(0, idx.reshape(-1), contrib)
+            grad_W = _FeatureMajor(idx, F_).mm(vals, grad_out)  # [F, d]
         return grad_vals, None, grad_W
 
 
 def sparse_topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int):
-    """Top-k ReLU features as (values [B,k], indices [B,k]) with a sparse backward."""
+    """Top-k ReLU features as (values [B,k], indices [B,k]) with a sparse backward; indices ascend along each
+    row."""
     return _SparseTopKEncode.apply(x, W_enc, b_enc, k)
 
 
 def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """Σ_j vals_j W_dec[idx_j] for each row, without materialising the [B, F] feature matrix."""
+    """Σ_j vals_j W_dec[idx_j] for each row, without materialising the [B, F] feature matrix. idx [B, k] must
+    hold distinct indices in ascending order along each row (as sparse_topk_encode returns them)."""
     return _SparseDecode.apply(vals, idx, W_dec)
 
 
-def dense_features(vals: torch.Tensor, idx: torch.Tensor, F_: int) -> torch.Tensor:
-    """The [B, F] feature matrix from sparse (values, indices), for metrics."""
-    return torch.zeros(vals.shape[0], F_, dtype=vals.dtype, device=vals.device).scatter_(1, idx, vals)
+class SparseFeatures(NamedTuple):
+    """A [B, F] feature matrix kept as its k entries per row: values [B,k] at indices [B,k]."""
+
+    vals: torch.Tensor
+    idx: torch.Tensor
+    F: int
+
+    def to_dense(self) -> torch.Tensor:  # [B, F]
+        return torch.zeros(self.vals.shape[0], self.F, dtype=self.vals.dtype,
+                           device=self.vals.device).scatter_(1, self.idx, self.vals)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
-from .sparse import dense_features, sparse_decode, sparse_topk_encode
+from .sparse import SparseFeatures, sparse_decode, sparse_topk_encode
 
 
 @dataclass
@@ -76,7 +76,7 @@ def geometric_median(x: torch.Tensor, iters: int = 30) -> torch.Tensor:  # x [n,
 
 
 METRICS = ("loss", "l0", "fvu", "dead")
-SPARSE_MIN_WIDTH_PER_K = 64  # TopK trains with the sparse k-row kernels when F >= 64 k
+SPARSE_MIN_WIDTH_PER_K = 16  # TopK trains with the sparse k-row kernels when F >= 16 k
 
 
 def _world() -> int:
@@ -154,10 +154,10 @@ class Trainer(ABC):
                 dic.W_enc.copy_(w.T)
 
     @abstractmethod
-    def loss(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, x_hat [batch, d], f [batch, F]) for scaled inputs x [batch, d]."""
+    def loss(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | SparseFeatures]:
+        """(loss, x_hat [batch, d], f [batch, F]) for scaled inputs x [batch, d]; f may come as SparseFeatures."""
 
-    def after_step(self, x: torch.Tensor, f: torch.Tensor, step: int) -> None:
+    def after_step(self, x: torch.Tensor, f: torch.Tensor | SparseFeatures, step: int) -> None:
         """Hook after the optimiser step (resampling, thresholds)."""
 
     # --- shared machinery ------------------------------------------------------------------------
@@ -177,11 +177,22 @@ class Trainer(ABC):
     def decode_scaled(self, f: torch.Tensor) -> torch.Tensor:  # f [b, F] -> [b, d] in scaled units
         return f @ self.dic.W_dec + self.dic.b_dec
 
-    def project(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:  # x [b, d], W [d, F] -> [b, F]
-        """(x − b_dec) W written as x W − b_dec W: equal values, but the backward pass needs no [b, F]·[F, d]
-        product for a gradient w.r.t. the (constant) input, a sixth of a dense step's cost."""
-        out = x @ W
-        return out - self.dic.b_dec @ W if self.dic.center_input else out
+    def enc_bias(self, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:  # [F] or None
+        """The bias of project(x, W, b): b − b_dec W (None when there is neither)."""
+        if not self.dic.center_input:
+            return b
+        shift = self.dic.b_dec @ W  # [F]
+        return -shift if b is None else b - shift
+
+    def project(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """(x − b_dec) W + b for x [b, d], W [d, F], b [F] -> [b, F], written as x W + (b − b_dec W): equal
+        values in one addmm, and the backward pass needs no [b, F]·[F, d] product for a gradient w.r.t. the
+        (constant) input, a sixth of a dense step's cost. Under bf16 autocast the bias is added apart, so that
+        the result stays float32."""
+        bias = self.enc_bias(W, b)
+        if bias is None:
+            return x @ W
+        return x @ W + bias if self.autocast else torch.addmm(bias, x, W)
 
     def centred(self, x: torch.Tensor) -> torch.Tensor:
         return x - self.dic.b_dec if self.dic.center_input else x
@@ -222,11 +233,10 @@ class Trainer(ABC):
             with torch.no_grad():
                 dic.W_dec /= dic.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         with torch.no_grad():
-            f = f.detach().float()
             x32, xh = x.float(), x_hat.detach().float()
-            fired = (f > 0).any(0)  # [F]
+            fired, nonzero = self.firing(f)
             sums = torch.stack([(x32 - xh).pow(2).sum(), (x32 - x32.mean(0)).pow(2).sum(),
-                                (f != 0).float().sum(1).mean(), loss.detach().float()])
+                                nonzero.float() / x.shape[0], loss.detach().float()])
             if _world() > 1:
                 fired = fired.float()
                 dist.all_reduce(fired, op=dist.ReduceOp.MAX)
@@ -237,6 +247,17 @@ class Trainer(ABC):
             self.since_fired[fired] = 0
         self.after_step(x, f, step)
         return torch.stack([sums[3], sums[2], sums[0] / sums[1].clamp_min(1e-12), self.dead_mask().float().mean()])
+
+    @staticmethod
+    def firing(f: torch.Tensor | SparseFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fired [F] bool: the latent is > 0 on some token, number of nonzero entries) of features f [b, F],
+        in one pass each over a dense f and without densifying SparseFeatures."""
+        if isinstance(f, SparseFeatures):
+            fired = torch.zeros(f.F, dtype=torch.bool, device=f.idx.device)  # [F]
+            fired[f.idx[f.vals > 0]] = True
+            return fired, torch.count_nonzero(f.vals)
+        f = f.detach()
+        return f.amax(0) > 0, torch.count_nonzero(f)
 
     def dead_mask(self) -> torch.Tensor:  # [F] bool
         return self.since_fired >= self.dead_tokens
@@ -287,10 +308,13 @@ class StandardTrainer(Trainer):
         return {**super().hyperparams(), "resample_every": self.resample_every}
 
     def loss(self, x, step):
-        f = torch.relu(self.project(x, self.dic.W_enc) + self.dic.b_enc)  # [b, F]
+        f = torch.relu(self.project(x, self.dic.W_enc, self.dic.b_enc))  # [b, F]
         x_hat = self.decode_scaled(f)  # [b, d]
-        self._last_err = (x - x_hat).detach().pow(2).sum(-1)  # [b] per-input loss for resampling
-        return (x - x_hat).pow(2).sum(-1).mean() + self.l1 * f.abs().sum(-1).mean(), x_hat, f
+        err = (x - x_hat).pow(2).sum(-1)  # [b]
+        if self.resample_every:
+            self._last_err = err.detach()  # per-input loss for resampling
+        # f >= 0 after the ReLU, so its L1 norm is its sum (no |f| copy of [b, F])
+        return err.mean() + self.l1 * f.sum() / x.shape[0], x_hat, f
 
     def after_step(self, x, f, step):
         if not self.resample_every or (step + 1) % self.resample_every or step + 1 >= self.total_steps:
@@ -354,9 +378,9 @@ class TiedTrainer(Trainer):
     uses = ("l1",)
 
     def loss(self, x, step):
-        f = torch.relu(self.project(x, self.dic.W_dec.T) + self.dic.b_enc)  # [b, F]
+        f = torch.relu(self.project(x, self.dic.W_dec.T, self.dic.b_enc))  # [b, F]
         x_hat = self.decode_scaled(f)
-        return (x - x_hat).pow(2).sum(-1).mean() + self.l1 * f.abs().sum(-1).mean(), x_hat, f
+        return (x - x_hat).pow(2).sum(-1).mean() + self.l1 * f.sum() / x.shape[0], x_hat, f  # f >= 0: ‖f‖₁ = Σ f
 
 
 class GatedTrainer(Trainer):
@@ -389,30 +413,32 @@ class TopKTrainer(Trainer):
         return {"k": self.cfg.k}
 
     def pre(self, x):  # [b, F] ReLU pre-activations
-        return torch.relu(self.project(x, self.dic.W_enc) + self.dic.b_enc)
+        return torch.relu(self.project(x, self.dic.W_enc, self.dic.b_enc))
 
     def sparsify(self, pre):
         vals, idx = pre.topk(self.dic.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter(-1, idx, vals)
 
     def loss(self, x, step):
-        # the sparse kernels pay off once the dictionary is wide against k (measured on CPU with k = 32:
-        # 1.8x faster at F = 16384, d = 512; 2x slower at F = 1024, d = 128); they run in full precision,
-        # so under bf16 autocast the step stays dense
+        # the sparse kernels pay off once the dictionary is wide against k (measured on CPU with k = 32,
+        # B = 4096, whole step: tie at F = 8k, 1.5x faster at 16k, 2.4-3.5x at 32k, 3.9x at F = 16384, d = 512);
+        # they run in full precision, so under bf16 autocast the step stays dense
         if self.autocast or self.dic.F < SPARSE_MIN_WIDTH_PER_K * self.dic.k:
             return self.dense_loss(x, step)
         dic = self.dic
-        xc = self.centred(x)  # [b, d]
-        vals, idx = sparse_topk_encode(xc, dic.W_enc, dic.b_enc, dic.k)  # [b, k] each
+        # (x − b_dec) W_enc + b_enc as x W_enc + (b_enc − b_dec W_enc), as in project(): b_dec's gradient through
+        # the encoder is then −W_enc·grad_bias, a [d, F]·[F] product, rather than a sum over B·k encoder columns
+        vals, idx = sparse_topk_encode(x, dic.W_enc, self.enc_bias(dic.W_enc, dic.b_enc), dic.k)  # [b, k] each
         x_hat = sparse_decode(vals, idx, dic.W_dec) + dic.b_dec  # [b, d]
         loss = (x - x_hat).pow(2).sum(-1).mean()
         dead = self.dead_mask()
         if self.cfg.auxk_alpha > 0 and dead.any():
             dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
-            dead_pre = torch.relu(xc @ dic.W_enc[:, dead_idx] + dic.b_enc[dead_idx])  # [b, n_dead]
+            dead_pre = torch.relu(self.project(x, dic.W_enc[:, dead_idx], dic.b_enc[dead_idx]))  # [b, n_dead]
             a_vals, a_pos = dead_pre.topk(min(len(dead_idx), max(1, dic.d // 2)), dim=-1, sorted=False)
-            loss = loss + self.auxk(x, x_hat, sparse_decode(a_vals, dead_idx[a_pos], dic.W_dec))
-        return loss, x_hat, dense_features(vals.detach(), idx, dic.F)
+            a_pos, order = a_pos.sort(dim=-1)  # sparse_decode takes indices ascending along each row
+            loss = loss + self.auxk(x, x_hat, sparse_decode(a_vals.gather(1, order), dead_idx[a_pos], dic.W_dec))
+        return loss, x_hat, SparseFeatures(vals.detach(), idx, dic.F)
 
     def auxk(self, x, x_hat, e_hat):
         """AuxK: dead latents reconstruct the residual, normalised by its variance."""
@@ -485,7 +511,7 @@ class JumpReLUTrainer(Trainer):
 
     def loss(self, x, step):
         dic = self.dic
-        z = self.project(x, dic.W_enc) + dic.b_enc  # [b, F]
+        z = self.project(x, dic.W_enc, dic.b_enc)  # [b, F]
         f = _RectangleSTE.apply(torch.relu(z), dic.threshold, self.cfg.bandwidth, False)
         l0 = _RectangleSTE.apply(z, dic.threshold, self.cfg.bandwidth, True).sum(-1).mean()
         x_hat = self.decode_scaled(f)

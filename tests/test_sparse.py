@@ -1,7 +1,7 @@
 """The sparse TopK kernels compute exactly what the dense TopK SAE computes, gradients included."""
 import torch
 
-from dictcircuits.sparse import dense_features, sparse_decode, sparse_topk_encode
+from dictcircuits.sparse import SparseFeatures, sparse_decode, sparse_topk_encode
 
 
 def test_sparse_topk_matches_dense_forward_and_backward():
@@ -21,7 +21,7 @@ def test_sparse_topk_matches_dense_forward_and_backward():
     dense_grads = torch.autograd.grad(dense_loss, params)
 
     s_vals, s_idx = sparse_topk_encode(x, W_enc, b_enc, k)
-    torch.testing.assert_close(dense_features(s_vals, s_idx, F), f)
+    torch.testing.assert_close(SparseFeatures(s_vals, s_idx, F).to_dense(), f)
     sparse_loss = ((sparse_decode(s_vals, s_idx, W_dec) - target) ** 2).sum()
     sparse_grads = torch.autograd.grad(sparse_loss, params)
     torch.testing.assert_close(sparse_loss, dense_loss)
@@ -44,6 +44,38 @@ def test_topk_trainer_sparse_and_dense_steps_agree():
     dense_loss, dense_hat, dense_f = trainer.dense_loss(x, 0)
     dense_grads = torch.autograd.grad(dense_loss, [trainer.dic.W_enc, trainer.dic.W_dec, trainer.dic.b_dec])
     torch.testing.assert_close(sparse_loss, dense_loss)
-    torch.testing.assert_close(sparse_f, dense_f.detach())
+    torch.testing.assert_close(sparse_f.to_dense(), dense_f.detach())
     for a, b in zip(sparse_grads, dense_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_sparse_topk_float32_gradients_and_metrics():
+    """float32 at a wider shape: every gradient within 1e-5 relative of the dense path; the step metrics from
+    (values, indices) equal those of the dense feature matrix."""
+    from dictcircuits.trainers import Trainer
+
+    g = torch.Generator().manual_seed(2)
+    B, d, F, k = 512, 64, 2048, 16
+    x = torch.randn(B, d, generator=g)
+    x[:8] = 0.0  # these tokens have fewer than k positive pre-activations (b_enc is mostly negative)
+    x.requires_grad_()
+    W_enc = (torch.randn(d, F, generator=g) / d ** 0.5).requires_grad_()
+    b_enc = (torch.randn(F, generator=g) * 0.1 - 0.3).requires_grad_()
+    W_dec = torch.randn(F, d, generator=g).requires_grad_()
+    target = torch.randn(B, d, generator=g)
+    params = [x, W_enc, b_enc, W_dec]
+
+    s_vals, s_idx = sparse_topk_encode(x, W_enc, b_enc, k)
+    assert (s_idx[:, 1:] > s_idx[:, :-1]).all()  # ascending along each row
+    f = torch.relu(x @ W_enc + b_enc)
+    f = torch.zeros_like(f).scatter(-1, s_idx, f.gather(-1, s_idx))  # the same top k, densely
+    dense_grads = torch.autograd.grad(((f @ W_dec - target) ** 2).sum(), params)
+    sparse_grads = torch.autograd.grad(((sparse_decode(s_vals, s_idx, W_dec) - target) ** 2).sum(), params)
+    for g_sparse, g_dense in zip(sparse_grads, dense_grads):
+        assert float((g_sparse - g_dense).norm() / g_dense.norm()) < 1e-5
+
+    sf = SparseFeatures(s_vals.detach(), s_idx, F)
+    assert (sf.vals == 0).any()  # zero entries count neither as nonzero nor as firing
+    fired, nonzero = Trainer.firing(sf)
+    fired_dense, nonzero_dense = Trainer.firing(sf.to_dense())
+    assert torch.equal(fired, fired_dense) and int(nonzero) == int(nonzero_dense)
