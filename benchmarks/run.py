@@ -351,7 +351,7 @@ def main(argv=None) -> None:
     p.add_argument("--train-reps", type=int, default=1)
     p.add_argument("--trace", default=None,
                    help="runs as model:sites:n;... (default: dc-mini:all:16,64,256, pythia70m-shaped:all:16 and "
-                        "pythia70m-shaped:resid.*:16,64; quick: dc-mini:all:16 and pythia70m-shaped:resid.3:16)")
+                        "pythia70m-shaped:resid.*:16,64,256; quick: dc-mini:all:16 and pythia70m-shaped:resid.3:16)")
     p.add_argument("--worker-timeout", type=float, default=600)
     p.add_argument("--out", default=str(HERE / "results"), help="folder for latest.json and latest.md")
     args = p.parse_args(argv)
@@ -375,7 +375,7 @@ def main(argv=None) -> None:
     else:
         args.train_models = args.train_models.split(",")
     spec = args.trace or ("dc-mini:all:16;pythia70m-shaped:resid.3:16" if q else
-                          "dc-mini:all:16,64,256;pythia70m-shaped:all:16;pythia70m-shaped:resid.*:16,64")
+                          "dc-mini:all:16,64,256;pythia70m-shaped:all:16;pythia70m-shaped:resid.*:16,64,256")
     args.trace_runs = [(m, s, int(n)) for part in spec.split(";") if part for m, s, ns in [part.split(":")]
                        for n in ns.split(",")]
 

@@ -99,12 +99,15 @@ class Task:
         return TaskBatch(clean, corrupt, answer_ids, wrong_ids, self.metric, answer_sets=masks[0], wrong_sets=masks[1])
 
     def aligned(self, model: Model | None = None) -> "Task":
-        """The prompts whose token length is the most common one, so positions line up across prompts."""
+        """The prompts of the most common token length (and, where the generator records one, template), so that
+        each position plays the same role in every prompt."""
         if model is None:
             raise DictCircuitsError("Task.aligned needs the model to count tokens: call task.aligned(model)")
         lengths = model.tokenize(self.clean).attention_mask.sum(1).tolist()
-        common = max(Counter(lengths).items(), key=lambda kv: (kv[1], kv[0]))[0]
-        return self.subset([i for i, n in enumerate(lengths) if n == common])
+        templates = [m.get("template") for m in self.meta] if len(self.meta) == len(self) else [None] * len(self)
+        keys = list(zip(lengths, templates))
+        common = max(Counter(keys).items(), key=lambda kv: (kv[1], kv[0][0]))[0]
+        return self.subset([i for i, key in enumerate(keys) if key == common])
 
     def to_jsonl(self, path: str | Path) -> Path:
         """Write the task in our JSONL format (one prompt pair a line), atomically."""

@@ -27,7 +27,7 @@ from .tasks import GENERATORS, Task, load_task
 
 PHASES = ("load", "effects", "verify", "edges", "details")
 EXACT_CANDIDATES = 3  # --method exact measures this many times --max-nodes candidates
-OVERSAMPLE = 8  # built-in tasks generate n * OVERSAMPLE prompts, of which the first n of the commonest length are kept
+OVERSAMPLE = 32  # built-in tasks generate n * OVERSAMPLE prompts; the first n of the commonest length and template are kept
 
 
 def default_dictionaries(model: Model) -> Path:
@@ -48,8 +48,8 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
     """Trace the circuit of `task` (a built-in name, a task file or a Task) in `model` with `dictionaries`, on
     n prompts of one token length (the commonest; built-in tasks generate extra prompts to find them).
 
-    Nodes are kept by |effect| >= node_threshold, or as the fewest carrying keep_influence of the total |effect|
-    (0.8 when neither is given), at most max_nodes. contexts: reference texts for the features' top-activating
+    Nodes are the max_nodes strongest by |effect|; node_threshold (|effect| >= T) or keep_influence (the fewest
+    carrying that share of the total |effect|) keep fewer. contexts: reference texts for the features' top-activating
     examples (default: the task's prompts)."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -67,8 +67,6 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
 
     if method not in METHODS:
         raise DictCircuitsError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    if node_threshold is None and keep_influence is None:
-        keep_influence = 0.8
     model = model if isinstance(model, Model) else load_model(model, device=device)
     wanted = model.resolve_sites(sites) if sites else None
     if not isinstance(dictionaries, Mapping):
@@ -163,8 +161,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     keep = parser.add_mutually_exclusive_group()
     keep.add_argument("--node-threshold", type=float, default=None, help="keep nodes with |effect| >= T")
     keep.add_argument("--keep-influence", type=float, default=None,
-                      help="keep the fewest nodes carrying this share of the total |effect| (default 0.8)")
-    parser.add_argument("--max-nodes", type=int, default=100, help="hard cap on circuit nodes (default 100)")
+                      help="keep the fewest nodes carrying this share of the total |effect|")
+    parser.add_argument("--max-nodes", type=int, default=100, help="circuit nodes: the strongest by |effect| (default 100)")
     edges = parser.add_mutually_exclusive_group()
     edges.add_argument("--edge-threshold", type=float, default=None, help="keep edges with |weight| >= T")
     edges.add_argument("--keep-edge-influence", type=float, default=0.98,

@@ -8,6 +8,7 @@ data-parallel: each rank harvests its own shard and gradients are all-reduced.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -57,6 +58,16 @@ def parse_width(text: str | int, d: int) -> int:
         return int(float(s[:-1]) * d) if s.endswith("x") else int(s)
     except ValueError:
         raise DictCircuitsError(f"cannot read width {text!r}: write a multiple of d (8x) or a count (4096)") from None
+
+
+def _count_arg(text: str) -> int:
+    """argparse type for token counts: like parse_count, and 0 is allowed (it means off)."""
+    if text.strip() == "0":
+        return 0
+    try:
+        return parse_count(text)
+    except DictCircuitsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _split(value) -> list[str]:
@@ -571,20 +582,20 @@ def add_arguments(p) -> None:
     options = (
         ("ctx_len", int, "tokens per context (BOS included)"),
         ("batch_size", int, "tokens per optimiser step, per process"),
-        ("buffer_tokens", int, "activations per site held by the shuffling buffer"),
+        ("buffer_tokens", _count_arg, "activations per site held by the shuffling buffer"),
         ("harvest_batch", int, "contexts per model trace"),
         ("lr", float, "learning rate (default 2e-4/sqrt(F/16384), at most 3e-3)"),
         ("warmup_steps", int, "LR warm-up steps (default 5%% of steps, at most 1000)"),
         ("decay_start", float, "fraction of training after which the LR decays linearly to 0"),
         ("auxk_alpha", float, "AuxK loss weight (topk, batchtopk)"),
         ("resample_every", int, "relu: resample dead features every N steps (default steps/8; 0: never)"),
-        ("dead_tokens", int, "a feature is dead after this many tokens without firing (default min(10M, tokens/8))"),
+        ("dead_tokens", _count_arg, "a feature is dead after this many tokens without firing (default min(10M, tokens/8))"),
         ("e2e_kl", float, "weight of KL(model || model with x_hat spliced in); 0: off"),
         ("e2e_contexts", int, "contexts per step for the KL term"),
         ("seed", int, "random seed"),
         ("checkpoint_every", int, "steps between checkpoints (0: only on Ctrl-C)"),
         ("log_every", int, "steps between metric lines and progress updates"),
-        ("eval_tokens", int, "after training, evaluate on this many unseen tokens (0: skip)"),
+        ("eval_tokens", _count_arg, "after training, evaluate on this many unseen tokens (0: skip)"),
     )
     for name, typ, text in options:
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name), help=text)

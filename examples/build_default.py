@@ -306,6 +306,28 @@ def optimizer_step(model, opt, loss) -> float:
     return loss.item()
 
 
+def polish_text(args) -> str:
+    """The README sentence on the polish phase."""
+    steps = getattr(args, "polish_steps", 0)
+    if not steps:
+        return ""
+    w = getattr(args, "polish_paren_weight", 1.0)
+    loss = "the plain loss" if w == 1 else (f"names unweighted and `)` targets weighted x{w:g} (the bracket task's answer: "
+                                            "with the plain loss brackets stayed near 0.75)")
+    return f"Then {steps} polish steps with {loss}, lr {args.polish_lr} decaying linearly to 0."
+
+
+def weighted_loss(model, batch, weight: torch.Tensor | None) -> torch.Tensor:
+    """Next-token cross-entropy with each target token weighted by weight[token] (None: the plain loss)."""
+    if weight is None or bool((weight == 1).all()):
+        return model(input_ids=batch, labels=batch).loss
+    logits = model(input_ids=batch).logits[:, :-1]  # [batch, ctx-1, vocab]
+    target = batch[:, 1:].reshape(-1)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, reduction="none")
+    w = weight[target]
+    return (ce * w).sum() / w.sum()
+
+
 def make_model(args, vocab_size: int, eos_id: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -532,8 +554,7 @@ BARS = (
 def bars_text(quality: dict) -> str:
     lines = [f"- {name}: {'met' if ok(quality) else '**NOT MET**'}" for name, ok in BARS]
     if not all(ok(quality) for _, ok in BARS):
-        lines.append("\nThis build does not meet every bar; tests/test_default_model.py marks the task as an allowed failure "
-                     "(xfail, not strict), reading build_info.json.")
+        lines.append("\nThis build does not meet every bar: tests/test_default_model.py will fail on the task that misses it.")
     return "\n".join(lines)
 
 
@@ -580,7 +601,7 @@ AdamW (lr {args.lr}, betas 0.9/0.95, weight decay {args.wd}), {args.warmup} warm
 `torch.set_num_threads(1)`. The loss weights name tokens x{getattr(args, 'name_weight', 1.0):g} (the copy targets of IOI: without
 this the 1-2 k steps that fit in the time budget never got past the plateau before name copying appears), and
 {'every generated row starts with an IOI story at position 0, as evaluation prompts do' if getattr(args, 'ioi_row_start', 0) else 'generated rows start at item boundaries'}.
-{f"Then {args.polish_steps} polish steps with the plain loss (lr {args.polish_lr} decaying linearly to 0)." if getattr(args, 'polish_steps', 0) else ''}
+{polish_text(args)}
 Training took {train_info['train_seconds'] / 60:.1f} min on one CPU core
 ({train_info['tokens_per_second']:.0f} tokens/s; final training loss {train_info['final_loss']:.3f}).
 Building end to end (corpus, tokenizer, training, evaluation) is deterministic: the same seed gives the same weights on CPU.
@@ -637,6 +658,8 @@ def main(argv=None):
                    help="weight of name tokens in the training loss (copy targets: speeds up IOI learning)")
     p.add_argument("--polish-steps", type=int, default=0, help="extra steps with the unweighted loss at the end")
     p.add_argument("--polish-lr", type=float, default=1e-3, help="their lr, decaying linearly to 0")
+    p.add_argument("--polish-paren-weight", type=float, default=1.0,
+                   help="polish loss weight of ')' targets (the bracket task's answer; 1: plain loss)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--ckpt-every", type=int, default=50)
@@ -687,7 +710,7 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     keyed = {k: v for k, v in vars(args).items()
-             if k not in ("resume", "eval_every", "ckpt_every", "no_save", "out", "polish_steps", "polish_lr",
+             if k not in ("resume", "eval_every", "ckpt_every", "no_save", "out", "polish_steps", "polish_lr", "polish_paren_weight",
                           "corpus_out")}
     if keyed["name_weight"] == 1.0:
         del keyed["name_weight"]
@@ -714,15 +737,8 @@ def main(argv=None):
         batch = rows[idx]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        if name_weight is None:
-            loss = model(input_ids=batch, labels=batch).loss
-        else:  # next-token loss with the name tokens (the copy targets of IOI and the name lists) weighted up
-            logits = model(input_ids=batch).logits[:, :-1]
-            target = batch[:, 1:]
-            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                   reduction="none")
-            w = name_weight[target.reshape(-1)]
-            loss = (ce * w).sum() / w.sum()
+        # next-token loss with the name tokens (the copy targets of IOI and the name lists) weighted up
+        loss = weighted_loss(model, batch, name_weight)
         losses.append(optimizer_step(model, opt, loss))
         step += 1
         now = time.time()
@@ -744,7 +760,9 @@ def main(argv=None):
     # get back the share of the gradient that the name weighting took from them
     polish_done = 0
     if args.polish_steps:
-        ppath = work / f"ckpt-{key}-polish{args.polish_steps}-{args.polish_lr}.pt"
+        ppath = work / f"ckpt-{key}-polish{args.polish_steps}-{args.polish_lr}-{args.polish_paren_weight}.pt"
+        paren_weight = torch.ones(len(fast))
+        paren_weight[tid(fast, ")")] = args.polish_paren_weight
         if args.resume and ppath.is_file():
             ck = torch.load(ppath, weights_only=True)
             model.load_state_dict(ck["model"])
@@ -757,7 +775,7 @@ def main(argv=None):
             idx = torch.cat([order, order])[(s * args.batch) % len(rows):][: args.batch]
             for g in opt.param_groups:
                 g["lr"] = args.polish_lr * (1 - polish_done / args.polish_steps)
-            loss = model(input_ids=rows[idx], labels=rows[idx]).loss
+            loss = weighted_loss(model, rows[idx], paren_weight)
             losses.append(optimizer_step(model, opt, loss))
             polish_done += 1
             now = time.time()

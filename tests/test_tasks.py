@@ -113,6 +113,11 @@ def test_aligned(model):
     assert aligned.clean == task.clean[1:]
     with pytest.raises(DictCircuitsError, match="aligned\\(model\\)"):
         task.aligned()
+    # same length, different templates: only the commonest template is kept, so positions share roles
+    templated = Task("t", ["Bob gave a ring to", "John gave a ring to", "Mary gave a ring to", "Mary gave a drink to"],
+                     ["Bob gave a drink to", "John gave a drink to", "Mary gave a drink to", "Mary gave a ring to"],
+                     [" Mary"] * 4, [" John"] * 4, meta=[{"template": 0}, {"template": 0}, {"template": 1}, {"template": 0}])
+    assert templated.aligned(model).clean == [templated.clean[i] for i in (0, 1, 3)]
 
 
 def test_readers(tmp_path, model):
