@@ -27,6 +27,7 @@ from .tasks import GENERATORS, Task, load_task
 
 PHASES = ("load", "effects", "verify", "edges", "details")
 EXACT_CANDIDATES = 3  # --method exact measures this many times --max-nodes candidates
+EFFECTS_ROWS = 320  # prompts x IG steps per trace for node effects: bigger traces turn memory-bound on CPU
 OVERSAMPLE = 32  # built-in tasks generate n * OVERSAMPLE prompts; the first n of the commonest length and template are kept
 
 
@@ -46,7 +47,7 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
           ablation: str = "corrupt", refine: float | None = None, contexts: list[str] | None = None,
           edge_mode: str = "vmap", device: str = "cpu", progress: bool = True) -> CircuitGraph:
     """Trace the circuit of `task` (a built-in name, a task file or a Task) in `model` with `dictionaries`, on
-    n prompts of one token length (the commonest; built-in tasks generate extra prompts to find them).
+    n prompts of one token length and template (the commonest; built-in tasks generate extra prompts to find them).
 
     Nodes are the max_nodes strongest by |effect|; node_threshold (|effect| >= T) or keep_influence (the fewest
     carrying that share of the total |effect|) keep fewer. contexts: reference texts for the features' top-activating
@@ -93,7 +94,8 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
             todo.setdefault(node.site, []).append((node.position, node.feature))
         effects = node_effects(model, dictionaries, batch, method="exact", nodes=todo, max_nodes=EXACT_CANDIDATES * max_nodes)
     else:
-        effects = node_effects(model, dictionaries, batch, method=method, steps=steps)
+        per_trace = max(1, EFFECTS_ROWS // (steps if method == "ig" else 1))
+        effects = node_effects(model, dictionaries, batch, method=method, steps=steps, batch_size=per_trace)
     lap("effects")
 
     ranking = rank_nodes(effects, list(dictionaries), positions=positions)

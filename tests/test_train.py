@@ -140,6 +140,10 @@ def test_cli_errors(tmp_path, capsys):
     assert err.startswith("error: unknown --arch 'sparse-magic'") and err.count("\n") == 1
     assert main(["train", "--tokens", "lots", "--out", str(tmp_path)]) == 2
     assert "cannot read 'lots' as a count" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: one line naming the option, nothing trained
+        main(["train", "--dead-tokens", "2x", "--out", str(tmp_path)])
+    assert "argument --dead-tokens: cannot read '2x' as a count" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(Exception, match="holds no .txt or .jsonl files"):
