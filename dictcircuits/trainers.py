@@ -420,9 +420,9 @@ class TopKTrainer(Trainer):
         return torch.zeros_like(pre).scatter(-1, idx, vals)
 
     def loss(self, x, step):
-        # the sparse kernels pay off once the dictionary is wide against k (measured on CPU with k = 32,
-        # B = 4096, whole step: tie at F = 8k, 1.5x faster at 16k, 2.4-3.5x at 32k, 3.9x at F = 16384, d = 512);
-        # they run in full precision, so under bf16 autocast the step stays dense
+        # the sparse kernels pay off once the dictionary is wide against k (whole step on CPU, k = 32, B = 4096,
+        # sparse vs dense: a tie at F = 8·k, 1.5x at F = 16·k; benchmarks/README.md at d = 512: 2.8-3.5x at
+        # F = 4096 and 3.0-3.2x at F = 16384); they run in full precision, so under bf16 autocast the step stays dense
         if self.autocast or self.dic.F < SPARSE_MIN_WIDTH_PER_K * self.dic.k:
             return self.dense_loss(x, step)
         dic = self.dic
