@@ -12,14 +12,15 @@ prompt; exact reruns the model once per node.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .dictionary import Dictionary
-from .errors import DictCircuitsError
+from .errors import DictCircuitsError, check_int
 from .models import Model, Tokens
+from .splice import check_batch, check_dictionaries, check_tokens
 from .tasks import TaskBatch, _last
 
 METHODS = ("attrib", "ig", "exact")
@@ -59,6 +60,8 @@ class _SiteData:
 
 def run_capture(model: Model, tokens: Tokens, sites: Iterable[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One no-grad run: logits [batch, pos, vocab] and each site's activation [batch, pos, d]."""
+    check_tokens(model, tokens)
+    sites = [s.name for s in model.resolve_sites(sites)]
     acts: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         logits = model.run(tokens, {s: (lambda x, s=s: acts.__setitem__(s, x.detach())) for s in sites})
@@ -67,6 +70,8 @@ def run_capture(model: Model, tokens: Tokens, sites: Iterable[str]) -> tuple[tor
 
 def metric_grads(model: Model, batch: TaskBatch, sites: Iterable[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Metric [batch] on the clean run and its total gradient dm/dx [batch, pos, d] at each site (one trace)."""
+    check_batch(model, batch)
+    sites = [s.name for s in model.resolve_sites(sites)]
     captured: dict[str, torch.Tensor] = {}
 
     def grab(site):
@@ -106,8 +111,19 @@ def node_effects(
     """
     if method not in METHODS:
         raise DictCircuitsError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    if steps < 1:
-        raise DictCircuitsError(f"steps={steps}: IG needs at least one step")
+    steps = check_int(steps, "steps", 1)
+    batch_size = None if batch_size is None else check_int(batch_size, "batch_size", 1)
+    max_nodes = check_int(max_nodes, "max_nodes", 1)
+    check_dictionaries(model, dictionaries)
+    check_batch(model, batch)
+    if torch.equal(batch.clean.input_ids, batch.corrupt.input_ids):
+        raise DictCircuitsError("the clean and corrupt prompts are identical, so every effect is 0; give corrupt "
+                                "prompts that differ")
+    if nodes is not None:
+        if method != "exact":
+            raise DictCircuitsError(f"nodes= only applies to method='exact' (got method={method!r}); drop it or "
+                                    "use exact")
+        nodes = _check_nodes(nodes, dictionaries, batch.clean.input_ids.shape[1])
     sites = [s.name for s in model.resolve_sites(list(dictionaries))]
     logits_clean, acts_clean = run_capture(model, batch.clean, sites)
     logits_corrupt, acts_corrupt = run_capture(model, batch.corrupt, sites)
@@ -146,6 +162,30 @@ def node_effects(
                        {s: data[s].delta_err for s in sites}, m_clean, m_corrupt)
 
 
+def _check_nodes(nodes, dictionaries, P: int) -> dict[str, list[tuple[int, int | None]]]:
+    """{site: [(pos, feature or None)]} checked against the sites, positions 0..P-1 and each site's features."""
+    if not isinstance(nodes, Mapping):
+        raise DictCircuitsError(f"nodes={nodes!r}: give {{site: [(pos, feature), (pos, None), ...]}}")
+    unknown = [s for s in nodes if s not in dictionaries]
+    if unknown:
+        raise DictCircuitsError(f"nodes names site(s) {', '.join(map(str, unknown))} with no dictionary; "
+                                f"have {', '.join(dictionaries)}")
+    checked = {}
+    for s, todo in nodes.items():
+        F = dictionaries[s].F
+        checked[s] = []
+        for node in todo:
+            if isinstance(node, (str, bytes)) or not isinstance(node, Sequence) or len(node) != 2:
+                raise DictCircuitsError(f"exact node {node!r} at {s}: give (position, feature) or (position, None) "
+                                        "for the error term")
+            p, j = node
+            checked[s].append((check_int(p, f"exact node position at {s}", 0, P - 1),
+                               None if j is None else check_int(j, f"exact node feature at {s}", 0, F - 1)))
+    if not any(checked.values()):
+        raise DictCircuitsError("nodes= names no node; give at least one (position, feature) or leave nodes=None")
+    return checked
+
+
 def _ig_grads(model: Model, batch: TaskBatch, site: str, data: _SiteData, span: slice, steps: int) -> torch.Tensor:
     """Mean gradient [batch, pos, d] over x_a = x_corrupt + a (x_clean - x_corrupt), a = (k + 0.5) / steps."""
     xc, xk = data.x_clean[span], data.x_corrupt[span]
@@ -172,11 +212,6 @@ def _exact(model, dictionaries, batch, data, m_clean, nodes, max_nodes):
             errors[s] = torch.zeros(d.delta_f.shape[1], dtype=m_clean.dtype)
         else:
             chosen[s] = list(nodes.get(s, []))
-            P, F = d.delta_f.shape[1:]
-            for p, j in chosen[s]:
-                if not (0 <= p < P and (j is None or 0 <= j < F)):
-                    raise DictCircuitsError(f"exact node ({p}, {j}) at {s} is out of range: positions 0..{P - 1}, "
-                                            f"features 0..{F - 1} or None for the error term")
             features[s] = torch.full(d.delta_f.shape[1:], float("nan"), dtype=m_clean.dtype)
             errors[s] = torch.full(d.delta_f.shape[1:2], float("nan"), dtype=m_clean.dtype)
     total = sum(len(v) for v in chosen.values())

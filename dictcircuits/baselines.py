@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .dictionary import Dictionary, IdentityDictionary, LinearDictionary, save_dictionary
-from .errors import DictCircuitsError
+from .errors import DictCircuitsError, check_int, check_real
 
 
 def _linear(W_dec: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor | None, nonneg: bool = False,
@@ -28,17 +28,22 @@ def _linear(W_dec: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor | None
 
 
 def _check(x: torch.Tensor, F: int | None) -> tuple[torch.Tensor, int]:
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise DictCircuitsError(f"baselines need activations [n, d] with n >= 2; got shape {tuple(x.shape)}")
+    """x as float64 [n, d] and the number of directions (default d), both checked."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1:
+        raise DictCircuitsError(f"baselines need activations [n, d] with n >= 2; got "
+                                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not torch.isfinite(x).all():
+        raise DictCircuitsError("the activations hold NaN or Inf; check the model run that produced them")
     d = x.shape[1]
-    return x.double(), d if F is None else int(F)
+    return x.double(), d if F is None else check_int(F, "F (number of directions)", 1)
 
 
 def pca(x: torch.Tensor, F: int | None = None) -> LinearDictionary:
     """The top-F principal directions (F <= d); features are the centred coordinates along them."""
     x, F = _check(x, F)
     if F > x.shape[1]:
-        raise DictCircuitsError(f"PCA has at most d={x.shape[1]} directions; asked for {F}")
+        raise DictCircuitsError(f"PCA has at most d={x.shape[1]} directions; asked for {F}: ask for {x.shape[1]} "
+                                "or fewer")
     mu = x.mean(0)  # [d]
     _, _, Vh = torch.linalg.svd(x - mu, full_matrices=False)  # Vh [d, d], rows by decreasing variance
     V = Vh[:F]  # [F, d]
@@ -49,7 +54,9 @@ def ica(x: torch.Tensor, F: int | None = None, iters: int = 200, tol: float = 1e
     """FastICA (symmetric, logcosh contrast) on the top-F whitened principal components."""
     x, F = _check(x, F)
     if F > x.shape[1]:
-        raise DictCircuitsError(f"ICA has at most d={x.shape[1]} components; asked for {F}")
+        raise DictCircuitsError(f"ICA has at most d={x.shape[1]} components; asked for {F}: ask for {x.shape[1]} "
+                                "or fewer")
+    iters, tol, seed = check_int(iters, "iters", 1), check_real(tol, "tol", 0.0, above=True), check_int(seed, "seed")
     mu = x.mean(0)
     xc = x - mu  # [n, d]
     cov = xc.T @ xc / xc.shape[0]  # [d, d]
@@ -81,7 +88,10 @@ def ica(x: torch.Tensor, F: int | None = None, iters: int = 200, tol: float = 1e
 def nmf(x: torch.Tensor, F: int, iters: int = 300, seed: int = 0) -> LinearDictionary:
     """Non-negative factorisation x ≈ H W (H [n, F], W [F, d] >= 0, multiplicative updates); encoding new
     activations uses ReLU(x pinv(W)). Only for sites whose activations are non-negative."""
+    if F is None:
+        raise DictCircuitsError("NMF needs the number of directions F; pass F (e.g. the site width)")
     x, F = _check(x, F)
+    iters, seed = check_int(iters, "iters", 1), check_int(seed, "seed")
     if x.min() < -1e-6 * x.abs().max():
         raise DictCircuitsError(f"NMF needs non-negative activations but this site reaches {float(x.min()):.3g}: "
                                 "use pca, ica or random here")
@@ -100,14 +110,18 @@ def nmf(x: torch.Tensor, F: int, iters: int = 300, seed: int = 0) -> LinearDicti
 def random_directions(x: torch.Tensor, F: int | None = None, seed: int = 0) -> LinearDictionary:
     """F random unit directions with least-squares codes (pseudo-inverse encoder), centred on the data mean."""
     x, F = _check(x, F)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_int(seed, "seed"))
     W_dec = torch.randn(F, x.shape[1], generator=g, dtype=torch.float64)  # [F, d]
     W_dec /= W_dec.norm(dim=-1, keepdim=True)
     return _linear(W_dec.float(), torch.linalg.pinv(W_dec).float(), x.mean(0).float(), kind="random")
 
 
 def identity(x: torch.Tensor, F: int | None = None) -> IdentityDictionary:
-    """The neuron basis of the site."""
+    """The neuron basis of the site (exactly d directions)."""
+    x, F = _check(x, F)
+    if F != x.shape[1]:
+        raise DictCircuitsError(f"the neuron basis has exactly d={x.shape[1]} directions; asked for {F}: "
+                                "drop the width")
     dic = IdentityDictionary(x.shape[1])
     dic.meta["baseline"] = "identity"
     return dic
@@ -133,6 +147,12 @@ def train_baselines(model, sites, kind: str, dataset: str, n_tokens: int, out: P
     from .harvest import collect
     from .train import TrainResult
 
+    if kind not in BASELINES:
+        raise DictCircuitsError(f"unknown baseline {kind!r}: choose one of {', '.join(BASELINES)}")
+    width = None if width is None else check_int(width, "--width", 1)
+    if kind == "identity" and width is not None and width < model.d_model:
+        raise DictCircuitsError(f"the neuron basis has exactly d={model.d_model} directions; --width {width} "
+                                "would not apply: drop --width")
     start = time.perf_counter()
     acts = collect(model, sites, dataset, n_tokens, ctx_len=ctx_len)  # site -> [n, d]
     dicts, final = {}, {}

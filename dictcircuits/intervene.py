@@ -6,7 +6,8 @@ Patching at a site replaces the chosen features' activations by the source run's
 x' = x_target + sum_{i in S} (c_i - cbar_i) f_i, with c the source's and cbar the target's feature activations and
 f_i the directions; the target's error term stays unless the site's error is patched too. At a later spliced site
 the unpatched features and the error take whatever values the patched run gives them. `positions` index the padded
-columns of the batch: use an aligned task (Task.aligned) when a position should mean the same token in every prompt.
+columns of the batch (-width..width-1; anything else is refused, as are float feature indices and non-finite
+steering values): use an aligned task (Task.aligned) when a position should mean the same token in every prompt.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .dictionary import Dictionary, IdentityDictionary, LinearDictionary
-from .errors import DictCircuitsError
+from .errors import DictCircuitsError, check_int, check_real
 from .models import Model, Tokens
-from .splice import SiteState, splice
+from .splice import SiteState, check_batch, check_dictionaries, check_tokens, splice
 from .tasks import TaskBatch
 
 # which features of a site: "all", feature indices, or a bool mask [F] or [pos, F] (per-position choice)
@@ -34,8 +35,9 @@ class InterventionResult:
     states: dict[str, SiteState]  # what the splice saw and wrote at each edited site
 
 
-def _mask(spec, shape: tuple[int, int], positions: Sequence[int] | None, what: str) -> torch.Tensor:
-    """A bool mask [pos, n] from a spec ("all", indices, or a mask [n] / [pos, n]) restricted to `positions`."""
+def _mask(spec, shape: tuple[int, int], positions: list[int] | None, what: str) -> torch.Tensor:
+    """A bool mask [pos, n] from a spec ("all", indices, or a mask [n] / [pos, n]) restricted to `positions`
+    (already checked by _positions)."""
     P, n = shape
     if isinstance(spec, str):
         if spec != "all":
@@ -44,24 +46,71 @@ def _mask(spec, shape: tuple[int, int], positions: Sequence[int] | None, what: s
     elif isinstance(spec, torch.Tensor) and spec.dtype == torch.bool:
         if spec.shape not in ((n,), (P, n)):
             raise DictCircuitsError(f"{what}: mask of shape {tuple(spec.shape)}; expected ({n},) or ({P}, {n})")
-        mask = spec.expand(P, n).clone()
+        mask = spec.cpu().expand(P, n).clone()
     else:
-        idx = torch.as_tensor(list(spec) if not isinstance(spec, torch.Tensor) else spec, dtype=torch.long)
-        if idx.numel() and (idx.min() < 0 or idx.max() >= n):
-            raise DictCircuitsError(f"{what}: feature index out of range 0..{n - 1}")
+        if isinstance(spec, torch.Tensor):
+            if spec.is_floating_point() or spec.dim() > 1:
+                raise DictCircuitsError(f"{what}: a {spec.dtype} tensor of shape {tuple(spec.shape)}; give integer "
+                                        "feature indices [k] or a bool mask")
+            spec = spec.flatten().tolist()
+        elif isinstance(spec, bytes) or not isinstance(spec, Iterable):
+            raise DictCircuitsError(f"{what}: {spec!r} is not a feature choice; give 'all', a list of feature "
+                                    "indices or a bool mask")
+        idx = [check_int(i, f"{what}: feature index", 0, n - 1) for i in spec]
         mask = torch.zeros(P, n, dtype=torch.bool)
         mask[:, idx] = True
     if positions is not None:
         keep = torch.zeros(P, 1, dtype=torch.bool)
-        keep[[p for p in positions if -P <= p < P]] = True
+        keep[positions] = True
         mask &= keep
     return mask
+
+
+def _positions(positions: Sequence[int] | None, P: int) -> list[int] | None:
+    """Checked positions (each in -P..P-1), or None for all."""
+    if positions is None:
+        return None
+    if isinstance(positions, (str, bytes)) or not isinstance(positions, Iterable):
+        raise DictCircuitsError(f"positions={positions!r}: give a list of positions or None for all")
+    checked = [check_int(p, "position", -P, P - 1) for p in positions]
+    if not checked:
+        raise DictCircuitsError("positions=[] selects nothing; give some positions, or None for all")
+    return checked
+
+
+def _site_names(value, name: str) -> list[str]:
+    """A list of site names from an iterable of strings (a bare string is refused: it would iterate characters)."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise DictCircuitsError(f"{name}={value!r}: give a list of site names, e.g. {name}=[{value!r}]")
+    names = list(value)
+    bad = [v for v in names if not isinstance(v, str)]
+    if bad:
+        raise DictCircuitsError(f"{name}: {bad[0]!r} is not a site name; use embed, attn.L, mlp.L or resid.L")
+    return names
+
+
+def _feature_specs(features) -> dict:
+    if features is None:
+        return {}
+    if not isinstance(features, Mapping):
+        raise DictCircuitsError(f"features={features!r}: give {{site: 'all' | [indices] | bool mask}}")
+    _site_names(list(features), "features")
+    return dict(features)
 
 
 def _check_sites(dictionaries: Mapping[str, Dictionary], sites: Iterable[str]) -> None:
     unknown = [s for s in sites if s not in dictionaries]
     if unknown:
         raise DictCircuitsError(f"no dictionary for site(s) {', '.join(unknown)}: pass one in dictionaries")
+
+
+def _data(model: Model, data) -> tuple[TaskBatch | None, Tokens]:
+    """(batch or None, the prompts to run) from a TaskBatch (its clean prompts) or Tokens, checked."""
+    if isinstance(data, TaskBatch):
+        check_batch(model, data)
+        return data, data.clean
+    check_tokens(model, data, "data")
+    return None, data
 
 
 def _apply(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Tokens, rules: dict,
@@ -95,20 +144,27 @@ def patch(
     """
     if into not in ("corrupt", "clean"):
         raise DictCircuitsError(f"into={into!r}: patch into 'corrupt' (clean values) or 'clean' (corrupt values)")
-    features, errors = dict(features or {}), list(errors)
-    if not features and not errors:
+    if not isinstance(batch, TaskBatch):
+        raise DictCircuitsError(f"patch needs a TaskBatch of paired prompts (got {type(batch).__name__}); make one "
+                                "with task.tokenize(model)")
+    check_batch(model, batch)
+    check_dictionaries(model, dictionaries)
+    features, errors = _feature_specs(features), _site_names(errors, "errors")
+    P = batch.clean.input_ids.shape[1]
+    positions = _positions(positions, P)
+    _check_sites(dictionaries, [*features, *errors])
+    masks = {site: (_mask(features.get(site, []), (P, dictionaries[site].F), positions, f"features at {site}"),
+                    _mask("all" if site in errors else [], (P, 1), positions, f"error at {site}"))
+             for site in dict.fromkeys([*features, *errors])}
+    if not masks:
         target = batch.corrupt if into == "corrupt" else batch.clean
         with torch.no_grad():
             logits = model.run(target)
         return InterventionResult(logits, batch.metric(logits, target), {})
-    _check_sites(dictionaries, [*features, *errors])
     source, target = (batch.clean, batch.corrupt) if into == "corrupt" else (batch.corrupt, batch.clean)
-    src = _source_states(model, dictionaries, source, [*features, *errors])
-    P = target.input_ids.shape[1]
+    src = _source_states(model, dictionaries, source, list(masks))
     rules = {}
-    for site in dict.fromkeys([*features, *errors]):
-        fm = _mask(features.get(site, []), (P, dictionaries[site].F), positions, f"features at {site}")
-        em = _mask("all" if site in errors else [], (P, 1), positions, f"error at {site}")
+    for site, (fm, em) in masks.items():
         rules[site] = lambda f, err, fm=fm, em=em, s=src[site]: (torch.where(fm.to(f.device), s.f, f),
                                                                    torch.where(em.to(err.device), s.err, err))
     return _apply(model, dictionaries, target, rules, batch)
@@ -134,19 +190,30 @@ def ablate(
     """
     if how not in ABLATIONS:
         raise DictCircuitsError(f"how={how!r}: ablate with one of {', '.join(ABLATIONS)}")
-    batch = data if isinstance(data, TaskBatch) else None
-    tokens = batch.clean if batch is not None else data
-    features, errors, whole = dict(features or {}), set(errors), set(sites)
+    batch, tokens = _data(model, data)
+    check_dictionaries(model, dictionaries)
+    features = _feature_specs(features)
+    errors, whole = set(_site_names(errors, "errors")), set(_site_names(sites, "sites"))
+    seed = check_int(seed, "seed")
     chosen = list(dict.fromkeys([*features, *errors, *whole]))
     if not chosen:
         raise DictCircuitsError("nothing to ablate: name features={site: ...}, errors=[site] or sites=[site]")
     _check_sites(dictionaries, chosen)
     P = tokens.input_ids.shape[1]
+    positions = _positions(positions, P)
+    if reference is not None:
+        if how == "zero":
+            raise DictCircuitsError("reference= is only used by mean and resample ablation; drop it for how='zero'")
+        check_tokens(model, reference, "reference")
     if how == "resample":
         reference = reference if reference is not None else (batch.corrupt if batch is not None else None)
         if reference is None or reference.input_ids.shape[1] != P:
             raise DictCircuitsError("resample ablation needs reference tokens of the same width as the prompts "
                                     "(pass reference=, or a TaskBatch whose corrupt prompts are used)")
+    masks = {site: (_mask("all" if site in whole else features.get(site, []), (P, dictionaries[site].F), positions,
+                          f"features at {site}"),
+                    _mask("all" if site in whole or site in errors else [], (P, 1), positions, f"error at {site}"))
+             for site in chosen}
     replacement = {}
     if how != "zero":
         ref = _source_states(model, dictionaries, reference if reference is not None else tokens, chosen)
@@ -160,12 +227,8 @@ def ablate(
                 rows = perm[torch.arange(len(tokens)) % len(perm)]
                 replacement[site] = (st.f[rows], st.err[rows])  # [batch, pos, F], [batch, pos, d]
     rules = {}
-    for site in chosen:
-        dic = dictionaries[site]
-        fm = _mask("all" if site in whole else features.get(site, []), (P, dic.F), positions, f"features at {site}")
-        em = _mask("all" if site in whole or site in errors else [], (P, 1), positions, f"error at {site}")
-
-        def rule(f, err, fm=fm, em=em, site=site, dic=dic):
+    for site, (fm, em) in masks.items():
+        def rule(f, err, fm=fm, em=em, site=site, dic=dictionaries[site]):
             if how == "zero":
                 zero_err = -dic.decode(torch.zeros_like(f[:1, :1])) if site in whole else torch.zeros_like(err[:1, :1])
                 new_f, new_err = torch.zeros_like(f), zero_err.expand_as(err)
@@ -187,16 +250,25 @@ def steer(
 ) -> InterventionResult:
     """Pin features to values ({site: {feature: value}}) or, with add=True, add the values to their activations,
     on the clean prompts (or tokens), at `positions` (None: all). The error term is kept."""
-    batch = data if isinstance(data, TaskBatch) else None
-    tokens = batch.clean if batch is not None else data
+    batch, tokens = _data(model, data)
+    check_dictionaries(model, dictionaries)
+    if not isinstance(add, bool):
+        raise DictCircuitsError(f"add={add!r}: give True (add to the activations) or False (pin them)")
+    if not isinstance(values, Mapping) or not values:
+        raise DictCircuitsError(f"values={values!r}: give {{site: {{feature: value}}}} with at least one feature")
+    _check_sites(dictionaries, _site_names(list(values), "values"))
     P = tokens.input_ids.shape[1]
+    positions = _positions(positions, P)
     rules = {}
-    _check_sites(dictionaries, values)
     for site, feats in values.items():
         F = dictionaries[site].F
-        vec = torch.zeros(F)
-        fm = _mask(list(feats), (P, F), positions, f"steered features at {site}")
-        vec[list(feats)] = torch.tensor([float(v) for v in feats.values()])
+        if not isinstance(feats, Mapping) or not feats:
+            raise DictCircuitsError(f"values[{site!r}]={feats!r}: give {{feature index: value}} with at least one "
+                                    "entry")
+        idx = [check_int(j, f"steered feature at {site}", 0, F - 1) for j in feats]
+        vec = torch.zeros(F)  # [F]
+        vec[idx] = torch.tensor([check_real(v, f"steering value for feature {j} at {site}") for j, v in feats.items()])
+        fm = _mask(idx, (P, F), positions, f"steered features at {site}")
         rules[site] = lambda f, err, fm=fm, vec=vec: (
             torch.where(fm.to(f.device), f + vec.to(f) if add else vec.to(f).expand_as(f), f), err)
     return _apply(model, dictionaries, tokens, rules, batch)
@@ -234,6 +306,7 @@ def greedy_patch(
     reruns (pool x batch rows in one trace). The corrupt error term stays throughout, so a dictionary whose error
     carries part of the clean-corrupt difference may never reach the target; fractions are relative to the clean
     run, the same yardstick for every basis."""
+    target, max_steps, pool = _check_greedy(model, batch, site, dictionary, target, max_steps, pool)
     dicts = {site: dictionary}
     with torch.no_grad():
         f_clean = splice(model, batch.clean, dicts, stop_after=site).states[site].f  # [batch, pos, F]
@@ -275,6 +348,19 @@ def greedy_patch(
                        int(hit[0]) if len(hit) else None)
 
 
+def _check_greedy(model, batch, site, dictionary, target, max_steps, pool) -> tuple[float, int, int]:
+    """Checked (target, max_steps, pool) for the greedy search, before any run."""
+    if not isinstance(site, str):
+        raise DictCircuitsError(f"site={site!r} is not a site name; use embed, attn.L, mlp.L or resid.L")
+    check_dictionaries(model, {site: dictionary})
+    check_batch(model, batch)
+    if torch.equal(batch.clean.input_ids, batch.corrupt.input_ids):
+        raise DictCircuitsError("the clean and corrupt prompts are identical: there is nothing to recover; give "
+                                "corrupt prompts that differ")
+    return (check_real(target, "target", 0.0, above=True), check_int(max_steps, "max_steps", 1),
+            check_int(pool, "pool", 1))
+
+
 def _first_order_gain(model, dicts, site, batch, f_clean, chosen) -> torch.Tensor:
     """[F] sum over prompts and positions of (c_i - f_i) dm/df_i at the current patched state."""
     captured = {}
@@ -293,6 +379,12 @@ def _first_order_gain(model, dicts, site, batch, f_clean, chosen) -> torch.Tenso
 def fit_pca(acts: torch.Tensor, k: int | None = None) -> LinearDictionary:
     """A PCA basis as a LinearDictionary: acts [N, d] -> top-k principal directions (rows of W_dec), centred on
     the mean; encode gives the coordinates, decode adds the mean back."""
+    if not isinstance(acts, torch.Tensor) or acts.dim() != 2 or acts.shape[0] < 2:
+        raise DictCircuitsError(f"fit_pca needs activations [n, d] with n >= 2; got "
+                                f"{tuple(getattr(acts, 'shape', ())) or type(acts).__name__}")
+    if not torch.isfinite(acts).all():
+        raise DictCircuitsError("fit_pca: the activations hold NaN or Inf; check the model run that produced them")
+    k = None if k is None else check_int(k, "k", 1)
     acts = acts.detach().float()
     mean = acts.mean(0)
     _, _, V = torch.linalg.svd(acts - mean, full_matrices=False)  # V [min(N, d), d]
@@ -317,6 +409,7 @@ def compare_bases(
 ) -> dict[str, GreedyCurve]:
     """The greedy search in three bases at one site: the dictionary, PCA fitted on the task's clean and corrupt
     activations (real tokens), and the neuron basis. Returns {"dictionary", "pca", "neurons"} -> GreedyCurve."""
+    _check_greedy(model, batch, site, dictionary, target, max_steps, pool)
     acts = model.activations(batch.clean, [site])[site], model.activations(batch.corrupt, [site])[site]
     mask = batch.clean.attention_mask.bool()
     pca = fit_pca(torch.cat([a[mask] for a in acts]))

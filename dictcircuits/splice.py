@@ -13,6 +13,7 @@ from typing import Callable, Mapping
 import torch
 
 from .dictionary import Dictionary
+from .errors import DictCircuitsError
 from .models import Model, Tokens
 
 # edit(site, f [b,p,F], err [b,p,d]) -> (f', err'): applied before decoding
@@ -51,6 +52,15 @@ def splice(
     gradient of a downstream quantity with respect to them is then the *direct* effect (paths through other
     spliced sites are stopped), which is what edges need. `f_in` keeps the upstream-connected encoding.
     """
+    check_tokens(model, tokens)
+    check_dictionaries(model, dictionaries, allow_empty=True)
+    for name, flag in (("keep_error", keep_error), ("leaves", leaves)):
+        if not isinstance(flag, bool):
+            raise DictCircuitsError(f"{name}={flag!r}: give True or False")
+    if stop_after is not None and not isinstance(stop_after, str):
+        raise DictCircuitsError(f"stop_after={stop_after!r}: give a site name (e.g. 'resid.1') or None")
+    if edit is not None and not callable(edit):
+        raise DictCircuitsError(f"edit={edit!r} is not callable; pass a function edit(site, f, err) -> (f, err)")
     states: dict[str, SiteState] = {}
 
     def make_edit(site: str, dic: Dictionary):
@@ -67,9 +77,126 @@ def splice(
             out = dic.decode(f)
             if keep_error:
                 out = out + err
-            return out.to(x.dtype)
+            # the position rule (positions.py): where the dictionary was not trained, the output is x exactly
+            from .positions import skip_mask
+            skip = skip_mask(dic, model, tokens.input_ids, x)  # [batch, pos]
+            return torch.where(skip[..., None], x, out.to(x.dtype))
 
         return run_site
 
     logits = model.run(tokens, {s: make_edit(s, d) for s, d in dictionaries.items()}, stop_after=stop_after)
     return SpliceResult(logits=logits, states=states)
+
+
+# --- input checks shared by every entry point that runs the model (one clear error before any trace) ------------
+def context_limit(model: Model) -> int | None:
+    """The model's position table size (None when the config names none)."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    return int(limit) if limit else None
+
+
+def check_tokens(model: Model, tokens: Tokens, what: str = "tokens") -> None:
+    """Refuse token batches the model cannot run: wrong types, empty prompts, ids outside the vocabulary,
+    left padding, or more positions than the model has."""
+    ids, mask = getattr(tokens, "input_ids", None), getattr(tokens, "attention_mask", None)
+    if not isinstance(ids, torch.Tensor) or not isinstance(mask, torch.Tensor):
+        raise DictCircuitsError(f"{what} is a {type(tokens).__name__}, not Tokens; make them with "
+                                "model.tokenize(texts)")
+    if ids.dim() != 2 or mask.shape != ids.shape or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise DictCircuitsError(f"{what}: input_ids must be integer [batch, pos] with an attention_mask of the same "
+                                f"shape (got {ids.dtype} {tuple(ids.shape)}, mask {tuple(mask.shape)}); "
+                                "use model.tokenize")
+    if ids.shape[0] == 0:
+        raise DictCircuitsError(f"{what} hold no prompts; give at least one")
+    lengths = mask.sum(1)  # [batch]
+    empty = torch.nonzero(lengths == 0).flatten().tolist()
+    if empty:
+        raise DictCircuitsError(f"{what}: prompt {empty[0]} is empty (no tokens); drop it or give it some text")
+    if ((mask != 0) & (mask != 1)).any() or (mask[:, 1:] > mask[:, :-1]).any():
+        raise DictCircuitsError(f"{what}: the attention mask must be 1s then 0s (right padding); use model.tokenize")
+    vocab = model.hf.get_input_embeddings().num_embeddings
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    if bad.numel():
+        raise DictCircuitsError(f"{what}: token id {int(bad[0])} is outside the vocabulary of {model.name} "
+                                f"(0..{vocab - 1}); tokenize with this model's tokenizer")
+    limit = context_limit(model)
+    if limit is not None and ids.shape[1] > limit:
+        raise DictCircuitsError(f"{what} are {ids.shape[1]} tokens long but {model.name} reads at most {limit} "
+                                "positions; shorten the prompts")
+
+
+def check_dictionaries(model: Model, dictionaries: Mapping[str, Dictionary], allow_empty: bool = False) -> None:
+    """Refuse dictionaries keyed by sites the model lacks, values that are not dictionaries, or a width d that
+    differs from the site's."""
+    if not isinstance(dictionaries, Mapping):
+        raise DictCircuitsError(f"dictionaries is a {type(dictionaries).__name__}; pass {{site: Dictionary}} "
+                                "(e.g. load_dictionaries(folder, model=model))")
+    if not dictionaries and not allow_empty:
+        raise DictCircuitsError("no dictionaries given; pass {site: Dictionary} for at least one site")
+    for site, dic in dictionaries.items():
+        if not isinstance(site, str):
+            raise DictCircuitsError(f"dictionary key {site!r} is not a site name; key them by embed, attn.L, mlp.L "
+                                    "or resid.L")
+        model.site(site)
+        if not isinstance(dic, Dictionary):
+            raise DictCircuitsError(f"the dictionary for {site} is a {type(dic).__name__}, not a Dictionary; "
+                                    "load one with load_dictionary(path)")
+        if dic.d != model.d_model:
+            raise DictCircuitsError(f"the dictionary for {site} reads d={dic.d} but {site} of {model.name} is "
+                                    f"{model.d_model} wide; use a dictionary trained on this model")
+
+
+def check_batch(model: Model, batch) -> None:
+    """Refuse a TaskBatch the metric cannot use: mismatched clean/corrupt shapes, answer ids that are not integer
+    tensors [batch] in the output vocabulary, empty or identical answer/wrong sets, an unknown metric."""
+    from .tasks import METRICS
+
+    for side in ("clean", "corrupt"):
+        if not hasattr(batch, side):
+            raise DictCircuitsError(f"expected a TaskBatch, got a {type(batch).__name__}; make one with "
+                                    "task.tokenize(model)")
+        check_tokens(model, getattr(batch, side), f"{side} prompts")
+    n, width = batch.clean.input_ids.shape
+    if batch.corrupt.input_ids.shape != (n, width):
+        raise DictCircuitsError(f"clean prompts are {tuple(batch.clean.input_ids.shape)} but corrupt prompts "
+                                f"{tuple(batch.corrupt.input_ids.shape)}; pairs must match (use task.tokenize)")
+    if batch.metric_name not in METRICS:
+        raise DictCircuitsError(f"unknown metric {batch.metric_name!r}; use one of {', '.join(METRICS)}")
+    vocab = model.hf.get_output_embeddings().weight.shape[0]
+    for name in ("answer_ids", "wrong_ids"):
+        ids = getattr(batch, name)
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool or ids.shape != (n,):
+            raise DictCircuitsError(f"{name} must be an integer tensor of shape ({n},), one token id per prompt "
+                                    f"(got {_kind(ids)}); use task.tokenize")
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.numel():
+            raise DictCircuitsError(f"{name}: token id {int(bad[0])} is outside the output vocabulary (0..{vocab - 1}) "
+                                    f"of {model.name}; use this model's tokenizer")
+    for name in ("answer_sets", "wrong_sets"):
+        sets = getattr(batch, name)
+        if sets is None:
+            continue
+        if not isinstance(sets, torch.Tensor) or sets.dtype != torch.bool or sets.shape != (n, vocab):
+            raise DictCircuitsError(f"{name} must be a bool mask of shape ({n}, {vocab}) (got {_kind(sets)}); "
+                                    "use task.tokenize")
+        empty = torch.nonzero(~sets.any(1)).flatten().tolist()
+        if empty:
+            raise DictCircuitsError(f"{name}: prompt {empty[0]} has an empty set of tokens; give at least one")
+    if batch.metric_name != "kl":
+        if batch.answer_sets is None and batch.wrong_sets is None:
+            same = batch.answer_ids.cpu() == batch.wrong_ids.cpu()  # [batch]
+        else:
+            def as_mask(sets, ids):  # [batch, vocab]
+                return sets.cpu() if sets is not None else torch.nn.functional.one_hot(ids.cpu(), vocab).bool()
+            same = (as_mask(batch.answer_sets, batch.answer_ids) == as_mask(batch.wrong_sets, batch.wrong_ids)).all(1)
+        rows = torch.nonzero(same).flatten().tolist()
+        if rows:
+            raise DictCircuitsError(f"prompt {rows[0]}: the answer and the wrong answer are the same token(s), so the "
+                                    f"{batch.metric_name} is 0 whatever the model does; give a different wrong answer")
+
+
+def _kind(value) -> str:
+    """'a list' or 'a torch.float32 tensor of shape (2,)', for error messages."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"

@@ -24,6 +24,10 @@ _TOY_CONFIGS = {
                                         num_key_value_heads=1, head_dim=8, intermediate_size=64, vocab_size=v),
     "gemma2": lambda T, v: T.Gemma2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
                                           num_key_value_heads=1, head_dim=8, intermediate_size=64, vocab_size=v),
+    "gemma3_text": lambda T, v: T.Gemma3TextConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                                   num_key_value_heads=1, head_dim=8, intermediate_size=64,
+                                                   vocab_size=v, sliding_window=4,
+                                                   layer_types=["sliding_attention", "full_attention"]),
     "qwen2": lambda T, v: T.Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
                                         num_key_value_heads=2, intermediate_size=64, vocab_size=v),
 }

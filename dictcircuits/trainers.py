@@ -51,6 +51,37 @@ class TrainerConfig:
     threshold_beta: float = 0.99  # batchtopk: EMA factor of the inference threshold
     e2e_kl: float = 0.0  # weight of KL(model ‖ model with x̂ spliced in); 0 disables the end-to-end term
 
+    def check(self) -> None:
+        """Refuse hyperparameters outside their domain (one line naming the option); width and k against the
+        width are checked by make_trainer, once the model's d is known."""
+        def bad(flag: str, value, domain: str) -> DictCircuitsError:
+            return DictCircuitsError(f"{flag} {value!r} is out of range: give {domain}")
+
+        def finite(value) -> bool:
+            return isinstance(value, (int, float)) and math.isfinite(value)
+
+        if self.arch in ("topk", "batchtopk") and not (isinstance(self.k, int) and self.k >= 1):
+            raise bad("--k", self.k, "a whole number of active latents, at least 1")
+        for flag, value in (("--l1", self.l1), ("--l0-coef", self.l0_coef), ("--auxk-alpha", self.auxk_alpha),
+                            ("--e2e-kl", self.e2e_kl)):
+            if value is not None and not (finite(value) and value >= 0):
+                raise bad(flag, value, "a finite number >= 0")
+        if self.lr is not None and not (finite(self.lr) and self.lr > 0):
+            raise bad("--lr", self.lr, "a finite number > 0 (e.g. 3e-4), or left out for the default")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise bad("--warmup-steps", self.warmup_steps, "0 or more steps (0: no warm-up)")
+        for flag, value in (("--decay-start", self.decay_start), ("l1_warmup", self.l1_warmup)):
+            if not (finite(value) and 0 <= value <= 1):
+                raise bad(flag, value, "a fraction of the training steps between 0 and 1")
+        if self.resample_every is not None and self.resample_every < 0:
+            raise bad("--resample-every", self.resample_every, "0 (never) or a number of steps")
+        if self.dead_tokens is not None and self.dead_tokens < 1:
+            raise bad("--dead-tokens", self.dead_tokens, "at least 1 token (e.g. 1M)")
+        if not (finite(self.bandwidth) and self.bandwidth > 0):
+            raise bad("bandwidth", self.bandwidth, "a finite number > 0")
+        if not (finite(self.threshold_beta) and 0 <= self.threshold_beta < 1):
+            raise bad("threshold_beta", self.threshold_beta, "a number in [0, 1)")
+
     def run_name(self) -> str:
         sparsity = {"topk": f"k{self.k}", "batchtopk": f"k{self.k}", "jumprelu": f"l0c{self.l0_coef:g}"}.get(
             self.arch, f"l1{self.l1:g}" if self.l1 is not None else "l1default")
@@ -531,7 +562,9 @@ def make_trainer(d: int, cfg: TrainerConfig, total_steps: int, batch_tokens: int
     if cfg.arch not in TRAINERS:
         raise DictCircuitsError(f"no trainer for arch {cfg.arch!r}: choose one of {', '.join(TRAINERS)}")
     if cfg.width < 1:
-        raise DictCircuitsError(f"dictionary width {cfg.width} must be positive")
-    if cfg.arch in ("topk", "batchtopk") and not 0 < cfg.k <= cfg.width:
-        raise DictCircuitsError(f"k={cfg.k} must lie in 1..width={cfg.width}")
+        raise DictCircuitsError(f"dictionary width {cfg.width} gives no features: use a width of at least 1")
+    cfg.check()
+    if cfg.arch in ("topk", "batchtopk") and cfg.k > cfg.width:
+        raise DictCircuitsError(f"--k {cfg.k} exceeds the dictionary width {cfg.width}: use k <= {cfg.width} "
+                                "or a wider dictionary")
     return TRAINERS[cfg.arch](d, cfg, total_steps, batch_tokens, seed=seed, device=device)

@@ -2,21 +2,22 @@
 
     OMP_NUM_THREADS=1 python examples/patching.py
 
-Uses the embedded default model dc-mini and its dictionaries under dictionaries/dc-mini when both exist; otherwise
-it falls back to a random-weight toy GPT-2 with random dictionaries and says so (the API is the same, the numbers
-then mean nothing).
+Uses the embedded default model dc-mini and its dictionaries (./dictionaries/dc-mini, else the ones shipped in the
+package) when both exist; otherwise it falls back to a random-weight toy GPT-2 with random dictionaries and says so
+(the API is the same, the numbers then mean nothing). Tokens are shown as the circuit page shows them ('␣to').
 """
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
-from dictcircuits import load_dictionaries, load_model
+from dictcircuits import DictCircuitsError, load_dictionaries, load_model
 from dictcircuits.attribute import node_effects
 from dictcircuits.intervene import ablate, compare_bases, patch
 from dictcircuits.models import DEFAULT_MODELS_DIR
+from dictcircuits.paths import default_dictionaries
+from dictcircuits.render import _shown, _token_text
 from dictcircuits.tasks import load_task
 from dictcircuits.toy import random_dictionaries, toy_model, toy_tokenizer
 
@@ -25,10 +26,14 @@ N_PROMPTS, IG_STEPS, TOP_K = 32, 8, 10
 
 def load():
     """dc-mini and its dictionaries, or a toy stand-in."""
-    if (DEFAULT_MODELS_DIR / "dc-mini" / "config.json").is_file() and Path("dictionaries/dc-mini").is_dir():
+    try:
+        folder = default_dictionaries("dc-mini")
+    except DictCircuitsError:
+        folder = None
+    if (DEFAULT_MODELS_DIR / "dc-mini" / "config.json").is_file() and folder is not None:
         model = load_model("dc-mini")
-        return model, load_dictionaries("dictionaries/dc-mini", model=model), "dc-mini with its dictionaries"
-    print("note: dc-mini or dictionaries/dc-mini is not there yet -> falling back to a random toy GPT-2 with random "
+        return model, load_dictionaries(folder, model=model), f"dc-mini with its dictionaries ({folder})"
+    print("note: dc-mini or its dictionaries are not there yet -> falling back to a random toy GPT-2 with random "
           "dictionaries: the API is the same, the numbers are noise")
     words = load_task("ioi", n=256)
     tokenizer = toy_tokenizer(" ".join(words.clean + words.corrupt + words.answers), vocab_size=1500)
@@ -55,7 +60,7 @@ def main():
     nodes = [(float(v), site, p, j) for site, fx in eff.features.items()
              for v, (p, j) in zip(*_top(fx, TOP_K))]
     nodes = sorted(nodes, key=lambda n: -abs(n[0]))[:TOP_K]
-    tokens = model.tokenizer.convert_ids_to_tokens(batch.clean.input_ids[0].tolist())
+    tokens = [_shown(t) for t in _token_text(model.tokenizer, batch.clean.input_ids[0])]  # as the page shows them
     for v, site, p, j in nodes:
         print(f"   {site:>8} feature {j:>5} at position {p:>2} ({tokens[p]!r:>10}): {v:+.4f}")
 

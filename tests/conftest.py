@@ -8,6 +8,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _model_cache(request, tmp_path_factory, monkeypatch):
+    """Tests write dictcircuits' model cache into a temporary folder, except real-model tests (marked
+    `real_model`), which share the user's cache so the 270M model is dequantised once, not per run."""
+    if request.node.get_closest_marker("real_model") is None:
+        monkeypatch.setenv("DICTCIRCUITS_CACHE", str(tmp_path_factory.getbasetemp() / "model-cache"))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from dictcircuits.toy import toy_tokenizer

@@ -81,7 +81,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(dictionary_module, "save_file", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(DictCircuitsError, match="disk full"):
         save_dictionary(random_dictionary("relu", 8, 16, seed=2), tmp_path / "d")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temp folder left behind
     torch.testing.assert_close(load_dictionary(tmp_path / "d").W_dec, good.W_dec)
@@ -95,7 +95,7 @@ def test_bad_files_give_one_clear_error(tmp_path):
     cfg = json.loads((tmp_path / "d" / "cfg.json").read_text())
     cfg["F"] = 17
     (tmp_path / "d" / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(DictCircuitsError, match=r"W_dec has shape \(16, 8\) but d=8, F=17"):
+    with pytest.raises(DictCircuitsError, match=r"W_dec has shape \(16, 8\) but cfg.json says d=8, F=17"):
         load_dictionary(tmp_path / "d")
     save_dictionary(dic, tmp_path / "e")
     w = tmp_path / "e" / "weights.safetensors"

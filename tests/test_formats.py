@@ -186,7 +186,7 @@ def test_convert_cli_writes_our_format(tmp_path, capsys):
         (tmp_path / "src" / name / "run").mkdir(parents=True)
         torch.save(sd, tmp_path / "src" / name / "run" / "ae.pt")
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 0
-    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["embed", "resid.0"]
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["dictcircuits.json", "embed", "resid.0"]
     back = load_dictionaries(tmp_path / "dst")
     f = enc_ref()
     check(back["resid.0"], f, dec_ref(f))

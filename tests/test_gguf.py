@@ -1,11 +1,12 @@
 """A single .gguf file loads through transformers' gguf support into the same Model, with identical logits."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dictcircuits import load_model
+from dictcircuits import DictCircuitsError, load_model
 from dictcircuits.models import Model
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install -e '.[gguf]')")
@@ -58,3 +59,72 @@ def test_gguf_file_loads_with_identical_logits(tokenizer, tmp_path):
     toks = model.tokenize(prompt)
     assert toks.input_ids.tolist() == ref.tokenize(prompt).input_ids.tolist()
     torch.testing.assert_close(model.run(toks), ref.run(toks))
+
+
+def _fake_distribution(site: Path, name: str, files: dict[str, bytes]) -> None:
+    """An installed distribution (dist-info with a RECORD) holding the given files, as pip would leave it."""
+    info = site / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    record = []
+    for rel, data in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_bytes(data)
+        record.append(f"{rel},,")
+    (info / "RECORD").write_text("\n".join(record + [f"{info.name}/RECORD,,"]) + "\n")
+
+
+@pytest.fixture
+def tiny_gguf(tokenizer, tmp_path):
+    import transformers as T
+
+    torch.manual_seed(0)
+    ref = Model(T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(tokenizer))), tokenizer)
+    write_gpt2_gguf(ref, tmp_path / "tiny.gguf")
+    return ref, tmp_path / "tiny.gguf"
+
+
+def test_installed_package_shipping_gguf_chunks_loads_by_name_and_is_cached(tiny_gguf, tmp_path, monkeypatch):
+    ref, path = tiny_gguf
+    data = path.read_bytes()
+    third = len(data) // 3
+    site = tmp_path / "site"
+    # the model package ships chunk 0; a companion '-part1' package ships chunks 1 and 2 (out of order in RECORD)
+    _fake_distribution(site, "tiny-model-gguf", {"tiny_model_gguf/data/tiny.gguf.part00": data[:third]})
+    _fake_distribution(site, "tiny-model-gguf-part1", {"tiny_model_gguf_part1/data/tiny.gguf.part02": data[2 * third:],
+                                                       "tiny_model_gguf_part1/data/tiny.gguf.part01": data[third:2 * third]})
+    monkeypatch.syspath_prepend(str(site))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DICTCIRCUITS_CACHE", str(cache))
+    model = load_model("tiny-model-gguf")
+    assembled = list((cache / "gguf").rglob("tiny.gguf"))
+    assert len(assembled) == 1 and assembled[0].read_bytes() == data
+    floats = [p for p in (cache / "float").iterdir() if (p / "config.json").is_file()]
+    assert len(floats) == 1 and not list((cache / "float").glob(".dc-tmp-*"))
+    toks = model.tokenize(["When Mary and John went to the store"])
+    torch.testing.assert_close(model.run(toks), ref.run(toks))
+    again = load_model("tiny-model-gguf")  # from the float cache now: same name, same logits
+    assert again.name == model.name == "tiny"
+    torch.testing.assert_close(again.run(toks), ref.run(toks))
+
+
+def test_gguf_name_comes_from_metadata_and_a_folder_keeps_its_configured_name(tiny_gguf, tmp_path):
+    ref, path = tiny_gguf
+    model = load_model(str(path))
+    assert model.name == "tiny"  # no basename in this file's metadata: the file's stem
+    folder = tmp_path / "model"
+    ref.hf.config.dictcircuits_name = "my-model"
+    ref.hf.save_pretrained(folder)
+    ref.tokenizer.save_pretrained(folder)
+    assert load_model(str(folder)).name == "my-model"
+
+
+def test_pickled_model_folder_is_refused_without_unpickling(tmp_path):
+    import pickle
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"not": "tensors"}))
+    with pytest.raises(DictCircuitsError, match=r"only pickled weights.*save_pretrained"):
+        load_model(str(folder))

@@ -139,7 +139,7 @@ def test_cli_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: unknown --arch 'sparse-magic'") and err.count("\n") == 1
     assert main(["train", "--tokens", "lots", "--out", str(tmp_path)]) == 2
-    assert "cannot read 'lots' as a count" in capsys.readouterr().err
+    assert "cannot read --tokens 'lots' as a count" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: one line naming the option, nothing trained
         main(["train", "--dead-tokens", "2x", "--out", str(tmp_path)])
     assert "argument --dead-tokens: cannot read '2x' as a count" in capsys.readouterr().err
