@@ -192,7 +192,7 @@ class Model:
         tokenizer does by default, see `adds_bos`)."""
         if self.tokenizer is None:
             raise DictCircuitsError(f"{self.name} has no tokenizer: pass token ids instead of text")
-        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        rows = list(self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]) if len(texts) else []
         if add_bos is None:
             add_bos = self.adds_bos
         if add_bos and self.tokenizer.bos_token_id is not None:

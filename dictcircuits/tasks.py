@@ -1,16 +1,22 @@
 """Circuit tasks: paired prompts (clean, corrupt), answer and wrong-answer tokens, and a metric at the last position.
 
 Built-in generators (seeded, deterministic): IOI, parentheses closing, subject-verb agreement and greater-than, all
-drawn from the word lists in `wordlists.py`. Readers for our JSONL, feature-circuits JSONL, auto-circuit JSON and
-EAP-IG CSV let users bring their own data. `Task.tokenize(model)` turns a task into a `TaskBatch` whose
+drawn from the word lists in `wordlists.py`. Given a tokenizer, a generator keeps only words that are one token
+for it (with their leading space) and tops its pools up from the EXTRA_ lists, so every built-in task works on
+any tokenizer with single-token names (GPT-2, Llama/SmolLM, Gemma). Readers for our JSONL, feature-circuits JSONL,
+auto-circuit JSON and EAP-IG CSV let users bring their own data: with a model, rows its tokenizer cannot use are
+skipped with one line (or refused with strict=True). `Task.tokenize(model)` turns a task into a `TaskBatch` whose
 `metric(logits)` is what patching and attribution measure (larger = more like the clean run).
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
+import re
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -20,7 +26,9 @@ import torch
 
 from .errors import DictCircuitsError
 from .models import Model, Tokens
-from .wordlists import HELDOUT_NAMES, NAMES, NOUNS, OBJECTS, PLACES, PREP_NOUNS, RC_VERBS, VERBS
+from .wordlists import (EVENTS, EXTRA_EVENTS, EXTRA_HELDOUT_NAMES, EXTRA_NAMES, EXTRA_NOUNS, EXTRA_OBJECTS,
+                        EXTRA_PLACES, EXTRA_PREP_NOUNS, EXTRA_RC_VERBS, HELDOUT_NAMES, NAMES, NOUNS, OBJECTS, PLACES,
+                        PREP_NOUNS, RC_VERBS, VERBS)
 
 METRICS = ("logit_diff", "prob_diff", "kl")
 
@@ -32,7 +40,8 @@ class Task:
 
     answer_sets / wrong_sets (optional) give several tokens per prompt whose probabilities are summed (greater-than:
     every later year vs every earlier one); without them the sets are {answer} and {wrong}. meta holds per-prompt
-    generator details (template, order, ...).
+    generator details (template, order, ...). locations (tasks read from files) says where each prompt came from
+    ("tasks/x.jsonl line 3"), for error messages; skipped counts the file's rows that the tokenizer could not use.
     """
 
     name: str
@@ -44,14 +53,15 @@ class Task:
     answer_sets: list[list[str]] | None = None
     wrong_sets: list[list[str]] | None = None
     meta: list[dict] = field(default_factory=list)
+    locations: list[str] | None = None
+    skipped: int = 0
 
     def __post_init__(self):
         n = len(self.clean)
         lengths = {"corrupt": len(self.corrupt), "answers": len(self.answers), "wrong": len(self.wrong)}
-        if self.answer_sets is not None:
-            lengths["answer_sets"] = len(self.answer_sets)
-        if self.wrong_sets is not None:
-            lengths["wrong_sets"] = len(self.wrong_sets)
+        for key in ("answer_sets", "wrong_sets", "locations"):
+            if getattr(self, key) is not None:
+                lengths[key] = len(getattr(self, key))
         bad = {k: v for k, v in lengths.items() if v != n}
         if bad:
             raise DictCircuitsError(f"task {self.name!r}: {n} clean prompts but {bad}; give one of each per prompt")
@@ -63,18 +73,69 @@ class Task:
     def __len__(self) -> int:
         return len(self.clean)
 
+    def where(self, i: int) -> str:
+        """Where prompt i came from: "file line N" for tasks read from files, else the prompt itself."""
+        return self.locations[i] if self.locations is not None else f"prompt {self.clean[i]!r}"
+
     def subset(self, idx) -> "Task":
         """The prompts at the given indices (a list of ints), in that order."""
         idx = list(idx)
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
         return replace(self, clean=pick(self.clean), corrupt=pick(self.corrupt), answers=pick(self.answers),
                        wrong=pick(self.wrong), answer_sets=pick(self.answer_sets), wrong_sets=pick(self.wrong_sets),
-                       meta=pick(self.meta) if self.meta else [])
+                       meta=pick(self.meta) if self.meta else [], locations=pick(self.locations))
 
-    def tokenize(self, model: Model, add_bos: bool = False) -> "TaskBatch":
-        """Token ids for both sides and the answer ids. Refuses multi-token answers and pairs of unequal length."""
-        tok = model.tokenizer
-        ids = lambda word, i: _single_token(tok, word, self.clean[i])  # noqa: E731
+    def words(self, i: int) -> tuple[list[str], list[str]]:
+        """Prompt i's answer tokens and wrong tokens (the sets when given, else [answer] and [wrong])."""
+        answers = self.answer_sets[i] if self.answer_sets is not None else [self.answers[i]]
+        wrong = self.wrong_sets[i] if self.wrong_sets is not None else [self.wrong[i]]
+        return answers, wrong
+
+    def _answer_ids(self, tokenizer) -> dict[tuple[int, str], int | None]:
+        """{(prompt index, answer or wrong word): its token id after that prompt, None when several tokens}."""
+        keys = [(i, w) for i in range(len(self)) for w in dict.fromkeys(sum(self.words(i), []))]
+        return dict(zip(keys, _token_ids(tokenizer, [(w, self.clean[i]) for i, w in keys])))
+
+    def problems(self, tokenizer) -> list[tuple[int, str]]:
+        """(index, reason) for each prompt this tokenizer cannot use: an answer or wrong token that is not one
+        token, or clean and corrupt of different token lengths (positions would not match)."""
+        ids = self._answer_ids(tokenizer)
+        lengths = [[len(r) for r in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+                   for texts in (self.clean, self.corrupt)]
+        found = []
+        for i in range(len(self)):
+            answers, wrong = self.words(i)
+            split = next((w for w in answers + wrong if ids[(i, w)] is None), None)
+            if split is not None:
+                role = "answer" if split in answers else "wrong answer"
+                count = len(tokenizer(split, add_special_tokens=False)["input_ids"])
+                found.append((i, f"{role} {split!r} is {count} tokens, not one"))
+            elif lengths[0][i] != lengths[1][i]:
+                found.append((i, f"clean is {lengths[0][i]} tokens but corrupt is {lengths[1][i]}, so positions do "
+                                 "not match"))
+        return found
+
+    def check_fits(self, model: Model) -> None:
+        """Refuse prompts longer than the model's context (naming file and line), before any long computation."""
+        limit = context_length(model)
+        if limit is None:
+            return
+        for texts in (self.clean, self.corrupt):
+            lengths = model.tokenize(texts).attention_mask.sum(1).tolist()  # with BOS where the model adds one
+            for i, length in enumerate(lengths):
+                if length > limit:
+                    raise DictCircuitsError(f"{self.where(i)}: the prompt is {length} tokens but {model.name} reads at "
+                                            f"most {limit}; shorten it or drop this row")
+
+    def tokenize(self, model: Model, add_bos: bool | None = None) -> "TaskBatch":
+        """Token ids for both sides and the answer ids (add_bos: see Model.tokenize). Refuses multi-token answers
+        and pairs of unequal length."""
+        found = self._answer_ids(model.tokenizer)
+
+        def ids(word: str, i: int) -> int:
+            got = found[(i, word)]
+            return got if got is not None else _single_token(model.tokenizer, word, self.clean[i], self.where(i))
+
         answer_ids = torch.tensor([ids(w, i) for i, w in enumerate(self.answers)])
         wrong_ids = torch.tensor([ids(w, i) for i, w in enumerate(self.wrong)])
         clean, corrupt = model.tokenize(self.clean, add_bos=add_bos), model.tokenize(self.corrupt, add_bos=add_bos)
@@ -82,8 +143,9 @@ class Task:
         unequal = torch.nonzero(lc != lk).flatten().tolist()
         if unequal:
             i = unequal[0]
+            where = f"{self.locations[i]}: " if self.locations is not None else ""
             raise DictCircuitsError(
-                f"task {self.name!r}: clean prompt {self.clean[i]!r} is {int(lc[i])} tokens but its corrupt "
+                f"task {self.name!r}: {where}clean prompt {self.clean[i]!r} is {int(lc[i])} tokens but its corrupt "
                 f"{self.corrupt[i]!r} is {int(lk[i])}; pairs must tokenize to the same length (use single-token words)"
             )
         width = max(clean.input_ids.shape[1], corrupt.input_ids.shape[1])
@@ -125,19 +187,48 @@ class Task:
         return _write_atomic(Path(path), "\n".join(lines) + "\n")
 
 
-def _single_token(tokenizer, word: str, prompt: str) -> int:
-    """The id of `word` as one token: alone (byte-level BPE), or else as the one token it adds after the prompt
-    (SentencePiece tokenizers, which spell a leading space differently alone)."""
-    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-    if len(ids) == 1:
-        return int(ids[0])
-    before = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    after = tokenizer(prompt + word, add_special_tokens=False)["input_ids"]
-    if len(after) == len(before) + 1 and after[:-1] == before:
-        return int(after[-1])
-    hint = ("greater-than needs a tokenizer with two-digit number tokens"
+def context_length(model: Model) -> int | None:
+    """The most positions the model reads (from its config), or None when the config does not say."""
+    config = model.hf.config
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _token_id(tokenizer, word: str, context: str) -> int | None:
+    """The id of `word` as one token: alone (byte-level BPE), or else as the one token it adds after `context`
+    (SentencePiece tokenizers, which spell a leading space differently alone); None when it is several tokens."""
+    return _token_ids(tokenizer, [(word, context)])[0]
+
+
+def _token_ids(tokenizer, pairs: list[tuple[str, str]]) -> list[int | None]:
+    """_token_id for many (word, context) pairs, tokenizing in batches."""
+    if not pairs:
+        return []
+    encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    words = list(dict.fromkeys(w for w, _ in pairs))
+    alone = {w: int(ids[0]) if len(ids) == 1 else None for w, ids in zip(words, encode(words))}
+    rest = list(dict.fromkeys((w, c) for w, c in pairs if alone[w] is None))
+    in_context = {}
+    if rest:
+        befores, afters = encode([c for _, c in rest]), encode([c + w for w, c in rest])
+        in_context = {key: int(after[-1]) if len(after) == len(before) + 1 and after[:-1] == before else None
+                      for key, before, after in zip(rest, befores, afters)}
+    return [alone[w] if alone[w] is not None else in_context[(w, c)] for w, c in pairs]
+
+
+def _single_token(tokenizer, word: str, prompt: str, where: str | None = None) -> int:
+    """_token_id, refusing words that are several tokens."""
+    found = _token_id(tokenizer, word, prompt)
+    if found is not None:
+        return found
+    count = len(tokenizer(word, add_special_tokens=False)["input_ids"])
+    hint = ("greater-than needs a tokenizer with one- or two-digit number tokens"
             if word.isdigit() else "answers must be single tokens: pick other words or drop this prompt")
-    raise DictCircuitsError(f"answer {word!r} of prompt {prompt!r} is {len(ids)} tokens for this tokenizer; {hint}")
+    raise DictCircuitsError(f"answer {word!r} of {where or f'prompt {prompt!r}'} is {count} tokens for this "
+                            f"tokenizer; {hint}")
 
 
 def _pad_to(tokens: Tokens, width: int, pad_id: int) -> Tokens:
@@ -244,29 +335,65 @@ IOI_HELDOUT_TEMPLATES = (
     "Earlier, {N1} and {N2} spent the day at the {PLACE}. In the end, {S} sent a {OBJECT} to",
 )
 TRAIN_NAMES = tuple(n for n in NAMES if n not in HELDOUT_NAMES)
+_spaced = lambda word: (" " + word,)  # noqa: E731  how a pool word appears in a prompt
+_spaced_pair = lambda pair: (" " + pair[0], " " + pair[1])  # noqa: E731
 
 
-def _pool(choice: str, train: tuple, heldout: tuple, what: str) -> tuple:
-    pools = {"train": train, "heldout": heldout, "all": train + heldout}
+def _choose(choice: str, pools: dict, what: str):
     if choice not in pools:
-        raise DictCircuitsError(f"{what}={choice!r}: use train, heldout or all")
+        raise DictCircuitsError(f"{what}={choice!r}: use {', '.join(pools)}")
     return pools[choice]
 
 
-def ioi(n: int = 64, seed: int = 0, corruption: str = "abc", names: str = "train", templates: str = "train") -> Task:
+def _pool(tokenizer, base: tuple, extra: tuple = (), spell=_spaced) -> tuple:
+    """The words of `base` that are single tokens for the tokenizer (each spelling of `spell(word)`), topped up
+    to len(base) from `extra` in order; `base` itself without a tokenizer."""
+    if tokenizer is None:
+        return tuple(base)
+    words = tuple(base) + tuple(extra)
+    spelled = [[(s, "The") for s in spell(w)] for w in words]
+    found = iter(_token_ids(tokenizer, sum(spelled, [])))
+    single = {w: all([next(found) is not None for _ in pairs]) for w, pairs in zip(words, spelled)}
+    keep = [w for w in base if single[w]]
+    return tuple(keep + [w for w in extra if single[w]][: max(0, len(base) - len(keep))])
+
+
+def _require(pool: tuple, need: int, task: str, what: str, candidates: tuple, tokenizer, spell=_spaced) -> tuple:
+    """Refuse when fewer than `need` words survived the single-token filter, saying how many and why."""
+    if len(pool) >= need:
+        return pool
+    split = next((s for w in candidates for s in spell(w) if _token_id(tokenizer, s, "The") is None), None)
+    why = "" if split is None else \
+        f" (e.g. {split!r} is {len(tokenizer(split, add_special_tokens=False)['input_ids'])} tokens)"
+    raise DictCircuitsError(f"{task}: only {len(pool)} of {len(candidates)} candidate {what} are single tokens for this "
+                            f"tokenizer with their leading space{why}, and {task} needs {need}; give your own prompts "
+                            "in a task file (see README: task files)")
+
+
+def ioi(n: int = 64, seed: int = 0, corruption: str = "abc", names: str = "train", templates: str = "train",
+        tokenizer=None) -> Task:
     """Indirect object identification, ABBA and BABA orders alternating. corruption="abc" replaces both
     first-clause names and S2 by three unrelated names; "s2" replaces only S2. names / templates: "train"
-    (default), "heldout" (HELDOUT_NAMES / IOI_HELDOUT_TEMPLATES) or "all". Metric: logit(IO) - logit(S)."""
+    (default), "heldout" (HELDOUT_NAMES / IOI_HELDOUT_TEMPLATES) or "all". With a tokenizer, names, places and
+    objects are those that are single tokens for it (see _pool). Metric: logit(IO) - logit(S)."""
     if corruption not in ("abc", "s2"):
         raise DictCircuitsError(f"IOI corruption {corruption!r}: use abc (three new names) or s2 (S2 only)")
-    name_pool = _pool(names, TRAIN_NAMES, HELDOUT_NAMES, "names")
-    template_pool = _pool(templates, IOI_TEMPLATES, IOI_HELDOUT_TEMPLATES, "templates")
+    task = "ioi" if corruption == "abc" else "ioi-s2"
+    train = lambda: _pool(tokenizer, TRAIN_NAMES, EXTRA_NAMES)  # noqa: E731
+    heldout = lambda: _pool(tokenizer, HELDOUT_NAMES, EXTRA_HELDOUT_NAMES)  # noqa: E731
+    name_pool = _choose(names, {"train": train, "heldout": heldout, "all": lambda: train() + heldout()}, "names")()
+    name_pool = _require(name_pool, 5, task, "names", NAMES + EXTRA_NAMES + EXTRA_HELDOUT_NAMES, tokenizer)
+    template_pool = _choose(templates, {"train": IOI_TEMPLATES, "heldout": IOI_HELDOUT_TEMPLATES,
+                                        "all": IOI_TEMPLATES + IOI_HELDOUT_TEMPLATES}, "templates")
+    places = _require(_pool(tokenizer, PLACES, EXTRA_PLACES), 1, task, "places", PLACES + EXTRA_PLACES, tokenizer)
+    objects = _require(_pool(tokenizer, OBJECTS, EXTRA_OBJECTS), 1, task, "objects", OBJECTS + EXTRA_OBJECTS,
+                       tokenizer)
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         t = rng.randrange(len(template_pool))
         io, s, c1, c2, c3 = rng.sample(name_pool, 5)
-        place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
+        place, obj = rng.choice(places), rng.choice(objects)
         order = "ABBA" if i % 2 == 0 else "BABA"
         fill = lambda n1, n2, s2: template_pool[t].format(N1=n1, N2=n2, S=s2, PLACE=place, OBJECT=obj)  # noqa: E731
         first = (io, s) if order == "ABBA" else (s, io)
@@ -274,23 +401,36 @@ def ioi(n: int = 64, seed: int = 0, corruption: str = "abc", names: str = "train
         corrupt = fill(c1, c2, c3) if corruption == "abc" else fill(*first, c1)
         rows.append((clean, corrupt, " " + io, " " + s,
                      {"order": order, "template": t, "template_set": templates, "names": names}))
-    name = "ioi" if corruption == "abc" else "ioi-s2"
-    return _task(name, rows, "logit_diff")
+    return _task(task, rows, "logit_diff")
 
 
-def parens(n: int = 64, seed: int = 0) -> Task:
+def _nouns(tokenizer, task: str, need: int) -> tuple:
+    """(singular, plural) pairs with both forms single tokens."""
+    pool = _pool(tokenizer, NOUNS, EXTRA_NOUNS, _spaced_pair)
+    return _require(pool, need, task, "nouns", NOUNS + EXTRA_NOUNS, tokenizer, _spaced_pair)
+
+
+def parens(n: int = 64, seed: int = 0, tokenizer=None) -> Task:
     """Bracket closing. Clean ends inside one open "(" that holds 1-3 phrases ("for the ring at the store", so the
     distance to the bracket varies) and 0-2 complete nested groups (deepest nesting 1-3): ")" is due. Corrupt is
     the same text with the bracket closed at the end ("... at store)"), so nothing is open.
     Metric: logit(")") - logit(".")."""
+    nouns = _nouns(tokenizer, "parens", 1)
+    objects = _require(_pool(tokenizer, OBJECTS, EXTRA_OBJECTS), 1, "parens", "objects", OBJECTS + EXTRA_OBJECTS,
+                       tokenizer)
+    things = tuple(w for w in objects + _pool(tokenizer, PLACES, EXTRA_PLACES) if _closes(tokenizer, w))
+    if not things:
+        raise DictCircuitsError(f"parens: this tokenizer merges ')' into every object and place before it (e.g. "
+                                f"{objects[0] + ')'!r}), so clean and corrupt prompts cannot have equal lengths; give "
+                                "your own prompts in a task file (see README: task files)")
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        phrases = [_phrase(rng) for _ in range(rng.randint(1, 3))]
+        phrases = [_phrase(rng, things) for _ in range(rng.randint(1, 3))]
         depth = rng.randint(1, 3)
         if depth > 1:
-            phrases.insert(rng.randrange(len(phrases)), _nested_group(rng, depth - 1))
-        lead = f"The {rng.choice(NOUNS)[0]} bought the {rng.choice(OBJECTS)} ("
+            phrases.insert(rng.randrange(len(phrases)), _nested_group(rng, depth - 1, things))
+        lead = f"The {rng.choice(nouns)[0]} bought the {rng.choice(objects)} ("
         body = " ".join(phrases)  # the nested group never comes last, so body ends "prep the noun"
         prep, _, noun = phrases[-1].split(" ")
         clean, corrupt = lead + body, lead + body[: -len(phrases[-1])] + f"{prep} {noun})"
@@ -298,57 +438,124 @@ def parens(n: int = 64, seed: int = 0) -> Task:
     return _task("parens", rows, "logit_diff")
 
 
-def _phrase(rng: random.Random) -> str:
-    return f"{rng.choice(('for', 'at', 'in', 'with', 'from'))} the {rng.choice(OBJECTS + PLACES)}"
+def _closes(tokenizer, word: str) -> bool:
+    """Whether ")" after the word is a token of its own (the corrupt prompt closes the bracket right after it)."""
+    if tokenizer is None:
+        return True
+    tok = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    head, closed = tok(f"in {word}"), tok(f"in {word})")
+    return len(closed) == len(head) + 1 and closed[:-1] == head
 
 
-def _nested_group(rng: random.Random, depth: int) -> str:
+def _phrase(rng: random.Random, things: tuple) -> str:
+    return f"{rng.choice(('for', 'at', 'in', 'with', 'from'))} the {rng.choice(things)}"
+
+
+def _nested_group(rng: random.Random, depth: int, things: tuple) -> str:
     """A complete bracketed group nested `depth` deep, e.g. '(at the store (with the cake))'."""
-    inner = _nested_group(rng, depth - 1) if depth > 1 else ""
-    return "(" + _phrase(rng) + (" " + inner if inner else "") + ")"
+    inner = _nested_group(rng, depth - 1, things) if depth > 1 else ""
+    return "(" + _phrase(rng, things) + (" " + inner if inner else "") + ")"
 
 
-def sva(n: int = 64, seed: int = 0, variant: str = "simple") -> Task:
+def sva(n: int = 64, seed: int = 0, variant: str = "simple", tokenizer=None) -> Task:
     """Subject-verb agreement: clean and corrupt differ only in the subject's number; the answer is the verb form
     agreeing with the clean subject, wrong the other form. variant: simple ("The teacher"), pp ("The teacher near
     the desk"), rc ("The teacher that the doctor likes")."""
     if variant not in ("simple", "pp", "rc"):
         raise DictCircuitsError(f"sva variant {variant!r}: use simple, pp or rc")
+    task = "sva" if variant == "simple" else f"sva-{variant}"
+    nouns = _nouns(tokenizer, task, 2)
+    verbs = _require(_pool(tokenizer, VERBS, spell=lambda pair: pair), 1, task, "verb pairs", VERBS, tokenizer,
+                     lambda pair: pair)
+    prep_nouns = _pool(tokenizer, PREP_NOUNS, EXTRA_PREP_NOUNS)
+    rc_verbs = _pool(tokenizer, RC_VERBS, EXTRA_RC_VERBS)
+    if variant == "pp":
+        _require(prep_nouns, 1, task, "nouns after a preposition", PREP_NOUNS + EXTRA_PREP_NOUNS, tokenizer)
+    if variant == "rc":
+        _require(rc_verbs, 1, task, "relative-clause verbs", RC_VERBS + EXTRA_RC_VERBS, tokenizer)
     rng = random.Random(seed)
     preps = ("near", "behind", "beside", "by")
     rows = []
     for i in range(n):
-        (sg, pl), (v_sg, v_pl) = rng.choice(NOUNS), rng.choice(VERBS)
+        (sg, pl), (v_sg, v_pl) = rng.choice(nouns), rng.choice(verbs)
         if variant == "pp":
-            tail = f" {rng.choice(preps)} the {rng.choice(PREP_NOUNS)}"
+            tail = f" {rng.choice(preps)} the {rng.choice(prep_nouns)}"
         elif variant == "rc":
-            other = rng.choice([x for x in NOUNS if x[0] != sg])[0]
-            tail = f" that the {other} {rng.choice(RC_VERBS)}"
+            other = rng.choice([x for x in nouns if x[0] != sg])[0]
+            tail = f" that the {other} {rng.choice(rc_verbs)}"
         else:
             tail = ""
         plural = i % 2 == 1
         clean, corrupt = f"The {pl if plural else sg}{tail}", f"The {sg if plural else pl}{tail}"
         answer, wrong = (v_pl, v_sg) if plural else (v_sg, v_pl)
         rows.append((clean, corrupt, answer, wrong, {"case": "plural_singular" if plural else "singular_plural"}))
-    return _task("sva" if variant == "simple" else f"sva-{variant}", rows, "logit_diff")
+    return _task(task, rows, "logit_diff")
 
 
-def greater_than(n: int = 64, seed: int = 0) -> Task:
+def greater_than(n: int = 64, seed: int = 0, tokenizer=None) -> Task:
     """Greater-than (Hanna et al. 2023): "The war lasted from the year 1732 to the year 17" -> a year after 32.
-    Corrupt starts at 01. Metric: p(years > start) - p(years <= start). Needs two-digit number tokens."""
+    Corrupt starts at 01. Metric: p(years > start) - p(years <= start). For tokenizers that write numbers digit by
+    digit (Llama, Gemma) the next token is the tens digit: p(tens digits > 3) - p(tens digits < 3) for a start of
+    32 (start years 10-89), meta "year_tokens": 1. With a tokenizer, only years it splits as "17" + "32" (or
+    digit by digit) are drawn, so clean and corrupt have equal lengths."""
+    digits, valid = _year_tokens(tokenizer)
+    events = _require(_pool(tokenizer, EVENTS, EXTRA_EVENTS), 1, "greater_than", "events", EVENTS + EXTRA_EVENTS,
+                      tokenizer)
+    low, high = (2, 98) if digits == 2 else (10, 89)
     rng = random.Random(seed)
-    events = ("war", "expedition", "drought", "project", "dynasty", "trial")
     rows = []
     for _ in range(n):
-        century, yy = rng.randint(11, 17), rng.randint(2, 98)
+        century, yy = rng.randint(11, 17), rng.randint(low, high)
+        while valid is not None and (century, yy) not in valid:  # redraw years the tokenizer writes otherwise
+            century, yy = rng.randint(11, 17), rng.randint(low, high)
         lead = f"The {rng.choice(events)} lasted from the year {century}"
         clean, corrupt = f"{lead}{yy:02d} to the year {century}", f"{lead}01 to the year {century}"
-        later, earlier = [f"{y:02d}" for y in range(yy + 1, 100)], [f"{y:02d}" for y in range(0, yy + 1)]
-        rows.append((clean, corrupt, later[0], earlier[-1], {"start": yy, "answer_set": later, "wrong_set": earlier}))
+        later, earlier = _year_sets(yy, digits)
+        meta = {"start": yy} if digits == 2 else {"start": yy, "year_tokens": 1}
+        rows.append((clean, corrupt, later[0], earlier[-1], {**meta, "answer_set": later, "wrong_set": earlier}))
     task = _task("greater_than", rows, "prob_diff")
     task.answer_sets = [m.pop("answer_set") for m in task.meta]
     task.wrong_sets = [m.pop("wrong_set") for m in task.meta]
     return task
+
+
+def _year_sets(yy: int, digits: int) -> tuple[list[str], list[str]]:
+    """(later, earlier) continuations of "... to the year 17" for start year yy: two-digit years after / up to yy,
+    or (one digit a token) tens digits above / below yy's."""
+    if digits == 2:
+        return [f"{y:02d}" for y in range(yy + 1, 100)], [f"{y:02d}" for y in range(yy + 1)]
+    return [str(d) for d in range(yy // 10 + 1, 10)], [str(d) for d in range(yy // 10)]
+
+
+def _year_tokens(tokenizer) -> tuple[int, set | None]:
+    """How the tokenizer writes a year's last two digits after "from the year 17": 2 (one token, GPT-2) or 1 (a
+    token per digit, Llama/Gemma), with the (century, yy) pairs it writes that way (None: no tokenizer, all)."""
+    if tokenizer is None:
+        return 2, None
+    tok = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    found = {}
+    for digits in (2, 1):
+        pieces = [f"{y:02d}" for y in range(100)] if digits == 2 else [str(d) for d in range(10)]
+        ids = {p: _token_id(tokenizer, p, "from the year 17") for p in pieces}
+        if None in ids.values():
+            found[digits] = 0
+            continue
+        valid = set()
+        for century in range(11, 18):
+            prefix = f"from the year {century}"
+            head = tok(prefix)
+            splits = lambda yy: tok(prefix + f"{yy:02d}") == head + [ids[p] for p in  # noqa: E731
+                                                                     ([f"{yy:02d}"] if digits == 2 else f"{yy:02d}")]
+            if splits(1):  # the corrupt start year
+                valid |= {(century, yy) for yy in range(100) if splits(yy)}
+        low, high = (2, 98) if digits == 2 else (10, 89)
+        valid = {(c, y) for c, y in valid if low <= y <= high}
+        if len(valid) >= 20:
+            return digits, valid
+        found[digits] = len(valid)
+    raise DictCircuitsError(f"greater_than: this tokenizer writes too few years as '17' + two-digit token "
+                            f"({found[2]}) or digit by digit ({found[1]}) after 'from the year', 20 needed; "
+                            "give your own prompts in a task file")
 
 
 def _task(name: str, rows: list[tuple], metric: str) -> Task:
@@ -360,9 +567,9 @@ GENERATORS = {
     "ioi": lambda n, seed, **kw: ioi(n, seed, corruption="abc", **kw),
     "ioi-s2": lambda n, seed, **kw: ioi(n, seed, corruption="s2", **kw),
     "parens": parens,
-    "sva": lambda n, seed: sva(n, seed, "simple"),
-    "sva-pp": lambda n, seed: sva(n, seed, "pp"),
-    "sva-rc": lambda n, seed: sva(n, seed, "rc"),
+    "sva": lambda n, seed, **kw: sva(n, seed, "simple", **kw),
+    "sva-pp": lambda n, seed, **kw: sva(n, seed, "pp", **kw),
+    "sva-rc": lambda n, seed, **kw: sva(n, seed, "rc", **kw),
     "greater_than": greater_than,
 }
 
@@ -375,14 +582,23 @@ def write_task_files(folder: str | Path = "tasks", n: int = 256, seed: int = 0) 
 
 
 # --- loading ----------------------------------------------------------------------------------------
-def load_task(spec: str, n: int = 64, seed: int = 0, model: Model | None = None, **options) -> Task:
+def load_task(spec: str, n: int | None = None, seed: int = 0, model: Model | None = None, strict: bool = False,
+              **options) -> Task:
     """A built-in task by name (ioi, ioi-s2, parens, sva, sva-pp, sva-rc, greater_than; options go to the generator,
-    e.g. names="heldout") or a file: our JSONL, feature-circuits JSONL, auto-circuit JSON or EAP-IG CSV. Files are
-    read whole (n and seed do not apply). With model, answers are checked now (one clear error if not single tokens);
-    EAP-IG CSVs that give token ids need the model to decode them."""
+    e.g. names="heldout"; n prompts, 64 by default) or a file: our JSONL, feature-circuits JSONL, auto-circuit JSON
+    or EAP-IG CSV (every usable row, or the first n of them).
+
+    With model, generators draw only words that are single tokens for its tokenizer, and file rows it cannot use
+    (multi-token answers, clean and corrupt of different token lengths) are skipped with one line on stderr giving
+    their count and the first reason, or refused when strict; prompts longer than its context are refused
+    (Task.check_fits). EAP-IG CSVs that give token ids need the model to decode them."""
+    _check_n(n)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise DictCircuitsError(f"task {spec!r}: give a built-in task name ({', '.join(GENERATORS)}) or a file path")
     if spec in GENERATORS:
+        tokenizer = model.tokenizer if model is not None else None
         try:
-            task = GENERATORS[spec](n, seed, **options)
+            task = GENERATORS[spec](64 if n is None else n, seed, tokenizer=tokenizer, **options)
         except TypeError as exc:
             if not options:
                 raise
@@ -396,24 +612,102 @@ def load_task(spec: str, n: int = 64, seed: int = 0, model: Model | None = None,
             raise DictCircuitsError(f"{path}: unknown task file type {path.suffix!r}; use .jsonl, .json (auto-circuit "
                                     "or feature-circuits JSONL) or .csv (EAP-IG)")
         task = readers[path.suffix](path, model)
+        if model is not None:
+            task = _drop_unusable(task, path, model.tokenizer, strict)
+        if n is not None:
+            task = task.subset(range(min(n, len(task))))
     if model is not None:
+        task.check_fits(model)
         task.tokenize(model)
     return task
 
 
-def _read_jsonl(path: Path, model=None) -> Task:
-    """Our JSONL (clean, corrupt, answer, wrong[, metric, answer_set, wrong_set, meta]) or feature-circuits JSONL
-    (clean_prefix, patch_prefix, clean_answer, patch_answer)."""
+def _check_n(n) -> None:
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise DictCircuitsError(f"n={n!r}: give a whole number of prompts")
+    if n < 1:
+        raise DictCircuitsError(f"n={n}: need at least 1 prompt")
+
+
+def _drop_unusable(task: Task, path: Path, tokenizer, strict: bool) -> Task:
+    """The rows the tokenizer can use; one stderr line for the rest (strict: refuse them)."""
+    problems = task.problems(tokenizer)
+    if not problems:
+        return task
+    i, reason = problems[0]
+    count = f"{len(problems)} of {len(task)} rows"
+    if strict:
+        raise DictCircuitsError(f"{task.where(i)}: {reason}; {count} cannot be used with this tokenizer and strict "
+                                "refuses them: fix those rows, or leave out --strict to skip them")
+    if len(problems) == len(task):
+        raise DictCircuitsError(f"{path}: none of its {len(task)} rows can be used with this tokenizer (first: "
+                                f"{task.where(i)}: {reason}); answers must be single tokens and clean and corrupt "
+                                "must have equal token lengths")
+    print(f"{path}: skipped {count} that this tokenizer cannot use (first: {task.where(i)}: {reason}); "
+          "--strict refuses them instead", file=sys.stderr)
+    bad = {j for j, _ in problems}
+    kept = task.subset([j for j in range(len(task)) if j not in bad])
+    kept.skipped = len(problems)
+    return kept
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; one clear line for binary or empty files."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DictCircuitsError(f"{path} line {line}: not UTF-8 text (byte {data[exc.start]:#04x}); a task file is "
+                                "UTF-8 JSONL, JSON or CSV") from exc
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise DictCircuitsError(f"{path} line {line}: holds a NUL byte, so it is not a text file; a task file is "
+                                "UTF-8 JSONL, JSON or CSV")
+    if not text.strip():
+        raise DictCircuitsError(f"{path} is empty; a task file needs one prompt pair per line (see README: task files)")
+    return text
+
+
+def _check_row(where: str, clean, corrupt, answers: list, wrong: list) -> None:
+    """Refuse a row that could only give a meaningless metric: empty prompts or answers, clean equal to corrupt,
+    a token that is both an answer and a wrong answer."""
+    for what, text in (("clean", clean), ("corrupt", corrupt)):
+        if not text.strip():
+            raise DictCircuitsError(f"{where}: the {what} prompt is empty; give the text the model continues")
+    if clean == corrupt:
+        raise DictCircuitsError(f"{where}: clean and corrupt are the same text, so patching would change nothing; "
+                                "give a corrupt prompt that differs")
+    for word in answers + wrong:
+        if not word:
+            raise DictCircuitsError(f"{where}: an answer is the empty string; answers are tokens such as ' Mary'")
+    both = [w for w in answers if w in wrong]
+    if both:
+        raise DictCircuitsError(f"{where}: {both[0]!r} is both the answer and the wrong answer, so the metric is 0 "
+                                "whatever the model does; give a different wrong answer")
+
+
+def _string_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(w, str) for w in value)
+
+
+def _read_jsonl(path: Path, model=None, text: str | None = None) -> Task:
+    """Our JSONL (clean, corrupt, answer, wrong[, task, metric, answer_set, wrong_set, meta]) or feature-circuits
+    JSONL (clean_prefix, patch_prefix, clean_answer, patch_answer)."""
     rows, metrics, name = [], set(), path.stem
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    text = _read_text(path) if text is None else text
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path} line {lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DictCircuitsError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from exc
+            raise DictCircuitsError(f"{where}: not valid JSON ({exc.msg})") from exc
         if not isinstance(obj, dict):
-            raise DictCircuitsError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            raise DictCircuitsError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         if "clean_prefix" in obj:
             keys = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
         else:
@@ -421,96 +715,142 @@ def _read_jsonl(path: Path, model=None) -> Task:
         missing = [k for k in keys if not isinstance(obj.get(k), str)]
         if missing:
             raise DictCircuitsError(
-                f"{path} line {lineno}: missing or non-string {', '.join(missing)}; each line needs clean, corrupt, "
+                f"{where}: missing or non-string {', '.join(missing)}; each line needs clean, corrupt, "
                 "answer, wrong (ours) or clean_prefix, patch_prefix, clean_answer, patch_answer (feature-circuits)")
-        rows.append([obj[k] for k in keys] + [obj.get("answer_set"), obj.get("wrong_set"), obj.get("meta", {})])
+        for key, check, want in (("task", lambda v: isinstance(v, str) and v.strip(), "a non-empty string"),
+                                 ("metric", lambda v: v in METRICS, f"one of {', '.join(METRICS)}"),
+                                 ("answer_set", _string_list, "a non-empty list of strings"),
+                                 ("wrong_set", _string_list, "a non-empty list of strings"),
+                                 ("meta", lambda v: isinstance(v, dict), "a JSON object")):
+            if key in obj and not check(obj[key]):
+                raise DictCircuitsError(f"{where}: {key} must be {want}, got {json.dumps(obj[key])[:60]}")
+        clean, corrupt, answer, wrong = (obj[k] for k in keys)
+        a_set, w_set = obj.get("answer_set"), obj.get("wrong_set")
+        _check_row(where, clean, corrupt, [answer, *(a_set or [])], [wrong, *(w_set or [])])
+        rows.append([clean, corrupt, answer, wrong, a_set, w_set, obj.get("meta", {}), where])
         metrics.add(obj.get("metric", "logit_diff"))
         name = obj.get("task", name)
     if not rows:
         raise DictCircuitsError(f"{path} has no prompts")
     if len(metrics) > 1:
         raise DictCircuitsError(f"{path}: lines disagree on the metric ({sorted(metrics)}); use one per file")
-    clean, corrupt, answers, wrong, a_sets, w_sets, meta = (list(c) for c in zip(*rows))
+    clean, corrupt, answers, wrong, a_sets, w_sets, meta, where = (list(c) for c in zip(*rows))
     has_sets = any(s is not None for s in a_sets + w_sets)
     return Task(name, clean, corrupt, answers, wrong, metric=metrics.pop(),
                 answer_sets=[s or [a] for s, a in zip(a_sets, answers)] if has_sets else None,
-                wrong_sets=[s or [w] for s, w in zip(w_sets, wrong)] if has_sets else None, meta=meta)
+                wrong_sets=[s or [w] for s, w in zip(w_sets, wrong)] if has_sets else None, meta=meta,
+                locations=where)
 
 
 def _read_json(path: Path, model=None) -> Task:
     """auto-circuit JSON {"prompts": [{clean, corrupt, answers, wrong_answers}]}; a .json file that is really
     JSONL (feature-circuits ships those) is read as JSONL."""
-    text = path.read_text()
+    text = _read_text(path)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:
-        return _read_jsonl(path)
+        return _read_jsonl(path, text=text)
     if not isinstance(obj, dict) or not isinstance(obj.get("prompts"), list):
         if isinstance(obj, dict) and "clean_prefix" in obj:
-            return _read_jsonl(path)
+            return _read_jsonl(path, text=text)
         raise DictCircuitsError(f"{path}: expected auto-circuit JSON with a top-level \"prompts\" list")
     rows = []
     for i, p in enumerate(obj["prompts"]):
+        where = f"{path} prompt {i}"
         ok = isinstance(p, dict) and isinstance(p.get("clean"), str) and isinstance(p.get("corrupt"), str) and all(
-            isinstance(p.get(k), list) and p[k] and all(isinstance(w, str) for w in p[k]) for k in ("answers", "wrong_answers"))
+            _string_list(p.get(k)) for k in ("answers", "wrong_answers"))
         if not ok:
-            raise DictCircuitsError(f"{path}: prompt {i} needs clean, corrupt (strings) and non-empty answers, "
-                                    "wrong_answers (lists of strings)")
-        rows.append((p["clean"], p["corrupt"], p["answers"], p["wrong_answers"]))
+            raise DictCircuitsError(f"{where} needs clean, corrupt (strings) and non-empty answers, wrong_answers "
+                                    "(lists of strings)")
+        _check_row(where, p["clean"], p["corrupt"], p["answers"], p["wrong_answers"])
+        rows.append((p["clean"], p["corrupt"], p["answers"], p["wrong_answers"], where))
     if not rows:
         raise DictCircuitsError(f"{path} has no prompts")
-    clean, corrupt, a_sets, w_sets = (list(c) for c in zip(*rows))
+    clean, corrupt, a_sets, w_sets, where = (list(c) for c in zip(*rows))
     multi = any(len(s) > 1 for s in a_sets + w_sets)
     return Task(path.stem, clean, corrupt, [s[0] for s in a_sets], [s[0] for s in w_sets],
-                answer_sets=a_sets if multi else None, wrong_sets=w_sets if multi else None)
+                answer_sets=a_sets if multi else None, wrong_sets=w_sets if multi else None, locations=where)
 
 
 def _read_csv(path: Path, model: Model | None = None) -> Task:
     """EAP-IG CSV with columns clean, corrupted and one of: correct_idx + incorrect_idx (token ids, IOI style),
-    label "[correct_id, incorrect_id]" (token ids), or label / correct_idx alone as an integer (greater-than: the
-    two-digit start year; metric p(later years) - p(earlier or same)). Token ids are decoded with the model's
-    tokenizer, so those files need model=."""
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
+    label "[correct_id, incorrect_id]" (token ids), or label / correct_idx alone as an integer, read only for
+    greater-than prompts (a year in the prompt ending in it, its century at the end: "... 1732 to the year 17"):
+    the two-digit start year; metric p(later years) - p(earlier or same). Token ids must be whole tokens of the
+    model's tokenizer (decode -> encode gives them back), so those files need model=."""
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    try:
         cols = set(reader.fieldnames or [])
         if not {"clean", "corrupted"} <= cols:
             raise DictCircuitsError(f"{path}: an EAP-IG CSV needs columns clean and corrupted (found {sorted(cols)})")
-        rows = list(enumerate(reader, 2))
+        rows = []
+        for row in reader:
+            rows.append((reader.line_num, row))
+    except csv.Error as exc:
+        raise DictCircuitsError(f"{path} line {reader.line_num}: not readable as CSV ({exc})") from exc
     if not rows:
         raise DictCircuitsError(f"{path} has no prompts")
-    decode = None
-    if model is not None:
-        decode = lambda i: model.tokenizer.decode([i])  # noqa: E731
-    clean, corrupt, answers, wrong, a_sets, w_sets = [], [], [], [], [], []
+    clean, corrupt, answers, wrong, a_sets, w_sets, wheres = [], [], [], [], [], [], []
     for lineno, row in rows:
-        label = row.get("label") or ""
+        where = f"{path} line {lineno}"
+        text, other = row.get("clean"), row.get("corrupted")
+        if not isinstance(text, str) or not isinstance(other, str):
+            raise DictCircuitsError(f"{where}: missing clean or corrupted (the row has fewer fields than the header)")
+        label = (row.get("label") or "").strip()
         try:
-            if row.get("incorrect_idx") or label.strip().startswith("["):
-                pair = [int(row["correct_idx"]), int(row["incorrect_idx"])] if row.get("incorrect_idx") else json.loads(label)
-                if len(pair) != 2:
-                    raise ValueError("label pair must have two token ids")
-                if decode is None:
-                    raise DictCircuitsError(f"{path} line {lineno}: answers are token ids; pass model= to decode them")
-                a, w = decode(int(pair[0])), decode(int(pair[1]))
+            if row.get("incorrect_idx") or label.startswith("["):
+                pair = [row["correct_idx"], row["incorrect_idx"]] if row.get("incorrect_idx") else json.loads(label)
+                if not isinstance(pair, list) or len(pair) != 2:
+                    raise ValueError("a label pair must hold two token ids")
+                if model is None:
+                    raise DictCircuitsError(f"{where}: answers are token ids; pass model= to decode them")
+                a, w = (_decode_id(model.tokenizer, value, where, text) for value in pair)
                 a_set, w_set = [a], [w]
             else:
                 yy = int(row.get("correct_idx") or label)
                 if not 0 <= yy <= 98:
                     raise ValueError(f"start year {yy} is not a two-digit year below 99")
-                a_set, w_set = [f"{y:02d}" for y in range(yy + 1, 100)], [f"{y:02d}" for y in range(yy + 1)]
+                if not _holds_year(text, yy):
+                    raise DictCircuitsError(
+                        f"{where}: an integer label ({yy}) is read only as a greater-than start year, but the prompt "
+                        f"holds no year ending in {yy:02d} with its century at the end; for answers give "
+                        "correct_idx and incorrect_idx token ids or a label \"[correct_id, incorrect_id]\"")
+                a_set, w_set = _year_sets(yy, 2)
                 a, w = a_set[0], w_set[-1]
         except (ValueError, TypeError, json.JSONDecodeError) as exc:
-            raise DictCircuitsError(f"{path} line {lineno}: cannot read the label ({exc}); give correct_idx and "
+            raise DictCircuitsError(f"{where}: cannot read the label ({exc}); give correct_idx and "
                                     "incorrect_idx token ids, a label \"[id, id]\" or an integer start year") from exc
-        clean.append(row["clean"])
-        corrupt.append(row["corrupted"])
-        answers.append(a)
-        wrong.append(w)
-        a_sets.append(a_set)
-        w_sets.append(w_set)
+        _check_row(where, text, other, a_set, w_set)
+        for column, value in ((clean, text), (corrupt, other), (answers, a), (wrong, w), (a_sets, a_set),
+                              (w_sets, w_set), (wheres, where)):
+            column.append(value)
     multi = any(len(s) > 1 for s in a_sets)
     return Task(path.stem, clean, corrupt, answers, wrong, metric="prob_diff" if multi else "logit_diff",
-                answer_sets=a_sets if multi else None, wrong_sets=w_sets if multi else None)
+                answer_sets=a_sets if multi else None, wrong_sets=w_sets if multi else None, locations=wheres)
+
+
+def _holds_year(prompt: str, yy: int) -> bool:
+    """Whether the prompt is a greater-than prompt for start year yy: a four-digit year ending in yy, and the
+    prompt ending in that year's century ("The war lasted from 1732 to 17")."""
+    return any(prompt.rstrip().endswith(century) for century in re.findall(rf"\b(\d\d){yy:02d}\b", prompt))
+
+
+def _decode_id(tokenizer, value, where: str, prompt: str) -> str:
+    """The text of a token id from a file, refusing ids outside the vocabulary or that do not come back as
+    themselves when the text is encoded again (special tokens, partial characters, another tokenizer's ids)."""
+    token = int(value) if isinstance(value, str) else value
+    if isinstance(token, bool) or not isinstance(token, int):
+        raise ValueError(f"token id {value!r} is not an integer")
+    vocab = len(tokenizer)
+    if not 0 <= token < vocab:
+        raise DictCircuitsError(f"{where}: token id {token} is outside this tokenizer's vocabulary (0..{vocab - 1}); "
+                                "the file was made for another tokenizer: give ids of this model's tokenizer")
+    text = tokenizer.decode([token])
+    back = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if back != [token] and (not text or _token_id(tokenizer, text, prompt) != token):
+        raise DictCircuitsError(f"{where}: token id {token} decodes to {text!r}, which encodes back to {back}, not "
+                                f"[{token}]; give ids of whole, non-special tokens of this model's tokenizer")
+    return text
 
 
 def _write_atomic(path: Path, text: str) -> Path:

@@ -73,8 +73,10 @@ def test_tokenize_refuses_bad_answers_and_pairs(model):
         Task("t", ["When Mary and John"], ["When Alice and Bob"], [" Zebedee"], [" John"]).tokenize(model)
     with pytest.raises(DictCircuitsError, match="same length"):
         Task("t", ["Mary and John went"], ["Mary went"], [" Mary"], [" John"]).tokenize(model)
-    with pytest.raises(DictCircuitsError, match="two-digit"):
-        load_task("greater_than", n=4, model=model)
+    # the toy tokenizer writes "1759" as " 17" "5" "9": greater-than asks for the tens digit instead
+    gt = load_task("greater_than", n=4, model=model)
+    assert all(m["year_tokens"] == 1 for m in gt.meta)
+    assert gt.answer_sets[0] == [str(d) for d in range(gt.meta[0]["start"] // 10 + 1, 10)]
     with pytest.raises(DictCircuitsError, match="clean prompts but"):
         Task("t", ["a", "b"], ["c"], [" Mary"], [" John"])
     with pytest.raises(DictCircuitsError, match="unknown metric"):
@@ -160,7 +162,7 @@ def test_bad_files_name_the_line(tmp_path):
     with pytest.raises(DictCircuitsError, match="line 2: not valid JSON"):
         load_task(str(bad))
     csv_bad = tmp_path / "bad.csv"
-    csv_bad.write_text("clean,corrupted,label\na,b,1\nc,d,later\n")
+    csv_bad.write_text("clean,corrupted,label\nFrom 1732 to 17,From 1701 to 17,32\nc,d,later\n")
     with pytest.raises(DictCircuitsError, match="line 3: cannot read the label"):
         load_task(str(csv_bad))
     (tmp_path / "x.csv").write_text("prompt,answer\na,b\n")
