@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
-from .graph import LOGIT, CircuitGraph, Node, atomic_write, format_metric
+from .circuit import LOGIT, CircuitGraph, Node, atomic_write, format_metric, shown_curve
 from .models import Model
 
 VIS_VERSION = "vis-9.1.2"
@@ -110,6 +110,8 @@ def _tooltip(node_id: str, a: dict, tokens: Sequence[str], details: dict | None)
     parts = [f"<div class='tt-h'>{_esc(a['site'])} · {_esc(kind)}</div>", f"<div>{where}</div>",
              f"<div>effect <b>{a['effect']:+.4g}</b> · {'‖err‖' if a['kind'] == 'error' else 'activation'} "
              f"{a.get('activation', 0.0):.4g}</div>"]
+    if a.get("share") is not None:
+        parts.append(f"<div>kept by <b>{100 * a['share']:.0f}%</b> of the prompts (per-prompt circuit)</div>")
     if details:
         for key, label in (("top_logits", "promotes"), ("bottom_logits", "suppresses")):
             toks = " ".join(f"<code>{_esc(_shown(t))}</code>" for t, _ in details.get(key, []))
@@ -211,12 +213,14 @@ def render_html(cg: CircuitGraph) -> str:
              ("nodes", sum(1 for _, a in cg.graph.nodes(data=True) if a["kind"] != "logit")),
              ("edges", cg.graph.number_of_edges())]
     if ver is not None:
+        if ver.per_prompt:
+            stats.append(("nodes per prompt", ver.size))
         stats += [("faithfulness", format_metric(ver.faithfulness)), ("completeness", format_metric(ver.completeness)),
                   ("ablation", ver.ablation)]
     header = " · ".join(f"<span class='k'>{_esc(k)}</span> <b>{_esc(v)}</b>" for k, v in stats)
     if ver is not None and ver.curve:
-        header += ("<div class='k'>faithfulness of the top-n nodes: "
-                   + " ".join(f"{n}:&nbsp;{format_metric(f, 2)}" for n, f in ver.curve) + "</div>")
+        header += ("<div class='k'>faithfulness of " + ("each prompt's top-n nodes: " if ver.per_prompt else "the top-n nodes: ")
+                   + " ".join(f"{n}:&nbsp;{format_metric(f, 2)}" for n, f in shown_curve(ver)) + "</div>")
     prompt = "".join(f"<code title='position {p}'>{_esc(_shown(t))}</code>" for p, t in enumerate(cg.tokens))
     sites = sorted({(a["order"], a["site"]) for _, a in cg.graph.nodes(data=True) if a["kind"] != "logit"})
     kinds = sorted({s.split(".")[0] for _, s in sites})

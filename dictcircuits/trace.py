@@ -1,12 +1,15 @@
 """`dictcircuits trace`: find the feature circuit of a task and write it as interactive HTML, JSON and GraphML.
 
-Phases: node effects (IG by default) -> node selection (threshold or share of influence, capped) ->
-verification by real patching (faithfulness, completeness, curve; optional ACDC-style refinement) ->
-direct-effect edges among the kept nodes -> hover details and rendering.
+Phases: node effects (IG by default) -> node selection (a ranking shared by every prompt, or each prompt's own
+top-N) sized by real patching to reach a faithfulness target (or a fixed size) -> verification (faithfulness,
+completeness, curve; optional ACDC-style refinement) -> direct-effect edges among the kept nodes -> hover details
+and rendering. The pipeline's steps live in dictcircuits.circuit.
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import os
 import re
 import time
 from pathlib import Path
@@ -15,43 +18,124 @@ from typing import Mapping
 from tqdm.auto import tqdm
 
 from .attribute import METHODS, node_effects
+from .circuit import (RANKINGS, CircuitGraph, Patcher, build_graph, choose_nodes, compute_edges, format_metric,
+                      metric_parents, node_activations, rank_nodes, shown_curve)
 from .dictionary import Dictionary
-from .errors import DictCircuitsError
-from .formats import load_dictionaries
-from .graph import (CircuitGraph, Patcher, build_graph, compute_edges, format_metric, metric_parents, node_activations,
-                    rank_nodes, select_count, verify)
+from .errors import DictCircuitsError, check_int, check_real
+from .formats import _dictionary_folders, load_dictionaries
 from .models import Model, load_model
+from .paths import default_dictionaries
 from .render import feature_details, write_html
 from .tasks import GENERATORS, Task, load_task
 
-
 PHASES = ("load", "effects", "verify", "edges", "details")
-EXACT_CANDIDATES = 3  # --method exact measures this many times --max-nodes candidates
+EXACT_CANDIDATES = 3  # --method exact measures this many times the node cap of attribution-patching candidates
 EFFECTS_ROWS = 320  # prompts x IG steps per trace for node effects: bigger traces turn memory-bound on CPU
 OVERSAMPLE = 32  # built-in tasks generate n * OVERSAMPLE prompts; the first n of the commonest length and template are kept
+FAITHFULNESS = 0.8  # default auto-sizing target
+MAX_NODES = 1000  # default cap on the circuit's nodes (per prompt for per-prompt circuits)
+# sites traced when none are given: the residual-stream sites with dictionaries (every site with one if none is a
+# resid site). On dc-mini's IOI, 0.8 faithfulness takes 146 nodes there against 633 at all 10 sites (README).
+DEFAULT_SITES = "resid.*"
 
 
-def default_dictionaries(model: Model) -> Path:
-    """./dictionaries/<model>, else the repository's dictionaries/<model> beside the package."""
-    for root in (Path("dictionaries"), Path(__file__).resolve().parents[1] / "dictionaries"):
-        if (root / model.name).is_dir():
-            return root / model.name
-    raise DictCircuitsError(f"no dictionaries for {model.name}: looked in ./dictionaries/{model.name} and the "
-                            f"repository's dictionaries/{model.name}; train them (dictcircuits train) or pass --dictionaries DIR")
+def pick_sites(model: Model, spec: str | None, available: list[str], where: str) -> list[str]:
+    """The sites to trace among those with dictionaries (`available`): without a spec the DEFAULT_SITES among them
+    (all of them if none matches); a pattern ('resid.*') means the matching sites that have dictionaries, a plain
+    name must have one. Forward order."""
+    if spec is None:
+        default = [s for s in available if fnmatch.fnmatch(s, DEFAULT_SITES)]
+        return [s.name for s in model.resolve_sites(default or available)]
+    chosen: set[str] = set()
+    for raw in (part.strip() for part in spec.split(",")):
+        if raw == "all":
+            chosen.update(available)
+        elif any(c in raw for c in "*?["):
+            hits = [s for s in available if fnmatch.fnmatch(s, raw)]
+            if not hits:
+                raise DictCircuitsError(f"site pattern {raw!r} matches none of the sites with dictionaries in {where}: "
+                                        f"{', '.join(available) or 'none'}")
+            chosen.update(hits)
+        elif raw:
+            model.site(raw)  # refuses names the model does not have
+            if raw not in available:
+                raise DictCircuitsError(f"no dictionary for site {raw} in {where}; sites with dictionaries: "
+                                        f"{', '.join(available) or 'none'}")
+            chosen.add(raw)
+    if not chosen:
+        raise DictCircuitsError("no sites given: name some (resid.0,mlp.1), a pattern (resid.*) or 'all'")
+    return [s.name for s in model.resolve_sites(sorted(chosen))]
+
+
+def check_settings(*, n, steps, faithfulness, nodes, per_prompt, max_nodes, node_threshold, keep_influence,
+                   edge_threshold, keep_edge_influence, method, ablation, rank, refine, seed) -> None:
+    """Refuse settings that cannot work, before anything is loaded or computed."""
+    check_int(n, "n", lo=1)
+    check_int(steps, "steps", lo=1)
+    check_int(seed, "seed")
+    check_int(max_nodes, "max_nodes", lo=1)
+    if method not in METHODS:
+        raise DictCircuitsError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if ablation not in ("corrupt", "mean"):
+        raise DictCircuitsError(f"ablation {ablation!r} is not corrupt or mean")
+    if rank not in RANKINGS:
+        raise DictCircuitsError(f"unknown ranking {rank!r}: use one of {', '.join(RANKINGS)}")
+    if faithfulness is not None:
+        check_real(faithfulness, "faithfulness", lo=0.0, hi=1.0, above=True)
+    if nodes is not None:
+        check_int(nodes, "nodes", lo=1)
+    if per_prompt is not None and per_prompt != "auto":
+        check_int(per_prompt, "per_prompt", lo=1)
+    if node_threshold is not None:
+        check_real(node_threshold, "node_threshold", lo=0.0)
+    if keep_influence is not None:
+        check_real(keep_influence, "keep_influence", lo=0.0, hi=1.0, above=True)
+    if edge_threshold is not None:
+        check_real(edge_threshold, "edge_threshold", lo=0.0)
+    if keep_edge_influence is not None:
+        check_real(keep_edge_influence, "keep_edge_influence", lo=0.0, hi=1.0, above=True)
+    if refine is not None:
+        check_real(refine, "refine", lo=0.0)
+    sizing = [name for name, v in (("nodes", nodes), ("node_threshold", node_threshold),
+                                   ("keep_influence", keep_influence)) if v is not None]
+    if len(sizing) > 1:
+        raise DictCircuitsError(f"give one way of sizing the circuit, not {' and '.join(sizing)}")
+    if faithfulness is None and not sizing and per_prompt in (None, "auto"):
+        raise DictCircuitsError("nothing sizes the circuit: give faithfulness (the auto-size target), nodes, "
+                                "node_threshold, keep_influence or a per_prompt N")
+    if per_prompt is not None and sizing:
+        raise DictCircuitsError(f"per_prompt sizes each prompt's circuit; drop {sizing[0]} (or per_prompt)")
+    if per_prompt is not None and refine is not None:
+        raise DictCircuitsError("refine works on dataset circuits only; drop refine or per_prompt")
+    if per_prompt is not None and method == "exact":
+        raise DictCircuitsError("per-prompt circuits need per-prompt effects, which method exact does not measure; "
+                                "use ig or attrib")
 
 
 def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapping[str, Dictionary] | str | Path | None = None,
           *, n: int = 64, seed: int = 0, method: str = "ig", steps: int = 10, sites: str | None = None,
-          positions: bool = True, node_threshold: float | None = None, keep_influence: float | None = None,
-          max_nodes: int = 100, edge_threshold: float | None = None, keep_edge_influence: float = 0.98,
-          ablation: str = "corrupt", refine: float | None = None, contexts: list[str] | None = None,
-          edge_mode: str = "vmap", device: str = "cpu", progress: bool = True) -> CircuitGraph:
+          positions: bool = True, faithfulness: float | None = FAITHFULNESS, nodes: int | None = None,
+          per_prompt: int | str | None = None, node_threshold: float | None = None, keep_influence: float | None = None,
+          max_nodes: int = MAX_NODES, rank: str = "mean-abs", edge_threshold: float | None = None,
+          keep_edge_influence: float = 0.98, ablation: str = "corrupt", refine: float | None = None,
+          contexts: list[str] | None = None, edge_mode: str = "vmap", device: str = "cpu", strict: bool = False,
+          progress: bool = True) -> CircuitGraph:
     """Trace the circuit of `task` (a built-in name, a task file or a Task) in `model` with `dictionaries`, on
     n prompts of one token length and template (the commonest; built-in tasks generate extra prompts to find them).
 
-    Nodes are the max_nodes strongest by |effect|; node_threshold (|effect| >= T) or keep_influence (the fewest
-    carrying that share of the total |effect|) keep fewer. contexts: reference texts for the features' top-activating
-    examples (default: the task's prompts)."""
+    Sizing (one of): by default the fewest top-ranked nodes whose measured faithfulness reaches `faithfulness`, at
+    most max_nodes; nodes=N keeps the top N; node_threshold (score >= T) or keep_influence (the fewest carrying that
+    share of the total score) keep fewer than max_nodes. per_prompt=N (or "auto": N searched for `faithfulness`)
+    gives each prompt its own top-N nodes by its own effects, verified with each prompt's own mask; the graph is the
+    union, each node with its share of prompts. rank: mean-abs (mean over prompts of |effect|) or abs-mean
+    (|mean effect|). contexts: reference texts for the features' top-activating examples (default: the prompts).
+    strict: refuse task-file rows that cannot be used instead of skipping them."""
+    check_settings(n=n, steps=steps, faithfulness=faithfulness, nodes=nodes, per_prompt=per_prompt,
+                   max_nodes=max_nodes, node_threshold=node_threshold, keep_influence=keep_influence,
+                   edge_threshold=edge_threshold, keep_edge_influence=keep_edge_influence, method=method,
+                   ablation=ablation, rank=rank, refine=refine, seed=seed)
+    if not isinstance(task, Task) and str(task) not in GENERATORS and not Path(str(task)).is_file():
+        raise DictCircuitsError(f"unknown task {task!r}: use one of {', '.join(GENERATORS)} or a path to a task file")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     phases = tqdm(PHASES, desc="trace", unit="phase", disable=not progress, leave=False)
@@ -66,93 +150,136 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
         following = PHASES.index(name) + 1
         phases.set_postfix_str(PHASES[following] if following < len(PHASES) else "done")
 
-    if method not in METHODS:
-        raise DictCircuitsError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    model = model if isinstance(model, Model) else load_model(model, device=device)
-    wanted = model.resolve_sites(sites) if sites else None
-    if not isinstance(dictionaries, Mapping):
-        dictionaries = load_dictionaries(dictionaries or default_dictionaries(model), model=model, sites=wanted)
-    elif wanted is not None:
-        missing = [s.name for s in wanted if s.name not in dictionaries]
-        if missing:
-            raise DictCircuitsError(f"no dictionary for site(s) {', '.join(missing)}; have {', '.join(dictionaries)}")
-        dictionaries = {s.name: dictionaries[s.name] for s in wanted}
-    dictionaries = {s.name: dictionaries[s.name] for s in model.resolve_sites(list(dictionaries))}
-    if not isinstance(task, Task):  # generate extra prompts so that n of them share one token length
-        task = load_task(str(task), n=n * OVERSAMPLE if str(task) in GENERATORS else n, seed=seed, model=model)
-    task = task.aligned(model)
-    task = task.subset(range(min(n, len(task))))
-    batch = task.tokenize(model)
-    if batch.metric_name == "kl":
-        batch = batch.with_reference(model)
-    lap("load")
+    try:  # the bar is cleared before an error is printed
+        model = model if isinstance(model, Model) else load_model(model, device=device)
+        if isinstance(dictionaries, Mapping):
+            chosen = pick_sites(model, sites, list(dictionaries), "the dictionaries given")
+            dictionaries = {s: dictionaries[s] for s in chosen}
+        else:
+            root = Path(dictionaries) if dictionaries else default_dictionaries(model.name)
+            if not root.is_dir():
+                raise DictCircuitsError(f"dictionary folder {root} does not exist: train some with `dictcircuits train` "
+                                        "or point --dictionaries at a folder of them")
+            chosen = pick_sites(model, sites, [s for s in _dictionary_folders(root) if s in model.sites], str(root))
+            dictionaries = load_dictionaries(root, model=model, sites=chosen)
+        if not isinstance(task, Task):  # generate extra prompts so that n of them share one token length
+            builtin = str(task) in GENERATORS
+            task = load_task(str(task), n=n * OVERSAMPLE if builtin else n, seed=seed, model=model, strict=strict)
+        task = task.aligned(model)
+        task = task.subset(range(min(n, len(task))))
+        batch = task.tokenize(model)
+        if batch.metric_name == "kl":
+            batch = batch.with_reference(model)
+        lap("load")
 
-    if method == "exact":  # one rerun per node: measure the strongest attribution-patching candidates only
-        pre = rank_nodes(node_effects(model, dictionaries, batch, method="attrib"), list(dictionaries))
-        todo: dict[str, list[tuple[int, int | None]]] = {}
-        for node in pre.top(EXACT_CANDIDATES * max_nodes):
-            todo.setdefault(node.site, []).append((node.position, node.feature))
-        effects = node_effects(model, dictionaries, batch, method="exact", nodes=todo, max_nodes=EXACT_CANDIDATES * max_nodes)
-    else:
-        per_trace = max(1, EFFECTS_ROWS // (steps if method == "ig" else 1))
-        effects = node_effects(model, dictionaries, batch, method=method, steps=steps, batch_size=per_trace)
-    lap("effects")
+        cap = nodes or max_nodes
+        if method == "exact":  # one rerun per node: measure the strongest attribution-patching candidates only
+            pre = rank_nodes(node_effects(model, dictionaries, batch, method="attrib"), dictionaries, by="abs-mean")
+            todo: dict[str, list[tuple[int, int | None]]] = {}
+            for node in pre.top(EXACT_CANDIDATES * cap):
+                todo.setdefault(node.site, []).append((node.position, node.feature))
+            effects = node_effects(model, dictionaries, batch, method="exact", nodes=todo, max_nodes=EXACT_CANDIDATES * cap)
+        else:
+            per_trace = max(1, EFFECTS_ROWS // (steps if method == "ig" else 1))
+            effects = node_effects(model, dictionaries, batch, method=method, steps=steps, batch_size=per_trace)
+        lap("effects")
 
-    ranking = rank_nodes(effects, list(dictionaries), positions=positions)
-    nodes = ranking.top(select_count(ranking, node_threshold, keep_influence, max_nodes))
-    patcher = Patcher(model, dictionaries, batch, ablation=ablation)
-    verification, nodes = verify(patcher, nodes, ranking, refine_tau=refine, progress=progress)
-    lap("verify")
+        patcher = Patcher(model, dictionaries, batch, ablation=ablation)
+        chosen = choose_nodes(patcher, effects, dictionaries, positions=positions, faithfulness=faithfulness, nodes=nodes,
+                              per_prompt=per_prompt, node_threshold=node_threshold, keep_influence=keep_influence,
+                              max_nodes=max_nodes, rank=rank, refine=refine, progress=progress)
+        chosen_nodes, verification = chosen.nodes, chosen.verification
+        lap("verify")
 
-    edges = compute_edges(model, dictionaries, batch, effects, nodes, mode=edge_mode, progress=progress)
-    parents = metric_parents(model, dictionaries, batch)
-    graph = build_graph(model, nodes, effects, edges, parents, node_activations(model, dictionaries, batch.clean, nodes),
-                        positions, edge_threshold=edge_threshold, keep_edge_influence=keep_edge_influence)
-    lap("edges")
+        edges = compute_edges(model, dictionaries, batch, effects, chosen_nodes, mode=edge_mode, progress=progress)
+        parents = metric_parents(model, dictionaries, batch)
+        graph = build_graph(model, chosen_nodes, effects, edges, parents,
+                            node_activations(model, dictionaries, batch.clean, chosen_nodes), positions,
+                            edge_threshold=edge_threshold, keep_edge_influence=keep_edge_influence, shares=chosen.shares)
+        lap("edges")
 
-    features = feature_details(model, dictionaries, nodes, contexts or list(dict.fromkeys(task.clean + task.corrupt)),
-                               progress=progress)
-    lap("details")
-    phases.close()
+        features = feature_details(model, dictionaries, chosen_nodes, contexts or list(dict.fromkeys(task.clean + task.corrupt)),
+                                   progress=progress)
+        lap("details")
+    finally:
+        phases.close()
     tokens = [model.tokenizer.decode([int(i)]) for i in batch.clean.input_ids[0]]
-    settings = {"sites": list(dictionaries), "positions": positions, "node_threshold": node_threshold,
-                "keep_influence": keep_influence, "max_nodes": max_nodes, "edge_threshold": edge_threshold,
-                "keep_edge_influence": keep_edge_influence, "ablation": ablation, "refine": refine, "steps": steps,
-                "metric": batch.metric_name, "prompt": task.clean[0]}
+    settings = {"sites": list(dictionaries), "sites_arg": sites, "positions": positions, "rank": chosen.rank,
+                "faithfulness_target": faithfulness, "nodes": nodes, "per_prompt": per_prompt,
+                "node_threshold": node_threshold, "keep_influence": keep_influence, "max_nodes": max_nodes,
+                "edge_threshold": edge_threshold, "keep_edge_influence": keep_edge_influence, "ablation": ablation,
+                "refine": refine, "steps": steps, "metric": batch.metric_name, "prompt": task.clean[0]}
     return CircuitGraph(graph, task.name, model.name, len(batch), method, tokens, verification, timings, settings,
                         features)
 
 
 def summary(cg: CircuitGraph) -> str:
     """A one-screen text summary."""
-    g, ver = cg.graph, cg.verification
+    g, ver, st = cg.graph, cg.verification, cg.settings
     kinds = [a["kind"] for _, a in g.nodes(data=True)]
+    sites = st.get("sites", [])
     lines = [f"dictcircuits trace: {cg.task} on {cg.model} ({cg.n_prompts} prompts, {cg.method}, "
-             f"{len(cg.settings.get('sites', []))} sites, metric {cg.settings.get('metric', '?')})",
-             f"  nodes {len(kinds) - kinds.count('logit')} ({kinds.count('feature')} features, {kinds.count('error')} "
-             f"error terms), edges {g.number_of_edges()}"]
+             f"{len(sites)} sites, metric {st.get('metric', '?')})"]
+    which = f"those of {st['sites_arg']!r}" if st.get("sites_arg") else "the default"
+    lines.append(f"  sites {', '.join(sites)} ({which} with dictionaries)")
+    lines.append(f"  nodes {len(kinds) - kinds.count('logit')} ({kinds.count('feature')} features, "
+                 f"{kinds.count('error')} error terms), edges {g.number_of_edges()}")
     if ver is not None:
+        per = " per prompt" if ver.per_prompt else ""
+        ranked = {"mean-abs": "mean |effect| over prompts", "abs-mean": "|mean effect|",
+                  "per-prompt": "each prompt's own |effect|"}.get(st.get("rank"), st.get("rank"))
+        if ver.target is not None and ver.reached:
+            lines.append(f"  circuit: {ver.size} nodes{per}, the fewest top-ranked (by {ranked}) reaching faithfulness "
+                         f"{ver.target:g}")
+        elif ver.target is not None:
+            lines.append(f"  circuit: target faithfulness {ver.target:g} not reached: {format_metric(ver.faithfulness)} "
+                         f"at the cap of {ver.size} nodes{per} (raise --max-nodes, restrict --sites or try --per-prompt)")
+        elif ver.size is not None:
+            lines.append(f"  circuit: {ver.size} nodes{per} (ranked by {ranked})")
+        if ver.per_prompt:
+            lines.append(f"  per-prompt circuit: each prompt keeps its own {ver.size} nodes; the graph is their union "
+                         f"({len(kinds) - kinds.count('logit')} nodes, each with its share of prompts)")
         lines += [f"  metric: model {ver.m_model:.3f}, corrupt {ver.m_corrupt:.3f}, all ablated ({ver.ablation}) "
                   f"{ver.m_empty:.3f}, circuit only {ver.m_circuit:.3f}",
                   f"  faithfulness {format_metric(ver.faithfulness)}   completeness {format_metric(ver.completeness)} "
                   "(faithfulness without the circuit: 0 = nothing works without it)"]
-        if abs(ver.m_model - ver.m_empty) < 1e-2:
+        if ver.spread:
+            sp = ver.spread
+            lines.append(f"  per prompt: faithfulness mean {sp['mean']:.3f} ± {sp['std']:.3f}, median {sp['median']:.3f}, "
+                         f"10% of prompts below {sp['q10']:.3f}, lowest {sp['min']:.3f} ({sp['n']} of {cg.n_prompts} prompts: those "
+                         "whose own clean-vs-ablated gap is at least 10% of the mean one)")
+        if ver.m_model <= ver.m_corrupt:
+            lines.append(f"  warning: the model's clean metric ({ver.m_model:.3f}) is not above the corrupt one "
+                         f"({ver.m_corrupt:.3f}): the model cannot do this task, so its circuit explains nothing")
+        elif abs(ver.m_model - ver.m_empty) < 1e-2:
             lines.append("  warning: the model and the fully ablated model nearly agree on the metric, so faithfulness "
                          "and completeness are ratios of tiny numbers (is the model able to do the task?)")
         if ver.refined_from is not None:
             lines.append(f"  refined from {ver.refined_from} nodes")
         if ver.curve:
-            lines.append("  faithfulness by size: " + "  ".join(f"{k}:{format_metric(f, 2)}" for k, f in ver.curve))
+            lines.append(f"  faithfulness by size{per}: " + "  ".join(f"{k}:{format_metric(f, 2)}" for k, f in shown_curve(ver)))
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in cg.timings.items()))
     return "\n".join(lines)
 
 
+def _per_prompt(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number or 'auto'") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, help="ioi, ioi-s2, parens, sva, sva-pp, sva-rc, greater_than, or a task file")
+    parser.add_argument("--strict", action="store_true", help="task files: refuse rows that cannot be used instead of skipping them")
     parser.add_argument("--model", default=None, help="hub id, model folder or .gguf (default: the embedded dc-mini)")
     parser.add_argument("--dictionaries", default=None,
                         help="folder of per-site dictionaries (default: dictionaries/<model name>)")
-    parser.add_argument("--sites", default=None, help="restrict traced sites, e.g. 'resid.*' or 'embed,mlp.1' (default: all with dictionaries)")
+    parser.add_argument("--sites", default=None,
+                        help="sites to trace among those with dictionaries, e.g. 'all', 'resid.*' or 'embed,mlp.1' "
+                             f"(default: {DEFAULT_SITES!r}, or all if no resid site has a dictionary)")
     parser.add_argument("--n", type=int, default=64,
                         help="prompts to trace, all of one token length (default 64; task files are capped at n)")
     parser.add_argument("--seed", type=int, default=0)
@@ -160,11 +287,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10, help="IG steps (default 10)")
     parser.add_argument("--aggregate", choices=("none", "sum"), default="none",
                         help="none: one node per token position (default); sum: positions summed")
-    keep = parser.add_mutually_exclusive_group()
-    keep.add_argument("--node-threshold", type=float, default=None, help="keep nodes with |effect| >= T")
-    keep.add_argument("--keep-influence", type=float, default=None,
-                      help="keep the fewest nodes carrying this share of the total |effect|")
-    parser.add_argument("--max-nodes", type=int, default=100, help="circuit nodes: the strongest by |effect| (default 100)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--faithfulness", type=float, default=None, metavar="F",
+                      help=f"auto-size: the fewest top-ranked nodes whose measured faithfulness reaches F (default {FAITHFULNESS})")
+    size.add_argument("--nodes", type=int, default=None, metavar="N", help="keep the top N nodes (no search)")
+    size.add_argument("--node-threshold", type=float, default=None, help="keep nodes with score >= T")
+    size.add_argument("--keep-influence", type=float, default=None,
+                      help="keep the fewest nodes carrying this share of the total score")
+    parser.add_argument("--per-prompt", type=_per_prompt, nargs="?", const="auto", default=None, metavar="N",
+                        help="per-prompt circuit: each prompt keeps its own N strongest nodes (no N: N auto-sized to "
+                             "--faithfulness); the graph is their union")
+    parser.add_argument("--max-nodes", type=int, default=MAX_NODES,
+                        help=f"cap on the circuit's nodes (per prompt with --per-prompt; default {MAX_NODES})")
+    parser.add_argument("--rank", choices=RANKINGS, default="mean-abs",
+                        help="mean-abs: mean over prompts of |effect| (default); abs-mean: |mean effect|")
     edges = parser.add_mutually_exclusive_group()
     edges.add_argument("--edge-threshold", type=float, default=None, help="keep edges with |weight| >= T")
     edges.add_argument("--keep-edge-influence", type=float, default=0.98,
@@ -179,19 +315,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="out", help="output folder (default out/)")
 
 
+def check_out(out: Path) -> None:
+    """Refuse an output folder that is a file, lies under a file, or cannot be written (nothing is created)."""
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise DictCircuitsError(f"--out {out}: {probe} is a file, not a folder; give a folder for the circuit files")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DictCircuitsError(f"--out {out}: cannot write in {probe}; give a folder you can write to")
+
+
 def run(args: argparse.Namespace) -> int:
+    faithfulness = args.faithfulness
+    if faithfulness is not None and args.per_prompt not in (None, "auto"):
+        raise DictCircuitsError("--faithfulness sizes the circuit, --per-prompt N fixes its size; give one")
+    settings = dict(n=args.n, steps=args.steps, faithfulness=FAITHFULNESS if faithfulness is None else faithfulness,
+                    nodes=args.nodes, per_prompt=args.per_prompt, max_nodes=args.max_nodes,
+                    node_threshold=args.node_threshold, keep_influence=args.keep_influence,
+                    edge_threshold=args.edge_threshold, keep_edge_influence=args.keep_edge_influence,
+                    method=args.method, ablation=args.ablation, rank=args.rank, refine=args.refine, seed=args.seed)
+    check_settings(**settings)
+    out = Path(args.out)
+    check_out(out)
     contexts = None
     if args.contexts:
         try:
             contexts = [line for line in Path(args.contexts).read_text().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:
             raise DictCircuitsError(f"cannot read contexts file {args.contexts} ({exc})") from exc
-    cg = trace(args.task, args.model, args.dictionaries, n=args.n, seed=args.seed, method=args.method, steps=args.steps,
-               sites=args.sites, positions=args.aggregate == "none", node_threshold=args.node_threshold,
-               keep_influence=args.keep_influence, max_nodes=args.max_nodes, edge_threshold=args.edge_threshold,
-               keep_edge_influence=args.keep_edge_influence, ablation=args.ablation, refine=args.refine,
-               contexts=contexts, device=args.device)
-    out = Path(args.out)
+    cg = trace(args.task, args.model, args.dictionaries, **settings, sites=args.sites,
+               positions=args.aggregate == "none", contexts=contexts, device=args.device, strict=args.strict)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", cg.task) or "circuit"
     t = time.perf_counter()
     paths = [write_html(cg, out / f"{stem}.html"), cg.save_json(out / f"{stem}.json"), cg.save_graphml(out / f"{stem}.graphml")]

@@ -130,7 +130,7 @@ def _patched(up: Node, effects, eps: float, clean):
 def test_edges_match_exact_patching_and_only_adjacent_sites_connect(toy):
     model, dicts, batch, eff = toy
     P = batch.clean.input_ids.shape[1]
-    ranking = rank_nodes(eff, list(dicts))
+    ranking = rank_nodes(eff, dicts)
     nodes = ranking.top(60)
     # make sure some error nodes and a few fixed pairs are present
     nodes += [Node("resid.0", P - 1), Node("mlp.1", P - 1), Node("attn.1", P - 1), Node("embed", P - 2),
@@ -165,7 +165,7 @@ def test_edges_match_exact_patching_and_only_adjacent_sites_connect(toy):
 
 def test_batched_backward_modes_agree(toy):
     model, dicts, batch, eff = toy
-    nodes = rank_nodes(eff, list(dicts)).top(25)
+    nodes = rank_nodes(eff, dicts).top(25)
     rows = compute_edges(model, dicts, batch, eff, nodes, mode="rows", per_pass=7, progress=False)
     vmap = compute_edges(model, dicts, batch, eff, nodes, mode="vmap", per_pass=5, progress=False)
     one = compute_edges(model, dicts, batch, eff, nodes, mode="rows", per_pass=1, progress=False)
@@ -191,8 +191,9 @@ def test_summed_nodes_edges_are_position_sums(toy):
 
 def test_ranking_and_selection(toy):
     _, dicts, _, eff = toy
-    ranking = rank_nodes(eff, list(dicts))
-    mags = ranking.effects.abs()
+    ranking = rank_nodes(eff, dicts, by="abs-mean")
+    mags = ranking.scores
+    assert torch.equal(mags, ranking.effects.abs())
     assert bool((mags[:-1] >= mags[1:]).all())
     n0 = ranking.node(0)
     want = eff.features[n0.site][n0.position, n0.feature] if n0.feature is not None else eff.errors[n0.site][n0.position]
@@ -204,14 +205,14 @@ def test_ranking_and_selection(toy):
     assert select_count(ranking, node_threshold=t, max_nodes=1000) == int((mags >= t).sum())
     with pytest.raises(DictCircuitsError):
         select_count(ranking, node_threshold=0.1, keep_influence=0.5)
-    summed = rank_nodes(eff, list(dicts), positions=False)
+    summed = rank_nodes(eff, dicts, positions=False)
     assert summed.node(0).position is None
 
 
 @pytest.fixture(scope="module")
 def traced(toy):
     model, dicts, batch, eff = toy
-    ranking = rank_nodes(eff, list(dicts))
+    ranking = rank_nodes(eff, dicts)
     nodes = ranking.top(select_count(ranking, keep_influence=0.8, max_nodes=40))
     patcher = Patcher(model, dicts, batch)
     ver, kept = verify(patcher, nodes, ranking, progress=False)
@@ -227,7 +228,7 @@ def traced(toy):
 def test_full_and_empty_circuits(toy):
     model, dicts, batch, eff = toy
     patcher = Patcher(model, dicts, batch)
-    ranking = rank_nodes(eff, list(dicts))
+    ranking = rank_nodes(eff, dicts)
     every = ranking.top(len(ranking.effects))
     ver, _ = verify(patcher, every, progress=False)
     assert ver.faithfulness == pytest.approx(1.0, abs=1e-4)

@@ -132,7 +132,7 @@ def test_trace_api(toy_setup):
     assert "faithfulness" in text and "completeness" in text and "toy-ioi" in text
     summed = trace(task, model, dicts, method="attrib", max_nodes=10, positions=False, node_threshold=0.0, progress=False)
     assert all(a["position"] is None for _, a in summed.graph.nodes(data=True))
-    exact = trace(task, model, dicts, method="exact", max_nodes=4, progress=False)
+    exact = trace(task, model, dicts, method="exact", nodes=4, progress=False)
     effects = [a["effect"] for _, a in exact.graph.nodes(data=True) if a["kind"] != "logit"]
     assert len(effects) == 4 and all(e == e and e != 0 for e in effects)
 

@@ -1,0 +1,119 @@
+"""Edges: direct effects among circuit nodes (Marks et al.).
+
+The weight of u -> d is ∂[(∇_d m)·d]/∂u · Δu with the paths through every other spliced site stopped.
+splice(leaves=True) makes each site's (f, err) a cut leaf, so a plain gradient with respect to them is exactly that
+direct effect; only adjacent sites come out connected, with no edge list.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..dictionary import Dictionary
+from ..errors import DictCircuitsError
+from ..models import Model
+from ..splice import splice
+from .nodes import LOGIT, Node
+
+
+def _site_order(model: Model, site: str) -> int:
+    return model.site(site).order
+
+
+def _downstream_quantity(node: Node, dic: Dictionary, state, grad: torch.Tensor, rows: slice) -> torch.Tensor:
+    """(∇_d m)·d for one downstream node, summed over the prompts in `rows`: features use the
+    upstream-connected encoding f_in, the error term err_in = x - decode(f_in). grad [batch, pos, d]."""
+    pos = slice(None) if node.position is None else node.position
+    if node.feature is None:
+        err_in = state.x[rows] - dic.decode(state.f_in[rows])  # [batch, pos, d]
+        return (grad[:, pos] * err_in[:, pos]).sum()
+    g_feat = grad[:, pos] @ dic.directions[node.feature]  # [batch] or [batch, pos]
+    return (g_feat * state.f_in[rows][:, pos, node.feature]).sum()
+
+
+def _edge_weights(g_out: torch.Tensor, dic: Dictionary, delta_f: torch.Tensor, delta_err: torch.Tensor,
+                  ups: list[Node]) -> torch.Tensor:
+    """Edge weights [K, len(ups)] into K downstream nodes from the nodes `ups` of one upstream site.
+
+    g_out [K, batch, pos, d] is the gradient w.r.t. the site's output (its error leaf): the output is
+    decode(f) + err and decode is affine, so a feature's gradient is g_out @ direction and only the kept
+    features' columns are ever formed. Weight = Σ over prompts (and positions, for summed nodes) of grad·Δ, / batch."""
+    B = delta_f.shape[0]
+    feats = [u for u in ups if u.feature is not None]
+    proj = g_out @ dic.directions[[u.feature for u in feats]].detach().to(g_out.dtype).T if feats else None  # [K, b, pos, n]
+    cols, k = [], 0
+    for u in ups:
+        pos = slice(None) if u.position is None else slice(u.position, u.position + 1)
+        if u.feature is None:
+            cols.append((g_out[:, :, pos] * delta_err[None, :, pos].to(g_out.dtype)).sum((1, 2, 3)) / B)
+        else:
+            cols.append((proj[:, :, pos, k] * delta_f[None, :, pos, u.feature].to(g_out.dtype)).sum((1, 2)) / B)
+            k += 1
+    return torch.stack(cols, 1)
+
+
+def compute_edges(model: Model, dictionaries: Mapping[str, Dictionary], batch, effects, nodes: Sequence[Node],
+                  mode: str = "vmap", per_pass: int = 8, max_rows: int = 512,
+                  progress: bool = True) -> dict[tuple[Node, Node], float]:
+    """Direct-effect edges among `nodes` (all must be at spliced sites), averaged over prompts.
+
+    One backward pass serves several downstream nodes: mode="rows" replicates the clean batch once per
+    downstream node (prompts never interact, so one backward of the sum separates them; at most max_rows
+    rows per pass), mode="vmap" runs one forward and a batched backward (is_grads_batched). Each pass
+    serves up to per_pass downstream nodes."""
+    if mode not in ("rows", "vmap"):
+        raise DictCircuitsError(f"edge mode {mode!r} is not rows or vmap")
+    by_site: dict[str, list[Node]] = {}
+    for n in nodes:
+        if n.site != LOGIT:
+            by_site.setdefault(n.site, []).append(n)
+    sites = sorted(by_site, key=lambda s: _site_order(model, s))
+    downs = [n for s in sites[1:] for n in by_site[s]]
+    B = len(batch.clean)
+    K = min(per_pass, max(1, max_rows // B)) if mode == "rows" else per_pass
+    edges: dict[tuple[Node, Node], float] = {}
+    shared = None
+    if mode == "vmap" and downs:
+        shared = splice(model, batch.clean, dictionaries, leaves=True, stop_after=sites[-1])
+    bar = tqdm(total=len(downs), desc="edges", unit="node", disable=not progress, leave=False)
+    for start in range(0, len(downs), K):
+        chunk = downs[start : start + K]
+        deepest = max((n.site for n in chunk), key=lambda s: _site_order(model, s))
+        ups = [s for s in sites if _site_order(model, s) < _site_order(model, deepest)]
+        if mode == "rows":
+            res = splice(model, batch.clean[torch.arange(B).repeat(len(chunk))], dictionaries, leaves=True,
+                         stop_after=deepest)
+            total = sum(_downstream_quantity(n, dictionaries[n.site], res.states[n.site], effects.grads[n.site],
+                                             slice(k * B, (k + 1) * B)) for k, n in enumerate(chunk))
+            grads = torch.autograd.grad(total, [res.states[s].err for s in ups], allow_unused=True)
+            grads = [None if g is None else g.view(len(chunk), B, *g.shape[1:]) for g in grads]
+        else:
+            qs = torch.stack([_downstream_quantity(n, dictionaries[n.site], shared.states[n.site],
+                                                   effects.grads[n.site], slice(None)) for n in chunk])
+            eye = torch.eye(len(chunk), dtype=qs.dtype, device=qs.device)
+            grads = torch.autograd.grad(qs, [shared.states[s].err for s in ups], grad_outputs=eye,
+                                        is_grads_batched=True, retain_graph=True, allow_unused=True)
+        for s, g in zip(ups, grads):  # g: [K, batch, pos, d] gradient w.r.t. the upstream site's output
+            if g is None:
+                continue
+            w = _edge_weights(g.detach(), dictionaries[s], effects.deltas_f[s].detach(), effects.deltas_err[s].detach(),
+                              by_site[s]).tolist()  # [K][len(ups at s)]
+            for k, d in enumerate(chunk):
+                for j, u in enumerate(by_site[s]):
+                    if _site_order(model, u.site) < _site_order(model, d.site) and w[k][j] != 0.0:
+                        edges[(u, d)] = w[k][j]
+        bar.update(len(chunk))
+    bar.close()
+    return edges
+
+
+def metric_parents(model: Model, dictionaries: Mapping[str, Dictionary], batch) -> list[str]:
+    """The sites whose nodes act on the metric directly (the last resid site when every site is traced)."""
+    res = splice(model, batch.clean, dictionaries, leaves=True)
+    m = batch.metric(res.logits, batch.clean).sum()
+    sites = list(dictionaries)
+    grads = torch.autograd.grad(m, [t for s in sites for t in (res.states[s].f, res.states[s].err)], allow_unused=True)
+    return [s for i, s in enumerate(sites)
+            if any(g is not None and bool(g.abs().sum() > 0) for g in grads[2 * i : 2 * i + 2])]
