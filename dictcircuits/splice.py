@@ -45,12 +45,14 @@ def splice(
     edit: SpliceEdit | None = None,
     leaves: bool = False,
     stop_after: str | None = None,
+    last_only: bool = False,
 ) -> SpliceResult:
     """One trace with every site in `dictionaries` spliced.
 
     leaves=True makes each site's (f, err) fresh leaf tensors that require grad, cut from upstream: the
     gradient of a downstream quantity with respect to them is then the *direct* effect (paths through other
     spliced sites are stopped), which is what edges need. `f_in` keeps the upstream-connected encoding.
+    last_only=True: logits [batch, vocab] at each row's last position only (see Model.run).
     """
     check_tokens(model, tokens)
     check_dictionaries(model, dictionaries, allow_empty=True)
@@ -84,7 +86,8 @@ def splice(
 
         return run_site
 
-    logits = model.run(tokens, {s: make_edit(s, d) for s, d in dictionaries.items()}, stop_after=stop_after)
+    logits = model.run(tokens, {s: make_edit(s, d) for s, d in dictionaries.items()}, stop_after=stop_after,
+                       last_only=last_only)
     return SpliceResult(logits=logits, states=states)
 
 

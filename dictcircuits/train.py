@@ -34,7 +34,7 @@ from .errors import DictCircuitsError
 from .harvest import ActivationBuffer, ContextStream, TensorSource, check_ctx_len, check_dataset
 from .models import Model, Tokens, load_model
 from .paths import train_output
-from .positions import PositionRule, parse_skip_tokens, resolve_skip_tokens, set_rule
+from .positions import NORM_FACTOR, NORM_QUANTILE, PositionRule, parse_skip_tokens, resolve_skip_tokens, set_rule
 from .trainers import METRICS, TRAINERS, Trainer, TrainerConfig, make_trainer
 
 CHECKPOINT_NAME, METRICS_NAME, LOCK_NAME = "checkpoint.pt", "metrics.jsonl", ".dictcircuits-train.lock"
@@ -700,7 +700,8 @@ def _prepare(trainers: dict[str, list[Trainer]], sample: dict[str, torch.Tensor]
 
 
 HELDOUT_FIELDS = ("tokens", "fvu", "l0", "dead_frac", "rel_bias", "ce_clean", "ce_spliced", "ce_zero", "ce_mean",
-                  "ce_recovered_zero", "ce_recovered_mean", "kl")
+                  "ce_recovered_zero", "ce_recovered_mean", "kl", "skipped", "ce_spliced_all", "ce_recovered_zero_all",
+                  "ce_recovered_mean_all", "kl_all")
 
 
 def _heldout(model: Model, trainers: dict[str, list[Trainer]], stream: ContextStream, n_tokens: int,
@@ -717,7 +718,7 @@ def _heldout(model: Model, trainers: dict[str, list[Trainer]], stream: ContextSt
         results = evaluate(model, {s: ts[i].dic for s, ts in trainers.items()}, tokens, exclude_bos=exclude_bos,
                            progress=progress, desc=f"held-out {name}")
         for s, r in results.items():
-            row = {k: getattr(r, k) if k == "tokens" or getattr(r, k) is None else round(getattr(r, k), 5)
+            row = {k: getattr(r, k) if k in ("tokens", "skipped") or getattr(r, k) is None else round(getattr(r, k), 5)
                    for k in HELDOUT_FIELDS}
             notes = {k: why for k, why in r.notes.items() if k in HELDOUT_FIELDS}
             out[s].append({**row, **({"notes": notes} if notes else {})})
@@ -949,8 +950,8 @@ def _train_into(cfg: TrainConfig, checked: _Checked, model: Model, sites: list[s
     show = cfg.progress and rank == 0
     if show:
         print(f"position rule: the dictionaries skip {PositionRule(skip_ids).describe(model.tokenizer)} and "
-              "positions whose norm exceeds 10x the 99th percentile of the first buffer block's norms; training "
-              "leaves them out", file=sys.stderr)
+              f"positions whose norm exceeds {NORM_FACTOR:g}x the {NORM_QUANTILE:.0%} quantile of the first buffer "
+              "block's norms; training leaves them out", file=sys.stderr)
     trainers = {s: [make_trainer(model.d_model, c, steps, cfg.batch_size, seed=cfg.seed + i, device=device)
                     for i, c in enumerate(configs)] for s in sites}
     if folder is not None:
@@ -1035,17 +1036,20 @@ def _duration(seconds: float) -> str:
 def _estimator(source: ActivationBuffer, steps: int, tokens_per_step: int, eval_tokens: int,
                n_sites: int) -> Callable[[float], None]:
     """Prints the expected duration once the first steps are timed: training steps (measured) + harvesting the
-    remaining tokens at the pre-fill's rate + held-out evaluation (about 2 + 3 forward passes per site over its
-    tokens at the same rate)."""
+    remaining tokens at the pre-fill's rate + held-out evaluation (at most 2 + 6 forward passes per site over its
+    tokens at the same rate, see evaluate._announce)."""
     harvested, fill_s = source.last_fill
     rate = harvested / max(fill_s, 1e-9)  # tokens per second through the model
 
     def announce(step_seconds: float) -> None:
+        from tqdm.auto import tqdm
+
         train_s = steps * step_seconds + steps * tokens_per_step / rate
-        eval_s = eval_tokens * (2 + 3 * n_sites) / rate
-        print(f"expected: about {_duration(train_s + eval_s)} from now (training {_duration(train_s)}, of which "
-              f"harvesting activations {_duration(steps * tokens_per_step / rate)} at the pre-fill's {rate:.0f} tok/s"
-              + (f"; held-out evaluation {_duration(eval_s)}" if eval_tokens else "") + ")", file=sys.stderr)
+        eval_s = eval_tokens * (2 + 6 * n_sites) / rate
+        tqdm.write(f"expected: about {_duration(train_s + eval_s)} from now (training {_duration(train_s)}, of which "
+                   f"harvesting activations {_duration(steps * tokens_per_step / rate)} at the pre-fill's {rate:.0f} "
+                   "tok/s" + (f"; held-out evaluation {_duration(eval_s)}" if eval_tokens else "") + ")",
+                   file=sys.stderr)
     return announce
 
 
@@ -1116,7 +1120,8 @@ def add_arguments(p) -> None:
                    help=f"dtype of the saved weights: {', '.join(SAVE_DTYPES)}")
     p.add_argument("--no-bos", dest="add_bos", action="store_false", help="do not prepend BOS to contexts")
     p.add_argument("--keep-bos", dest="exclude_bos", action="store_false",
-                   help="train on BOS positions too (the same as --skip-tokens none)")
+                   help="do not skip the BOS token (the same as --skip-tokens none); BOS positions whose norm is far "
+                        "outside the rest are still skipped by the norm limit")
     p.add_argument("--autocast", dest="autocast", action="store_true", default=None, help="bf16 autocast (default on CUDA)")
     p.add_argument("--no-autocast", dest="autocast", action="store_false")
     p.add_argument("--compile", action="store_true", help="torch.compile the dictionaries' losses")
@@ -1155,7 +1160,8 @@ def run(args) -> int:
             print(f"{site:10s} {dic.meta['training']['run']:24s} train: L0 {_num(m.get('l0'), '7.2f')} "
                   f"FVU {_num(m.get('fvu'), '.4f')} dead {_num(m.get('dead'), '.3f')}"
                   + (f" | held-out: FVU {_num(h['fvu'], '.4f')} CE recovered {_num(h['ce_recovered_zero'], '.3f')} "
-                     f"(zero) {_num(h['ce_recovered_mean'], '.3f')} (mean) KL {_num(h['kl'], '.4f')}" if h else ""))
+                     f"(zero) {_num(h['ce_recovered_mean'], '.3f')} (mean) KL {_num(h['kl'], '.4f')} (every position "
+                     f"replaced: KL {_num(h['kl_all'], '.4f')})" if h else ""))
             for name, why in h.get("notes", {}).items():
                 print(f"{'':10s} {name}: n/a because {why}")
     if result.wall_seconds:

