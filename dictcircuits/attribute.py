@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from .dictionary import Dictionary
 from .errors import DictCircuitsError, check_int
 from .models import Model, Tokens
+from .positions import skip_mask
 from .splice import check_batch, check_dictionaries, check_tokens
-from .tasks import TaskBatch, _last
+from .tasks import TaskBatch
 
 METHODS = ("attrib", "ig", "exact")
 EXACT_ROWS = 256  # exact packs nodes x prompts into traces of about this many rows
@@ -58,13 +59,16 @@ class _SiteData:
     delta_err: torch.Tensor  # [batch, pos, d]
 
 
-def run_capture(model: Model, tokens: Tokens, sites: Iterable[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One no-grad run: logits [batch, pos, vocab] and each site's activation [batch, pos, d]."""
+def run_capture(model: Model, tokens: Tokens, sites: Iterable[str], last_only: bool = False
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One no-grad run: logits [batch, pos, vocab] ([batch, vocab] at the last position with last_only) and each
+    site's activation [batch, pos, d]."""
     check_tokens(model, tokens)
     sites = [s.name for s in model.resolve_sites(sites)]
     acts: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        logits = model.run(tokens, {s: (lambda x, s=s: acts.__setitem__(s, x.detach())) for s in sites})
+        logits = model.run(tokens, {s: (lambda x, s=s: acts.__setitem__(s, x.detach())) for s in sites},
+                           last_only=last_only)
     return logits, acts
 
 
@@ -84,7 +88,7 @@ def metric_grads(model: Model, batch: TaskBatch, sites: Iterable[str]) -> tuple[
         return edit
 
     with torch.enable_grad():
-        logits = model.run(batch.clean, {s: grab(s) for s in sites})
+        logits = model.run(batch.clean, {s: grab(s) for s in sites}, last_only=True)
         m = batch.metric(logits)
         names = list(captured)
         grads = torch.autograd.grad(m.sum(), [captured[s] for s in names], allow_unused=True)
@@ -125,19 +129,22 @@ def node_effects(
                                     "use exact")
         nodes = _check_nodes(nodes, dictionaries, batch.clean.input_ids.shape[1])
     sites = [s.name for s in model.resolve_sites(list(dictionaries))]
-    logits_clean, acts_clean = run_capture(model, batch.clean, sites)
-    logits_corrupt, acts_corrupt = run_capture(model, batch.corrupt, sites)
+    logits_clean, acts_clean = run_capture(model, batch.clean, sites, last_only=True)  # [batch, vocab]
+    logits_corrupt, acts_corrupt = run_capture(model, batch.corrupt, sites, last_only=True)
     if batch.metric_name == "kl" and batch.reference is None:
-        batch = replace(batch, reference=_last(logits_clean, batch.clean))
+        batch = replace(batch, reference=logits_clean)
     m_clean = batch.metric(logits_clean)
     m_corrupt = batch.metric(logits_corrupt, batch.corrupt)
-    mask = batch.clean.attention_mask.to(logits_clean.device)[..., None]  # [batch, pos, 1]
+    real = batch.clean.attention_mask.to(logits_clean.device).bool()  # [batch, pos]
     data: dict[str, _SiteData] = {}
     with torch.no_grad():
         for s in sites:
             dic, xc, xk = dictionaries[s], acts_clean[s], acts_corrupt[s]
             fc, fk = dic.encode(xc), dic.encode(xk)
             ec, ek = xc - dic.decode(fc), xk - dic.decode(fk)
+            # positions the dictionary's rule passes through are never intervened on (positions.py): no effect there
+            skip = skip_mask(dic, model, batch.clean.input_ids, xc) | skip_mask(dic, model, batch.corrupt.input_ids, xk)
+            mask = (real & ~skip.to(real.device))[..., None]  # [batch, pos, 1]
             data[s] = _SiteData(xc, xk, (fc - fk) * mask, (ec - ek) * mask)
 
     chunk = batch_size or len(batch)
@@ -194,7 +201,7 @@ def _ig_grads(model: Model, batch: TaskBatch, site: str, data: _SiteData, span: 
     x_alpha.requires_grad_(True)
     rows = batch.repeat(steps)
     with torch.enable_grad():
-        logits = model.run(rows.clean, {site: lambda x: x_alpha})
+        logits = model.run(rows.clean, {site: lambda x: x_alpha}, last_only=True)
         (g,) = torch.autograd.grad(rows.metric(logits).sum(), x_alpha)
     return g.view(steps, len(batch), *g.shape[1:]).mean(0).detach()
 
@@ -230,7 +237,7 @@ def _exact(model, dictionaries, batch, data, m_clean, nodes, max_nodes):
                     step = d.delta_err[:, p] if j is None else d.delta_f[:, p, j:j + 1] * D[j]
                     x[k * b:(k + 1) * b, p] -= step.to(x.dtype)
                 rows = batch.repeat(len(group))
-                m = rows.metric(model.run(rows.clean, {s: lambda _x, x=x: x}))
+                m = rows.metric(model.run(rows.clean, {s: lambda _x, x=x: x}, last_only=True))
             effect = (m_clean.repeat(len(group)) - m).view(len(group), b).mean(1)
             for k, (p, j) in enumerate(group):
                 if j is None:

@@ -311,8 +311,8 @@ def greedy_patch(
     with torch.no_grad():
         f_clean = splice(model, batch.clean, dicts, stop_after=site).states[site].f  # [batch, pos, F]
         f_corrupt = splice(model, batch.corrupt, dicts, stop_after=site).states[site].f  # [batch, pos, F]
-        m0 = float(batch.metric(model.run(batch.corrupt), batch.corrupt).mean())
-        m1 = float(batch.metric(model.run(batch.clean)).mean())
+        m0 = float(batch.metric(model.run(batch.corrupt, last_only=True)).mean())
+        m1 = float(batch.metric(model.run(batch.clean, last_only=True)).mean())
     if abs(m1 - m0) < 1e-12:
         raise DictCircuitsError("the clean and corrupt runs have the same metric: there is nothing to recover")
     sign = 1.0 if m1 > m0 else -1.0  # which way is "toward clean"
@@ -335,7 +335,8 @@ def greedy_patch(
         fc = f_clean.repeat(len(cands), 1, 1)
         masks = masks.repeat_interleave(len(batch), 0)[:, None, :]  # [cands*batch, 1, F]
         with torch.no_grad():
-            res = splice(model, rows.corrupt, dicts, edit=lambda s, f, err: (torch.where(masks, fc, f), err))
+            res = splice(model, rows.corrupt, dicts, edit=lambda s, f, err: (torch.where(masks, fc, f), err),
+                         last_only=True)
         scores = rows.metric(res.logits, rows.corrupt).view(len(cands), len(batch)).mean(1)
         best = int((sign * scores).argmax())
         chosen[cands[best]] = True
@@ -371,7 +372,7 @@ def _first_order_gain(model, dicts, site, batch, f_clean, chosen) -> torch.Tenso
         return new, err
 
     with torch.enable_grad():
-        res = splice(model, batch.corrupt, dicts, edit=edit)
+        res = splice(model, batch.corrupt, dicts, edit=edit, last_only=True)
         (g,) = torch.autograd.grad(batch.metric(res.logits, batch.corrupt).sum(), captured["f"])
     return ((f_clean - captured["f"].detach()) * g).sum((0, 1))
 

@@ -214,15 +214,24 @@ class Model:
         tokens: Tokens,
         edits: Mapping[str, Edit] | None = None,
         stop_after: str | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor | None:
         """One nnsight trace. edits[site](x) sees the site's activation [batch, pos, d] in forward order and
-        may return a replacement. Returns logits [batch, pos, vocab], or None when stopping after a site."""
+        may return a replacement. Returns logits [batch, pos, vocab], or None when stopping after a site.
+
+        last_only=True returns [batch, vocab] at each row's last real position, and the unembedding runs only at
+        those positions: what every metric needs, and on a large vocabulary (Gemma-3: 262k tokens, whose
+        unembedding costs more than all its blocks) most of the cost of a run."""
         edits = dict(edits or {})
         visit = sorted({self.site(n) for n in [*edits, *([stop_after] if stop_after else [])]},
                        key=lambda s: s.order)
         tokens = tokens.to(self.device)
+        kwargs = {}
+        if last_only and stop_after is None:
+            keep, row_pos = torch.unique(tokens.last, return_inverse=True)  # [k] positions, [batch] index into them
+            kwargs["logits_to_keep"] = keep
         logits = None
-        with self.nn.trace(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask) as tracer:
+        with self.nn.trace(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, **kwargs) as tracer:
             for site in visit:
                 env = self._envoy(site)
                 out = env.output
@@ -236,6 +245,8 @@ class Model:
                 tracer.stop()
             else:
                 logits = self.nn.output.logits.save()
+        if kwargs:
+            logits = logits[torch.arange(logits.shape[0], device=logits.device), row_pos.to(logits.device)]
         return logits
 
     def activations(self, tokens: Tokens, sites: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 """Sparse TopK kernels for training: with k ≪ F only k rows of the dictionary are touched per token.
 
 A dense TopK step costs about 12·d·F FLOP per token (encoder and decoder, forward and backward). Here the
-encoder forward stays dense (2·d·F: every pre-activation is needed to pick the top k), but the decoder forward
+encoder forward stays dense (2·d·F: every pre-activation is needed to pick the top k), but it runs over row
+blocks of the batch whose [rows, F] pre-activations stay in cache (matmul, then top-k, per block), so the whole
+[B, F] matrix is never written to memory and read back; only (values, indices) [B, k] are kept. The decoder forward
 (embedding_bag over k rows), the decoder gradient, the encoder gradient and the input gradient only touch the
 k selected rows: about 2·d·F + 10·k·d FLOP per token.
 
@@ -39,7 +41,7 @@ class _FeatureMajor:
 
     def __init__(self, idx: torch.Tensor, F_: int):
         B, k = idx.shape
-        feat, self.perm = idx.reshape(-1).sort(stable=True)  # [B*k] each
+        feat, self.perm = _stable_sort(idx.reshape(-1), F_)  # [B*k] each
         self.crow = torch.zeros(F_ + 1, dtype=torch.long, device=idx.device)  # [F+1]
         self.crow[1:] = torch.bincount(feat, minlength=F_).cumsum(0)
         self.tokens = self.perm // k  # [B*k] token of each entry, ascending within a feature
@@ -52,17 +54,61 @@ class _FeatureMajor:
         return torch.sparse.mm(vt, dense)
 
 
+BLOCK_BYTES = 16 * 2 ** 20  # pre-activations of one row block: about the size of a last-level cache slice
+MIN_BLOCK_ROWS = 256  # fewer rows per block and the matmul re-reads W_enc [d, F] too often
+
+
+def block_rows(F_: int, itemsize: int = 4) -> int:
+    """Rows per block of the encoder: BLOCK_BYTES of [rows, F] pre-activations, at least MIN_BLOCK_ROWS."""
+    return max(MIN_BLOCK_ROWS, BLOCK_BYTES // (itemsize * F_))
+
+
+def blocked_topk(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
+                 rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of x W_enc + b_enc per row (x [B,d], W_enc [d,F], b_enc [F]) -> (values [B,k], indices [B,k], in
+    top-k's order), computed block by block of `rows` rows (default block_rows(F)) into one reused [rows, F]
+    buffer. Each row's values come from the same matmul and top-k as the unblocked product, so the result only
+    differs by the matmul's summation order."""
+    B, F_ = x.shape[0], W_enc.shape[1]
+    rows = min(B, rows or block_rows(F_, x.element_size()))
+    vals = x.new_empty(B, k)  # [B, k]
+    idx = torch.empty(B, k, dtype=torch.long, device=x.device)  # [B, k]
+    pre = x.new_empty(rows, F_)  # [rows, F], reused by every block
+    for i in range(0, B, rows):
+        n = min(rows, B - i)
+        block = torch.addmm(b_enc, x[i:i + n], W_enc, out=pre[:n])  # [n, F]
+        torch.topk(block, k, dim=-1, sorted=False, out=(vals[i:i + n], idx[i:i + n]))
+    return vals, idx
+
+
+def _stable_sort(keys: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of flat integer keys in [0, bound): (sorted keys, permutation). On CPU the stable sort of
+    int32 keys takes about 2 ms for 131k keys whatever their order, where the int64 sorts take 50-400 ms on some
+    patterns (many repeats, presorted runs), so keys that fit go through int32."""
+    small = keys.to(torch.int32) if bound < 2 ** 31 else keys
+    out, perm = small.sort(stable=True)
+    return out.to(keys.dtype), perm
+
+
+def _sort_rows(idx: torch.Tensor, F_: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """idx [B,k] sorted along each row, and where each entry came from in idx.reshape(-1): one flat stable sort
+    of row·F + index (faster on CPU than a sort along the last dimension)."""
+    B, k = idx.shape
+    base = torch.arange(0, B * F_, F_, device=idx.device)[:, None]  # [B, 1]
+    keys, order = _stable_sort((idx + base).reshape(-1), B * F_)  # [B*k] each
+    return keys.view(B, k) - base, order
+
+
 class _SparseTopKEncode(torch.autograd.Function):
     """(x [B,d], W_enc [d,F], b_enc [F]) -> top-k of ReLU(x W_enc + b_enc): values [B,k], indices [B,k] (ascending
-    along each row). The backward pass computes gradients only at the selected entries."""
+    along each row). The forward pass runs in row blocks (blocked_topk); the backward pass computes gradients
+    only at the selected entries."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k: int):
-        pre = torch.addmm(b_enc, x, W_enc)  # [B, F]
-        vals, idx = pre.topk(k, dim=-1, sorted=False)  # [B, k]
-        del pre
-        idx, order = idx.sort(dim=-1)  # CSR rows need sorted columns
-        vals = vals.gather(1, order).clamp_min_(0)
+    def forward(ctx, x, W_enc, b_enc, k: int, rows: int | None):
+        vals, idx = blocked_topk(x, W_enc, b_enc, k, rows)  # [B, k] each
+        idx, order = _sort_rows(idx, W_enc.shape[1])  # CSR rows need sorted columns
+        vals = vals.reshape(-1)[order].view_as(idx).clamp_min_(0)
         ctx.save_for_backward(x, W_enc, idx, vals)
         ctx.mark_non_differentiable(idx)
         return vals, idx
@@ -79,7 +125,7 @@ class _SparseTopKEncode(torch.autograd.Function):
             grad_W = _FeatureMajor(idx, F_).mm(g, x).T  # [d, F]
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(F_, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        return grad_x, grad_W, grad_b, None
+        return grad_x, grad_W, grad_b, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -104,10 +150,11 @@ class _SparseDecode(torch.autograd.Function):
         return grad_vals, None, grad_W
 
 
-def sparse_topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int):
+def sparse_topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
+                       rows: int | None = None):
     """Top-k ReLU features as (values [B,k], indices [B,k]) with a sparse backward; indices ascend along each
-    row."""
-    return _SparseTopKEncode.apply(x, W_enc, b_enc, k)
+    row. The encoder runs in blocks of `rows` rows (default block_rows(F); rows >= B: one unblocked product)."""
+    return _SparseTopKEncode.apply(x, W_enc, b_enc, k, rows)
 
 
 def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:

@@ -276,8 +276,8 @@ class TaskBatch:
     def with_reference(self, model: Model) -> "TaskBatch":
         """A copy holding the clean run's last-position logits (needed by the kl metric)."""
         with torch.no_grad():
-            logits = model.run(self.clean)
-        return replace(self, reference=_last(logits, self.clean).detach())
+            logits = model.run(self.clean, last_only=True)  # [batch, vocab]
+        return replace(self, reference=logits.detach())
 
     def metric(self, logits: torch.Tensor, tokens: Tokens | None = None, reference: torch.Tensor | None = None
                ) -> torch.Tensor:

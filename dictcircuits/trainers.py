@@ -165,7 +165,10 @@ class Trainer(ABC):
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, max(1, total_steps // 20))
         total_tokens = total_steps * batch_tokens * _world()
         self.dead_tokens = cfg.dead_tokens if cfg.dead_tokens is not None else min(10_000_000, max(batch_tokens, total_tokens // 8))
-        self.opt = torch.optim.Adam([p for p in self.dic.parameters() if p.requires_grad], lr=self.lr, betas=self.betas)
+        # fused: one pass over each parameter and its moments (issue #14: the default Adam took 0.7 s of a
+        # d = 512, F = 16384 TopK step on 2 CPU cores, the fused one 0.15 s); same update, float rounding aside
+        self.opt = torch.optim.Adam([p for p in self.dic.parameters() if p.requires_grad], lr=self.lr, betas=self.betas,
+                                    fused=torch.device(device).type in ("cpu", "cuda"))
         self.since_fired = torch.zeros(cfg.width, dtype=torch.long, device=device)  # [F] tokens since last firing
         self.loss_fn: Callable = self.loss
         self.autocast = False  # set by step(): whether the current step runs under bf16 autocast
@@ -445,6 +448,21 @@ class TopKTrainer(Trainer):
 
     def pre(self, x):  # [b, F] ReLU pre-activations
         return torch.relu(self.project(x, self.dic.W_enc, self.dic.b_enc))
+
+    def init_from(self, x):
+        """b_dec at the geometric median, then W_enc scaled by the least-squares factor c that best reconstructs
+        x − b_dec from the features at init (issue #14). Scaling by c > 0 keeps which latents are selected, so
+        c = <x − b_dec, x̂₁> / ‖x̂₁‖² with x̂₁ the reconstruction at c = 1; with random unit decoder rows the
+        k selected rows all lean towards x and add up coherently, and c = 1 overshoots (c ≈ 0.6 at d = 512,
+        F = 4096, k = 32: the first steps' FVU 0.45 instead of 0.67)."""
+        super().init_from(x)
+        dic = self.dic
+        with torch.no_grad():
+            sample = x.float()[:max(16, min(1024, 2 ** 26 // dic.F))].to(dic.W_enc.device)  # [n, d]
+            x_hat = self.sparsify(self.pre(sample)) @ dic.W_dec  # [n, d], without b_dec
+            c = float((x_hat * (sample - dic.b_dec)).sum() / x_hat.pow(2).sum().clamp_min(1e-30))
+            if math.isfinite(c) and c > 0:
+                dic.W_enc.mul_(c)
 
     def sparsify(self, pre):
         vals, idx = pre.topk(self.dic.k, dim=-1, sorted=False)

@@ -192,3 +192,27 @@ def test_skip_tokens_option(sink, data, tmp_path):
         with pytest.raises(Exception, match=match):
             TrainConfig(**{**{"tokens": "1k", "out": str(tmp_path / "x")}, **bad}).validate()
     assert not (tmp_path / "x").exists()
+
+
+def test_node_effects_are_zero_at_skipped_positions(sink):
+    """Attribution never credits a position the splice passes through. BOS is the same in both prompts, so the test
+    skips a token that differs between them (the clean name " Mary"): its position gets no feature or error effect
+    under the rule, and does get one with the rule off."""
+    from dictcircuits.attribute import node_effects
+    from dictcircuits.tasks import Task
+
+    task = Task("toy", clean=["When Mary and John went to the store, John gave a drink to"],
+                corrupt=["When Alice and John went to the store, John gave a drink to"], answers=[" Mary"],
+                wrong=[" John"], metric="logit_diff")
+    batch = task.tokenize(sink)
+    mary = sink.tokenizer(" Mary", add_special_tokens=False)["input_ids"]
+    pos = int(torch.nonzero(batch.clean.input_ids[0] != batch.corrupt.input_ids[0])[0])
+    assert len(mary) == 1 and int(batch.clean.input_ids[0, pos]) == mary[0]
+    base = {s: random_dictionary("topk", sink.d_model, 2 * sink.d_model, seed=i, k=4) for i, s in enumerate(SITES)}
+    for method in ("attrib", "ig"):
+        off = node_effects(sink, {s: with_rule(d, OFF) for s, d in base.items()}, batch, method=method, steps=4)
+        on = node_effects(sink, {s: with_rule(d, PositionRule((mary[0],), None)) for s, d in base.items()}, batch,
+                          method=method, steps=4)
+        first = SITES[0]  # downstream sites see the change through the model, upstream of them it is skipped too
+        assert float(off.features[first][pos].abs().sum() + off.errors[first][pos].abs()) > 0
+        assert float(on.features[first][pos].abs().sum()) == 0.0 and float(on.errors[first][pos].abs()) == 0.0

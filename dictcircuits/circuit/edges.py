@@ -111,8 +111,8 @@ def compute_edges(model: Model, dictionaries: Mapping[str, Dictionary], batch, e
 
 def metric_parents(model: Model, dictionaries: Mapping[str, Dictionary], batch) -> list[str]:
     """The sites whose nodes act on the metric directly (the last resid site when every site is traced)."""
-    res = splice(model, batch.clean, dictionaries, leaves=True)
-    m = batch.metric(res.logits, batch.clean).sum()
+    res = splice(model, batch.clean, dictionaries, leaves=True, last_only=True)
+    m = batch.metric(res.logits).sum()
     sites = list(dictionaries)
     grads = torch.autograd.grad(m, [t for s in sites for t in (res.states[s].f, res.states[s].err)], allow_unused=True)
     return [s for i, s in enumerate(sites)

@@ -96,7 +96,8 @@ def node_effect(effects, node: Node) -> float:
 def node_activations(model: Model, dictionaries: Mapping[str, Dictionary], tokens, nodes: list[Node]) -> dict[Node, float]:
     """Mean clean activation of each feature node (summed over positions for summed nodes); mean ‖err‖ for errors."""
     with torch.no_grad():
-        states = splice(model, tokens, dictionaries).states
+        deepest = max(dictionaries, key=lambda s: model.site(s).order)
+        states = splice(model, tokens, dictionaries, stop_after=deepest).states
     out = {}
     for n in nodes:
         st = states[n.site]

@@ -58,9 +58,9 @@ class Patcher:
         self.max_features = max_features
         with torch.no_grad():
             states = splice(model, batch.corrupt, self.dictionaries).states
-            self.prompt_model = batch.metric(model.run(batch.clean), batch.clean).float().cpu()  # [batch]
+            self.prompt_model = batch.metric(model.run(batch.clean, last_only=True)).float().cpu()  # [batch]
             self.m_model = float(self.prompt_model.mean())
-            self.m_corrupt = float(batch.metric(model.run(batch.corrupt), batch.corrupt).mean())
+            self.m_corrupt = float(batch.metric(model.run(batch.corrupt, last_only=True)).mean())
         self.abl = {}  # site -> (f [batch|1, pos, F], err [batch|1, pos, d])
         for s, st in states.items():
             f, e = st.f.detach(), st.err.detach()
@@ -93,7 +93,8 @@ class Patcher:
 
             rows = torch.arange(B).repeat(K)
             with torch.no_grad():
-                logits = splice(self.model, self.batch.clean[rows], self.dictionaries, edit=edit).logits
+                logits = splice(self.model, self.batch.clean[rows], self.dictionaries, edit=edit,
+                                last_only=True).logits  # [K*B, vocab]
                 out += [self.batch.metric(logits[k * B : (k + 1) * B], self.batch.clean).float().cpu()[None]
                         for k in range(K)]
         return torch.cat(out) if out else torch.zeros(0, B)
