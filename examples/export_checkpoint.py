@@ -26,13 +26,13 @@ def export(run: Path, dst: Path) -> list[Path]:
     for site, states in ckpt["dictionaries"].items():
         for i, state in enumerate(states):
             F, d = state["W_dec"].shape
-            hyper = {"k": int(config["k"][i] if isinstance(config["k"], list) else config["k"])} \
-                if config["arch"] in ("topk", "batchtopk") else {}
+            ks = str(config["k"]).split(",")
+            hyper = {"k": int(ks[i] if len(ks) == len(states) else ks[0])} if config["arch"] in ("topk", "batchtopk") else {}
             dic = Dictionary.create(config["arch"], d, F, **hyper)
             dic.load_state_dict(state)
             dic.meta = {"site": site, "model": config.get("model"), "training": {
-                "checkpoint_step": int(ckpt["step"]), "tokens": int(ckpt["step"]) * int(config["batch_size"]),
-                "from": str(run)}}
+                "model_spec": config.get("model"), "checkpoint_step": int(ckpt["step"]),
+                "tokens": int(ckpt["step"]) * int(config["batch_size"]), "from": str(run)}}
             folder = dst / site if len(states) == 1 else dst / f"{site}-{i}"
             save_dictionary(dic, folder)
             written.append(folder)
