@@ -6,11 +6,16 @@ largest Pearson correlation of its activations with any feature of B on the same
 there have none and are left out of the mean). Simpson diversity D = 1 / Σ p_i², p_i = w_i² / Σ w_j², counts the
 neurons a feature direction reads from. A and B may differ in width ("MMCS with larger") and may come from different
 models of the same width. Numbers that cannot be computed are None (null in --json), never NaN.
+
+Random baselines, to judge an MMCS: the MMCS of random unit directions of the same widths and counts (Gaussian,
+mean over BASELINE_SEEDS seeds) and of A against B turned by a random rotation (B keeps its own geometry but loses
+any alignment with A). `--plot FILE.png` draws the MCS histogram of A's features against both baselines.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from .errors import DictCircuitsError, check_int
 from .models import Model, Tokens
 
 MCS_EDGES = [round(0.05 * i, 2) for i in range(21)]  # histogram bins on [0, 1]
+BASELINE_SEEDS = 3
 
 
 @dataclass
@@ -44,6 +50,30 @@ class Comparison:
     edges: list[float] = field(default_factory=lambda: list(MCS_EDGES))
     mcs_ab: list[float] = field(default_factory=list, repr=False)  # per feature of A
     mcs_ba: list[float] = field(default_factory=list, repr=False)
+    mmcs_random: float | None = None  # MMCS A→B of random unit directions of the same widths (mean over seeds)
+    mmcs_rotated: float | None = None  # MMCS of A against B turned by a random rotation (mean over seeds)
+    baseline_seeds: int = 0
+    mcs_random: list[float] = field(default_factory=list, repr=False)  # per feature, seed 0 of each baseline
+    mcs_rotated: list[float] = field(default_factory=list, repr=False)
+
+
+def random_rotation(d: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random orthogonal matrix [d, d] (QR of a Gaussian, signs fixed)."""
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def random_baselines(A: torch.Tensor, B: torch.Tensor, seeds: int = BASELINE_SEEDS) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per seed, the MCS of A's rows [Fa, d] against random unit directions [Fb, d], and against B [Fb, d] turned by
+    a random rotation: ([Fa] per seed, [Fa] per seed)."""
+    seeds = check_int(seeds, "seeds", 1)
+    random, rotated = [], []
+    for seed in range(seeds):
+        g = torch.Generator().manual_seed(seed)
+        random.append(max_cosine(torch.randn(A.shape[0], A.shape[1], generator=g),
+                                 torch.randn(B.shape[0], B.shape[1], generator=g)))
+        rotated.append(max_cosine(A, B.float() @ random_rotation(B.shape[1], g)))
+    return random, rotated
 
 
 def max_cosine(A: torch.Tensor, B: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -103,9 +133,12 @@ def _hist(v: torch.Tensor) -> list[int]:
 
 
 def compare(a: Dictionary, b: Dictionary, model: Model | None = None, tokens: Tokens | None = None,
-            site: str | None = None, model_b: Model | None = None, batch_size: int = 16) -> Comparison:
+            site: str | None = None, model_b: Model | None = None, batch_size: int = 16,
+            baseline_seeds: int = BASELINE_SEEDS) -> Comparison:
     """Compare dictionaries a and b; with a model and tokens also their activation correlation at `site`
-    (model_b, if given, produces b's activations: the same tokens through another model of the same width)."""
+    (model_b, if given, produces b's activations: the same tokens through another model of the same width).
+    baseline_seeds: seeds of the random baselines (0: none)."""
+    baseline_seeds = check_int(baseline_seeds, "baseline_seeds", 0)
     for name, dic in (("a", a), ("b", b)):
         if not isinstance(dic, Dictionary):
             raise DictCircuitsError(f"{name} is a {type(dic).__name__}, not a Dictionary; load one with "
@@ -140,6 +173,11 @@ def compare(a: Dictionary, b: Dictionary, model: Model | None = None, tokens: To
                         frac_ab_09=float((mab > 0.9).float().mean()), hist_ab=_hist(mab), hist_ba=_hist(mba),
                         simpson_a=_mean_simpson(da), simpson_b=_mean_simpson(db),
                         mcs_ab=mab.tolist(), mcs_ba=mba.tolist())
+    if baseline_seeds:
+        random, rotated = random_baselines(da.cpu(), db.cpu(), baseline_seeds)
+        result.mmcs_random = sum(float(r.mean()) for r in random) / len(random)
+        result.mmcs_rotated = sum(float(r.mean()) for r in rotated) / len(rotated)
+        result.baseline_seeds, result.mcs_random, result.mcs_rotated = baseline_seeds, random[0].tolist(), rotated[0].tolist()
     if model is not None:
         fa, fb = [], []
         with torch.no_grad():
@@ -166,6 +204,52 @@ def add_arguments(p) -> None:
     p.add_argument("--tokens", default=None, help="tokens for activation correlation (default: 16k; needs --model)")
     p.add_argument("--ctx-len", type=int, default=None, help="context length (default: 128; needs --model)")
     p.add_argument("--json", action="store_true", help="print JSON (numbers that cannot be computed are null)")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw the MCS histogram of A's features against the random baselines (one panel per site)")
+
+
+def check_plot(path: str | None) -> Path | None:
+    """--plot FILE.png: a .png in a folder that exists and can be written, not a file of another kind."""
+    if path is None:
+        return None
+    plot = Path(path)
+    if plot.suffix.lower() != ".png":
+        raise DictCircuitsError(f"--plot {path}: give a file name ending in .png")
+    if not plot.parent.resolve().is_dir() or not os.access(plot.parent.resolve(), os.W_OK):
+        raise DictCircuitsError(f"--plot {path}: folder {plot.parent} does not exist or cannot be written; create it "
+                                "or choose another")
+    if plot.exists() and (not plot.is_file() or plot.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n"):
+        raise DictCircuitsError(f"--plot {path} exists and is not a PNG picture; choose another name (it is not "
+                                "overwritten)")
+    return plot
+
+
+def plot_mcs(results: dict[str, "Comparison"], path: str | Path) -> Path:
+    """The MCS histogram of A's features per site against the random-direction and random-rotation baselines,
+    as a PNG (atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 1, figsize=(7, 2.8 * len(results)), squeeze=False)
+    bins = [i / 50 for i in range(51)]
+    for ax, (site, r) in zip(axes[:, 0], results.items()):
+        ax.hist(r.mcs_ab, bins=bins, color="#2166ac", alpha=0.85, label=f"A→B (MMCS {r.mmcs_ab:.3f})")
+        if r.mcs_random:
+            ax.hist(r.mcs_random, bins=bins, histtype="step", color="#b2182b", lw=1.5,
+                    label=f"random directions (MMCS {r.mmcs_random:.3f})")
+            ax.hist(r.mcs_rotated, bins=bins, histtype="step", color="#555", lw=1.5, ls="--",
+                    label=f"B randomly rotated (MMCS {r.mmcs_rotated:.3f})")
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{site}: {r.F_a} features of A vs {r.F_b} of B", fontsize=10)
+        ax.set_ylabel("features")
+        ax.legend(fontsize=8, loc="upper center")
+    axes[-1, 0].set_xlabel("max cosine similarity with any feature of B")
+    fig.tight_layout()
+    from .train import save_png
+
+    return save_png(fig, Path(path))
 
 
 def _pairs(a: str, b: str, site: str | None) -> dict[str, tuple[Dictionary, Dictionary]]:
@@ -221,6 +305,7 @@ def run(args) -> int:
     ctx_len = check_int(args.ctx_len if args.ctx_len is not None else 128, "--ctx-len", 2)
     if args.site is not None:
         parse_site(args.site)
+    plot = check_plot(args.plot)
     for path in (args.a, args.b):
         if not Path(path).exists():
             raise DictCircuitsError(f"{path} does not exist; give a dictionary file or folder")
@@ -230,15 +315,20 @@ def run(args) -> int:
     tokens = eval_tokens(model, args.dataset, n_tokens, ctx_len) if model else None
     results = {s: compare(da, db, model, tokens, site=s if s != "?" else args.site, model_b=model_b)
                for s, (da, db) in pairs.items()}
+    if plot is not None:
+        plot_mcs(results, plot)
     if args.json:
         print(json.dumps(_json_safe({s: asdict(r) for s, r in results.items()}), indent=2, allow_nan=False))
         return 0
     for s, r in results.items():
-        print(f"{s}: F {r.F_a} vs {r.F_b}  MMCS A→B {r.mmcs_ab:.3f}  B→A {r.mmcs_ba:.3f}  "
+        print(f"{s}: F {r.F_a} vs {r.F_b}  MMCS A→B {r.mmcs_ab:.3f} (random directions {_fmt(r.mmcs_random, '.3f')}, "
+              f"B randomly rotated {_fmt(r.mmcs_rotated, '.3f')}; mean of {r.baseline_seeds} seeds)  B→A {r.mmcs_ba:.3f}  "
               f"MCS>0.9 {r.frac_ab_09:.1%}  Simpson A {_fmt(r.simpson_a, '.1f')} B {_fmt(r.simpson_b, '.1f')}"
               + (f"  act-corr A→B {_fmt(r.act_corr_ab, '.3f')} B→A {_fmt(r.act_corr_ba, '.3f')} ({r.tokens} tokens)"
                  if r.tokens else ""))
         peak = max(r.hist_ab) or 1
         for lo, count in zip(r.edges, r.hist_ab):
             print(f"   {lo:4.2f} {'#' * round(40 * count / peak)} {count}")
+    if plot is not None:
+        print(f"wrote {plot}")
     return 0

@@ -993,6 +993,11 @@ def _train_into(cfg: TrainConfig, checked: _Checked, model: Model, sites: list[s
             with _sigint_deferred():  # the dictionaries reach the disk before the (long) held-out evaluation
                 _save_all(session, trainers, out, _dtype(cfg.save_dtype))
                 saved = True
+            if out is not None and (out / METRICS_NAME).is_file():  # training curves (#13)
+                try:
+                    plot_curves(out / METRICS_NAME)
+                except DictCircuitsError as exc:
+                    print(f"note: {CURVES_NAME} not drawn: {exc}", file=sys.stderr)
             if cfg.eval_tokens > 0:
                 heldout = _heldout(model, trainers, stream, cfg.eval_tokens, cfg.exclude_bos, cfg.progress)
                 evaluated = True
@@ -1141,6 +1146,65 @@ def _rule_text(rule: dict) -> str:
 
 def _num(value, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
+
+
+# --- training curves (#13) -------------------------------------------------------------------------------
+CURVES_NAME = "curves.png"
+CURVE_METRICS = (("loss", "loss", True), ("fvu", "FVU", True), ("l0", "L0", False), ("dead", "dead fraction", False))
+
+
+def plot_curves(metrics: str | Path, path: str | Path | None = None) -> Path:
+    """Draw loss, FVU, L0 and dead fraction over training tokens, one line per site (and run of a sweep), from a
+    run's metrics.jsonl into a PNG (default: curves.png beside it; atomic). An existing file that is not a PNG is
+    never replaced."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = Path(metrics)
+    path = Path(path) if path is not None else metrics.with_name(CURVES_NAME)
+    if path.exists() and (not path.is_file() or path.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n"):
+        raise DictCircuitsError(f"{path} exists and is not a PNG picture; move it away to draw the training curves")
+    try:
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise DictCircuitsError(f"cannot read {metrics} ({exc}); give the metrics.jsonl of a training run") from exc
+    series: dict[str, list[dict]] = {}
+    for row in rows:
+        series.setdefault(f"{row['site']} {row['run']}", []).append(row)
+    if not series:
+        raise DictCircuitsError(f"{metrics} holds no logged steps; train for at least one logging interval")
+    one_run = len({r["run"] for r in rows}) == 1
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(4 * len(CURVE_METRICS), 3.3))
+    for ax, (key, title, log) in zip(axes, CURVE_METRICS):
+        for name, pts in series.items():
+            pts = [r for r in pts if r.get(key) is not None]
+            ax.plot([r["tokens"] for r in pts], [r[key] for r in pts], marker="." if len(pts) < 30 else None,
+                    label=name.split(" ")[0] if one_run else name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training tokens")
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def save_png(fig, path: Path) -> Path:
+    """Save a matplotlib figure as PNG atomically (temp + os.replace) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+# --- end of training curves ---------------------------------------------------------------------------
 
 
 def run(args) -> int:

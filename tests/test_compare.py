@@ -70,3 +70,68 @@ def test_compare_with_model_and_cli(tokenizer, tmp_path, capsys):
     save_dictionary(random_dictionary("relu", 16, 32), tmp_path / "narrow")
     assert main(["compare", str(tmp_path / "a" / "resid.1"), str(tmp_path / "narrow")]) == 2
     assert "different widths" in capsys.readouterr().err
+
+
+def test_random_baselines():
+    import numpy as np
+
+    from dictcircuits.compare import random_rotation
+
+    g = torch.Generator().manual_seed(5)
+    a = _with_directions(torch.randn(60, 24, generator=g))
+    r = compare(a, a, baseline_seeds=3)
+    assert r.mmcs_ab == pytest.approx(1.0, abs=1e-5) and r.baseline_seeds == 3
+    rng = np.random.default_rng(123)  # an independent estimate of the random-direction MMCS for these shapes
+    est = []
+    for _ in range(20):
+        x, y = rng.standard_normal((60, 24)), rng.standard_normal((60, 24))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        y /= np.linalg.norm(y, axis=1, keepdims=True)
+        est.append((x @ y.T).max(1).mean())
+    assert r.mmcs_random == pytest.approx(float(np.mean(est)), abs=0.03)
+    assert r.mmcs_rotated < 0.9 and len(r.mcs_random) == len(r.mcs_rotated) == 60
+    wider = compare(_with_directions(torch.randn(60, 96, generator=g)), _with_directions(torch.randn(60, 96, generator=g)))
+    assert wider.mmcs_random < r.mmcs_random - 0.1  # random directions are less alike in more dimensions
+    q = random_rotation(24, torch.Generator().manual_seed(0))
+    assert torch.allclose(q @ q.T, torch.eye(24), atol=1e-5)
+    none = compare(a, a, baseline_seeds=0)
+    assert none.mmcs_random is None and none.mcs_random == []
+
+
+def test_cli_plot_and_baseline_text(tmp_path, capsys):
+    a, b = random_dictionary("relu", 16, 40, seed=1), random_dictionary("relu", 16, 40, seed=2)
+    for name, dic in (("a", a), ("b", b)):
+        save_dictionary(dic, tmp_path / name)
+    plot = tmp_path / "mcs.png"
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(plot)]) == 0
+    text = capsys.readouterr().out
+    assert "random directions 0." in text and "B randomly rotated 0." in text and f"wrote {plot}" in text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(plot), "--json"]) == 0  # rewrites ours
+    assert json.loads(capsys.readouterr().out)["?"]["mmcs_random"] > 0
+    notes = tmp_path / "notes.png"
+    notes.write_text("my notes")
+    for bad, why in ((notes, "is not a PNG"), (tmp_path / "x.jpg", "ending in .png"),
+                     (tmp_path / "no" / "x.png", "does not exist")):
+        assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(bad)]) == 2
+        assert why in capsys.readouterr().err
+    assert notes.read_text() == "my notes"
+
+
+def test_training_curves_from_metrics(tmp_path):
+    from dictcircuits.errors import DictCircuitsError
+    from dictcircuits.train import plot_curves
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "tokens": 512 * s, "site": site, "run": "topk_F64_k4", "lr": 1e-3,
+                                       "loss": 10 / s, "l0": 4.0, "fvu": 1 / s, "dead": 0.01 * s}) + "\n"
+                           for s in range(1, 6) for site in ("resid.0", "resid.1")))
+    path = plot_curves(log)
+    assert path == tmp_path / "curves.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DictCircuitsError, match="holds no logged steps"):
+        plot_curves(tmp_path / "empty.jsonl", tmp_path / "e.png")
+    (tmp_path / "mine.png").write_text("not a picture")
+    with pytest.raises(DictCircuitsError, match="is not a PNG"):
+        plot_curves(log, tmp_path / "mine.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import networkx as nx
@@ -12,7 +13,8 @@ import torch
 from dictcircuits.cli import main
 from dictcircuits.dictionary import save_dictionary
 from dictcircuits.graph import CircuitGraph, Node, Verification
-from dictcircuits.render import NODE_W, WRAP, _vis_assets, feature_details, layout, render_html, vis_data, write_html
+from dictcircuits.render import (NODE_W, WRAP, _vis_assets, capped, feature_details, graph_key, layout, render_html,
+                                 vis_data, write_html)
 from dictcircuits.tasks import Task
 from dictcircuits.toy import random_dictionaries, toy_model
 from dictcircuits.trace import summary, trace
@@ -78,7 +80,7 @@ def test_layout_rows_by_site_and_columns_by_position():
     g = cg.graph
     crowded = [xy[f"resid.0/{100 + j}@1"] for j in range(20)] + [xy["resid.0/7@1"], xy["resid.0/err@1"]]
     assert max(x for x, _ in crowded) - min(x for x, _ in crowded) < WRAP * NODE_W
-    assert len({y for _, y in crowded}) == 3 and rows == sorted(rows, reverse=True)
+    assert len({y for _, y in crowded}) == math.ceil(len(crowded) / WRAP) and rows == sorted(rows, reverse=True)
     for u in g:
         for v in g:
             a, b = g.nodes[u], g.nodes[v]
@@ -199,3 +201,54 @@ def test_undefined_faithfulness_is_saved_as_null_and_shown_as_na(tmp_path):
     loaded = CircuitGraph.load_json(path)
     assert loaded.faithfulness is None
     assert "<b>n/a</b>" in render_html(loaded) and "faithfulness n/a" in summary(loaded)
+
+
+def test_auto_labels_key_and_cap():
+    cg = hand_graph()
+    cg.features["resid.1/7@0"] = {"top_logits": [], "bottom_logits": [],
+                                  "examples": [{"tokens": ["a", " Mary", "b"], "acts": [0.1, 2.0, 0.5], "max": 2.0}]}
+    data = vis_data(cg)
+    auto = {n["id"]: n["auto"] for n in data["nodes"]}
+    assert auto["resid.0/7@2"] == f'resid.0 #7 "{EVIL[:12]}"'  # the top promoted token, cut short
+    assert auto["resid.1/7@0"] == 'resid.1 #7 "Mary"'  # no promoted tokens: where it peaks in its contexts
+    assert auto["embed/7@1"] == "embed #7" and auto["resid.1/err@2"] == "resid.1 ε" and auto["logit@4"] == "metric"
+    assert EVIL not in render_html(cg)  # the label travels as escaped JSON
+    assert data["key"] == graph_key(hand_graph()) and data["left_out"] == 0
+    smaller = hand_graph()
+    smaller.graph.remove_node("embed/7@0")
+    assert graph_key(smaller) != data["key"]
+    kept, left = capped(cg, limit=6)
+    effects = sorted((abs(a["effect"]) for _, a in cg.graph.nodes(data=True) if a["kind"] != "logit"), reverse=True)
+    assert left == cg.graph.number_of_nodes() - 1 - 6 and kept.graph.number_of_nodes() == 7
+    assert min(abs(a["effect"]) for _, a in kept.graph.nodes(data=True) if a["kind"] != "logit") >= effects[5]
+    assert all(kept.graph.has_node(u) and kept.graph.has_node(v) for u, v in kept.graph.edges)
+
+
+def test_feature_cards_from_a_dashboard(toy_setup, tmp_path):
+    from dictcircuits.errors import DictCircuitsError
+    from dictcircuits.features import feature_dashboard, load_feature_stats, write_dashboard
+
+    model, dicts, task = toy_setup
+    toks = model.tokenize(task.clean + task.corrupt)
+    stats = feature_dashboard(model, {"resid.0": dicts["resid.0"]}, toks, batch_size=16, n_top=3, n_bins=1,
+                              per_bin=1, progress=False)
+    write_dashboard(stats, tmp_path / "dash")
+    live = int(stats["resid.0"].live.nonzero()[0])
+    with torch.no_grad():
+        acts = dicts["resid.1"].encode(model.activations(model.tokenize(task.clean), ["resid.1"])["resid.1"])
+    nodes = [Node("resid.0", 3, live), Node("resid.1", 3, int(acts.amax((0, 1)).argmax()))]
+    info = feature_details(model, dicts, nodes, task.clean, progress=False, dashboard=tmp_path / "dash")
+    card = load_feature_stats(tmp_path / "dash", "resid.0").card(live)
+    dash = info[nodes[0].id]
+    assert dash["examples"] == card["examples"] and dash["top_logits"] == card["top_logits"] and dash["examples"]
+    assert dash["page"] == (tmp_path / "dash").resolve().as_posix() + f"/resid.0.html#f={live}"
+    assert "page" not in info[nodes[1].id] and info[nodes[1].id]["examples"]  # no dashboard there: the texts
+    cg = hand_graph()
+    cg.graph.add_node(nodes[0].id, kind="feature", site="resid.0", layer=0, order=3, position=3, feature=live,
+                      effect=0.5, activation=1.0, label="x")
+    cg.features = {nodes[0].id: dash}
+    page = write_html(cg, tmp_path / "c.html").read_text()
+    tip = next(n["tip"] for n in page_data(page)["nodes"] if n["id"] == nodes[0].id)
+    assert f"href='dash/resid.0.html#f={live}'" in tip and "corpus contexts (dashboard)" in tip
+    with pytest.raises(DictCircuitsError, match="is not a feature dashboard"):
+        feature_details(model, dicts, nodes, [], progress=False, dashboard=tmp_path)
