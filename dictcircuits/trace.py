@@ -1,4 +1,6 @@
-"""`dictcircuits trace`: find the feature circuit of a task and write it as interactive HTML, JSON and GraphML.
+"""`dictcircuits trace`: find the feature circuit of a task, or of one prompt (`--prompt`: no corrupt prompt; nodes
+ablated to their corpus mean or zero, see dictcircuits.circuit.prompt), and write it as interactive HTML, JSON,
+GraphML and a circuit-tracer / Neuronpedia graph JSON.
 
 Phases: node effects (IG by default) -> node selection (a ranking shared by every prompt, or each prompt's own
 top-N) sized by real patching to reach a faithfulness target (or a fixed size) -> verification (faithfulness,
@@ -20,15 +22,19 @@ from tqdm.auto import tqdm
 from .attribute import METHODS, node_effects
 from .circuit import (RANKINGS, CircuitGraph, Patcher, build_graph, choose_nodes, compute_edges, format_metric,
                       metric_parents, node_activations, rank_nodes, shown_curve)
+from .circuit.prompt import (MEAN_TOKENS, baseline_effects, check_prompt_args, mean_baseline, prompt_target,
+                             zero_baseline)
 from .dictionary import Dictionary
 from .errors import DictCircuitsError, check_int, check_real
 from .formats import _dictionary_folders, load_dictionaries
+from .harvest import check_dataset
 from .models import Model, load_model
 from .paths import default_dictionaries
 from .render import feature_details, write_html
 from .tasks import GENERATORS, Task, load_task
 
 PHASES = ("load", "effects", "verify", "edges", "details")
+ABLATIONS = ("corrupt", "mean", "zero")
 EXACT_CANDIDATES = 3  # --method exact measures this many times the node cap of attribution-patching candidates
 EFFECTS_ROWS = 320  # prompts x IG steps per trace for node effects: bigger traces turn memory-bound on CPU
 OVERSAMPLE = 32  # built-in tasks generate n * OVERSAMPLE prompts; the first n of the commonest length and template are kept
@@ -76,8 +82,8 @@ def check_settings(*, n, steps, faithfulness, nodes, per_prompt, max_nodes, node
     check_int(max_nodes, "max_nodes", lo=1)
     if method not in METHODS:
         raise DictCircuitsError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    if ablation not in ("corrupt", "mean"):
-        raise DictCircuitsError(f"ablation {ablation!r} is not corrupt or mean")
+    if ablation not in ABLATIONS:
+        raise DictCircuitsError(f"ablation {ablation!r} is not {', '.join(ABLATIONS[:-1])} or {ABLATIONS[-1]}")
     if rank not in RANKINGS:
         raise DictCircuitsError(f"unknown ranking {rank!r}: use one of {', '.join(RANKINGS)}")
     if faithfulness is not None:
@@ -112,14 +118,15 @@ def check_settings(*, n, steps, faithfulness, nodes, per_prompt, max_nodes, node
                                 "use ig or attrib")
 
 
-def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapping[str, Dictionary] | str | Path | None = None,
+def trace(task: str | Task | None = None, model: Model | str | None = None, dictionaries: Mapping[str, Dictionary] | str | Path | None = None,
           *, n: int = 64, seed: int = 0, method: str = "ig", steps: int = 10, sites: str | None = None,
           positions: bool = True, faithfulness: float | None = FAITHFULNESS, nodes: int | None = None,
           per_prompt: int | str | None = None, node_threshold: float | None = None, keep_influence: float | None = None,
           max_nodes: int = MAX_NODES, rank: str = "mean-abs", edge_threshold: float | None = None,
-          keep_edge_influence: float = 0.98, ablation: str = "corrupt", refine: float | None = None,
+          keep_edge_influence: float = 0.98, ablation: str | None = None, refine: float | None = None,
           contexts: list[str] | None = None, edge_mode: str = "vmap", device: str = "cpu", strict: bool = False,
-          progress: bool = True) -> CircuitGraph:
+          prompt: str | None = None, answer: str | None = None, wrong: str | None = None, dataset: str | None = None,
+          mean_tokens: int = MEAN_TOKENS, progress: bool = True) -> CircuitGraph:
     """Trace the circuit of `task` (a built-in name, a task file or a Task) in `model` with `dictionaries`, on
     n prompts of one token length and template (the commonest; built-in tasks generate extra prompts to find them).
 
@@ -129,12 +136,30 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
     gives each prompt its own top-N nodes by its own effects, verified with each prompt's own mask; the graph is the
     union, each node with its share of prompts. rank: mean-abs (mean over prompts of |effect|) or abs-mean
     (|mean effect|). contexts: reference texts for the features' top-activating examples (default: the prompts).
-    strict: refuse task-file rows that cannot be used instead of skipping them."""
+    strict: refuse task-file rows that cannot be used instead of skipping them.
+
+    Single prompt (prompt= instead of task; see dictcircuits.circuit.prompt): the target is log p(answer) (answer
+    None: the model's top token) or, with wrong, logit(answer) - logit(wrong); nodes are ablated to each dictionary's
+    mean over mean_tokens positions of `dataset` (default: harvest's default corpus) or to zero (ablation "mean",
+    the default, or "zero"); n, seed and strict do not apply. ablation (tasks): corrupt (default), mean (over the
+    corrupt prompts) or zero."""
+    if (task is None) == (prompt is None):
+        raise DictCircuitsError("give a task or a prompt (not both): trace(task='ioi') or trace(prompt='The capital "
+                                "of France is')" if task is None else "give a task or a prompt, not both")
+    if prompt is None and (answer is not None or wrong is not None or dataset is not None):
+        raise DictCircuitsError("answer, wrong and dataset apply to a single prompt; a task brings its own answers")
+    ablation = ablation or ("corrupt" if prompt is None else "mean")
+    if prompt is not None:
+        check_prompt_args(prompt, answer, wrong, ablation)
+        check_int(mean_tokens, "mean_tokens", lo=1)
+        if method == "exact":
+            raise DictCircuitsError("method exact is for tasks; use ig or attrib for a single prompt")
+        dataset = check_dataset(dataset) if ablation == "mean" else None
     check_settings(n=n, steps=steps, faithfulness=faithfulness, nodes=nodes, per_prompt=per_prompt,
                    max_nodes=max_nodes, node_threshold=node_threshold, keep_influence=keep_influence,
                    edge_threshold=edge_threshold, keep_edge_influence=keep_edge_influence, method=method,
                    ablation=ablation, rank=rank, refine=refine, seed=seed)
-    if not isinstance(task, Task) and str(task) not in GENERATORS and not Path(str(task)).is_file():
+    if prompt is None and not isinstance(task, Task) and str(task) not in GENERATORS and not Path(str(task)).is_file():
         raise DictCircuitsError(f"unknown task {task!r}: use one of {', '.join(GENERATORS)} or a path to a task file")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -162,18 +187,29 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
                                         "or point --dictionaries at a folder of them")
             chosen = pick_sites(model, sites, [s for s in _dictionary_folders(root) if s in model.sites], str(root))
             dictionaries = load_dictionaries(root, model=model, sites=chosen)
-        if not isinstance(task, Task):  # generate extra prompts so that n of them share one token length
-            builtin = str(task) in GENERATORS
-            task = load_task(str(task), n=n * OVERSAMPLE if builtin else n, seed=seed, model=model, strict=strict)
-        task = task.aligned(model)
-        task = task.subset(range(min(n, len(task))))
-        batch = task.tokenize(model)
-        if batch.metric_name == "kl":
-            batch = batch.with_reference(model)
+        target, baseline = None, None
+        if prompt is not None:
+            batch, target = prompt_target(model, prompt, answer, wrong)
+            baseline = (mean_baseline(model, dictionaries, dataset, mean_tokens, progress=progress)
+                        if ablation == "mean" else zero_baseline(dictionaries))
+            name, texts = prompt, [prompt]
+        else:
+            if not isinstance(task, Task):  # generate extra prompts so that n of them share one token length
+                builtin = str(task) in GENERATORS
+                task = load_task(str(task), n=n * OVERSAMPLE if builtin else n, seed=seed, model=model, strict=strict)
+            task = task.aligned(model)
+            task = task.subset(range(min(n, len(task))))
+            batch = task.tokenize(model)
+            if batch.metric_name == "kl":
+                batch = batch.with_reference(model)
+            baseline = zero_baseline(dictionaries) if ablation == "zero" else None
+            name, texts = task.name, list(dict.fromkeys(task.clean + task.corrupt))
         lap("load")
 
         cap = nodes or max_nodes
-        if method == "exact":  # one rerun per node: measure the strongest attribution-patching candidates only
+        if prompt is not None:
+            effects = baseline_effects(model, dictionaries, batch, baseline, method=method, steps=steps)
+        elif method == "exact":  # one rerun per node: measure the strongest attribution-patching candidates only
             pre = rank_nodes(node_effects(model, dictionaries, batch, method="attrib"), dictionaries, by="abs-mean")
             todo: dict[str, list[tuple[int, int | None]]] = {}
             for node in pre.top(EXACT_CANDIDATES * cap):
@@ -184,7 +220,7 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
             effects = node_effects(model, dictionaries, batch, method=method, steps=steps, batch_size=per_trace)
         lap("effects")
 
-        patcher = Patcher(model, dictionaries, batch, ablation=ablation)
+        patcher = Patcher(model, dictionaries, batch, ablation=ablation, baseline=baseline)
         chosen = choose_nodes(patcher, effects, dictionaries, positions=positions, faithfulness=faithfulness, nodes=nodes,
                               per_prompt=per_prompt, node_threshold=node_threshold, keep_influence=keep_influence,
                               max_nodes=max_nodes, rank=rank, refine=refine, progress=progress)
@@ -198,8 +234,7 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
                             edge_threshold=edge_threshold, keep_edge_influence=keep_edge_influence, shares=chosen.shares)
         lap("edges")
 
-        features = feature_details(model, dictionaries, chosen_nodes, contexts or list(dict.fromkeys(task.clean + task.corrupt)),
-                                   progress=progress)
+        features = feature_details(model, dictionaries, chosen_nodes, contexts or texts, progress=progress)
         lap("details")
     finally:
         phases.close()
@@ -208,8 +243,14 @@ def trace(task: str | Task, model: Model | str | None = None, dictionaries: Mapp
                 "faithfulness_target": faithfulness, "nodes": nodes, "per_prompt": per_prompt,
                 "node_threshold": node_threshold, "keep_influence": keep_influence, "max_nodes": max_nodes,
                 "edge_threshold": edge_threshold, "keep_edge_influence": keep_edge_influence, "ablation": ablation,
-                "refine": refine, "steps": steps, "metric": batch.metric_name, "prompt": task.clean[0]}
-    return CircuitGraph(graph, task.name, model.name, len(batch), method, tokens, verification, timings, settings,
+                "refine": refine, "steps": steps, "metric": batch.metric_name, "prompt": texts[0],
+                "mode": "task" if prompt is None else "prompt", "answer_prob": patcher.answer_prob,
+                "answer_id": int(batch.answer_ids[0]), "answer": model.tokenizer.decode([int(batch.answer_ids[0])])}
+    if target is not None:
+        settings.update(metric=target.metric, answer=target.answer, answer_id=target.answer_id, wrong=target.wrong,
+                        wrong_id=target.wrong_id, top_token=target.top, ablation_dataset=baseline.dataset,
+                        ablation_tokens=baseline.tokens)
+    return CircuitGraph(graph, name, model.name, len(batch), method, tokens, verification, timings, settings,
                         features)
 
 
@@ -218,8 +259,13 @@ def summary(cg: CircuitGraph) -> str:
     g, ver, st = cg.graph, cg.verification, cg.settings
     kinds = [a["kind"] for _, a in g.nodes(data=True)]
     sites = st.get("sites", [])
-    lines = [f"dictcircuits trace: {cg.task} on {cg.model} ({cg.n_prompts} prompts, {cg.method}, "
-             f"{len(sites)} sites, metric {st.get('metric', '?')})"]
+    if st.get("mode") == "prompt":
+        top = "the model's top token, " if st.get("top_token") else ""
+        lines = [f"dictcircuits trace: prompt {cg.task!r} on {cg.model} ({cg.method}, {len(sites)} sites)",
+                 f"  target {st.get('metric')} ({top}p={st.get('answer_prob', float('nan')):.3f})"]
+    else:
+        lines = [f"dictcircuits trace: {cg.task} on {cg.model} ({cg.n_prompts} prompts, {cg.method}, "
+                 f"{len(sites)} sites, metric {st.get('metric', '?')})"]
     which = f"those of {st['sites_arg']!r}" if st.get("sites_arg") else "the default"
     lines.append(f"  sites {', '.join(sites)} ({which} with dictionaries)")
     lines.append(f"  nodes {len(kinds) - kinds.count('logit')} ({kinds.count('feature')} features, "
@@ -239,7 +285,11 @@ def summary(cg: CircuitGraph) -> str:
         if ver.per_prompt:
             lines.append(f"  per-prompt circuit: each prompt keeps its own {ver.size} nodes; the graph is their union "
                          f"({len(kinds) - kinds.count('logit')} nodes, each with its share of prompts)")
-        lines += [f"  metric: model {ver.m_model:.3f}, corrupt {ver.m_corrupt:.3f}, all ablated ({ver.ablation}) "
+        ablated = ver.ablation
+        if st.get("ablation_dataset"):
+            ablated = f"to the mean of {st.get('ablation_tokens')} tokens of {Path(st['ablation_dataset']).name}"
+        corrupt = "" if ver.m_corrupt is None else f"corrupt {ver.m_corrupt:.3f}, "
+        lines += [f"  metric: model {ver.m_model:.3f}, {corrupt}all ablated ({ablated}) "
                   f"{ver.m_empty:.3f}, circuit only {ver.m_circuit:.3f}",
                   f"  faithfulness {format_metric(ver.faithfulness)}   completeness {format_metric(ver.completeness)} "
                   "(faithfulness without the circuit: 0 = nothing works without it)"]
@@ -248,9 +298,13 @@ def summary(cg: CircuitGraph) -> str:
             lines.append(f"  per prompt: faithfulness mean {sp['mean']:.3f} ± {sp['std']:.3f}, median {sp['median']:.3f}, "
                          f"10% of prompts below {sp['q10']:.3f}, lowest {sp['min']:.3f} ({sp['n']} of {cg.n_prompts} prompts: those "
                          "whose own clean-vs-ablated gap is at least 10% of the mean one)")
-        if ver.m_model <= ver.m_corrupt:
+        if ver.m_corrupt is not None and ver.m_model <= ver.m_corrupt:
             lines.append(f"  warning: the model's clean metric ({ver.m_model:.3f}) is not above the corrupt one "
                          f"({ver.m_corrupt:.3f}): the model cannot do this task, so its circuit explains nothing")
+        elif ver.m_corrupt is None and ver.m_model <= ver.m_empty:
+            lines.append(f"  warning: with every node ablated the target is as high as in the model ({ver.m_empty:.3f} "
+                         f">= {ver.m_model:.3f}): the target is not specific to this prompt (a common token?), so "
+                         "faithfulness says nothing; pick the token with --answer, or contrast it with --wrong")
         elif abs(ver.m_model - ver.m_empty) < 1e-2:
             lines.append("  warning: the model and the fully ablated model nearly agree on the metric, so faithfulness "
                          "and completeness are ratios of tiny numbers (is the model able to do the task?)")
@@ -272,7 +326,19 @@ def _per_prompt(value: str) -> int | str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, help="ioi, ioi-s2, parens, sva, sva-pp, sva-rc, greater_than, or a task file")
+    parser.add_argument("--task", default=None, help="ioi, ioi-s2, parens, sva, sva-pp, sva-rc, greater_than, or a task file")
+    parser.add_argument("--prompt", default=None,
+                        help="trace one prompt instead of a task (no corrupt prompt: nodes are ablated to their "
+                             "corpus mean or to zero, see --ablation)")
+    parser.add_argument("--answer", default=None, metavar="TOKEN",
+                        help="--prompt: the target is log p(TOKEN) (default: the model's top token)")
+    parser.add_argument("--wrong", default=None, metavar="TOKEN",
+                        help="--prompt: the target is logit(answer) - logit(TOKEN)")
+    parser.add_argument("--dataset", default=None,
+                        help="--prompt with mean ablation: corpus of the means, like train's --dataset "
+                             "(default: the bundled State of the Union speeches)")
+    parser.add_argument("--mean-tokens", type=int, default=MEAN_TOKENS,
+                        help=f"--prompt with mean ablation: corpus positions averaged (default {MEAN_TOKENS}; cached)")
     parser.add_argument("--strict", action="store_true", help="task files: refuse rows that cannot be used instead of skipping them")
     parser.add_argument("--model", default=None, help="hub id, model folder or .gguf (default: the embedded dc-mini)")
     parser.add_argument("--dictionaries", default=None,
@@ -305,8 +371,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     edges.add_argument("--edge-threshold", type=float, default=None, help="keep edges with |weight| >= T")
     edges.add_argument("--keep-edge-influence", type=float, default=0.98,
                        help="keep the fewest edges carrying this share of the total |weight| (default 0.98)")
-    parser.add_argument("--ablation", choices=("corrupt", "mean"), default="corrupt",
-                        help="value of nodes outside the circuit when verifying (default corrupt)")
+    parser.add_argument("--ablation", choices=ABLATIONS, default=None,
+                        help="value of nodes outside the circuit: tasks: corrupt (default), mean (over the corrupt "
+                             "prompts) or zero; --prompt: mean (over a corpus sample, default) or zero")
     parser.add_argument("--refine", type=float, default=None, metavar="TAU",
                         help="ACDC-style: drop each node whose removal costs less than TAU faithfulness")
     parser.add_argument("--contexts", default=None,
@@ -329,6 +396,16 @@ def check_out(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.task is None) == (args.prompt is None):
+        raise DictCircuitsError("give --task NAME or --prompt TEXT" if args.task is None else
+                                "give --task or --prompt, not both")
+    if args.prompt is None:
+        given = [flag for flag, v in (("--answer", args.answer), ("--wrong", args.wrong), ("--dataset", args.dataset))
+                 if v is not None]
+        if given:
+            raise DictCircuitsError(f"{given[0]} applies to --prompt; a task brings its own answers")
+    else:
+        check_prompt_args(args.prompt, args.answer, args.wrong, args.ablation or "mean")
     faithfulness = args.faithfulness
     if faithfulness is not None and args.per_prompt not in (None, "auto"):
         raise DictCircuitsError("--faithfulness sizes the circuit, --per-prompt N fixes its size; give one")
@@ -336,7 +413,7 @@ def run(args: argparse.Namespace) -> int:
                     nodes=args.nodes, per_prompt=args.per_prompt, max_nodes=args.max_nodes,
                     node_threshold=args.node_threshold, keep_influence=args.keep_influence,
                     edge_threshold=args.edge_threshold, keep_edge_influence=args.keep_edge_influence,
-                    method=args.method, ablation=args.ablation, rank=args.rank, refine=args.refine, seed=args.seed)
+                    method=args.method, ablation=args.ablation or ("corrupt" if args.prompt is None else "mean"), rank=args.rank, refine=args.refine, seed=args.seed)
     check_settings(**settings)
     out = Path(args.out)
     check_out(out)
@@ -346,11 +423,16 @@ def run(args: argparse.Namespace) -> int:
             contexts = [line for line in Path(args.contexts).read_text().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:
             raise DictCircuitsError(f"cannot read contexts file {args.contexts} ({exc})") from exc
+    single = {} if args.prompt is None else dict(prompt=args.prompt, answer=args.answer, wrong=args.wrong,
+                                                 dataset=args.dataset, mean_tokens=args.mean_tokens)
     cg = trace(args.task, args.model, args.dictionaries, **settings, sites=args.sites,
-               positions=args.aggregate == "none", contexts=contexts, device=args.device, strict=args.strict)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", cg.task) or "circuit"
+               positions=args.aggregate == "none", contexts=contexts, device=args.device, strict=args.strict, **single)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", cg.task)[:60].strip("_.") or "circuit"
+    if args.prompt is not None:
+        stem = f"prompt-{stem}"
     t = time.perf_counter()
-    paths = [write_html(cg, out / f"{stem}.html"), cg.save_json(out / f"{stem}.json"), cg.save_graphml(out / f"{stem}.graphml")]
+    paths = [write_html(cg, out / f"{stem}.html"), cg.save_json(out / f"{stem}.json"), cg.save_graphml(out / f"{stem}.graphml"),
+             cg.save_neuronpedia(out / f"{stem}.neuronpedia.json", slug=stem)]
     cg.timings["write"] = round(time.perf_counter() - t, 3)
     print(summary(cg))
     print("  wrote " + ", ".join(str(p) for p in paths))

@@ -1,10 +1,26 @@
-"""The circuit as a graph and its files: the networkx DiGraph (nodes, edges, the metric node), JSON in the
-circuit-tracer / Neuronpedia style and GraphML, all written atomically."""
+"""The circuit as a graph and its files: the networkx DiGraph (nodes, edges, the metric node), our JSON, GraphML,
+and an export in the graph schema that circuit-tracer's frontend and Neuronpedia read, all written atomically.
+
+Export mapping (to_neuronpedia). circuit-tracer puts one transcoder per layer; we have up to four sites per layer,
+so each site of the model gets its own layer band, in forward order, from 1: layer = site order + 1, i.e.
+embed -> 1, attn.L -> 3L+2, mlp.L -> 3L+3, resid.L -> 3L+4 (metadata.transcoder_list[layer] names the site).
+Band 0 is left empty, so ids cannot collide:
+- feature f of a site at position p: node_id "{layer}_{f}_{p}", feature = Cantor pairing of (layer, f),
+  feature_type "cross layer transcoder";
+- the site's error term at p: node_id "0_{layer}_{p}", feature -1, feature_type "mlp reconstruction error" (the type
+  the frontend draws as an error node, whatever the site);
+- the metric node: one logit node, layer = the last band + 1, node_id "{layer}_{token}_{p}" with the answer token
+  (the first prompt's, for a task), clerp 'Output "<answer>" (p=<the model's mean probability of it>)',
+  is_target_logit true. There are no embedding ("E_...") nodes: input tokens are not nodes in our graphs.
+Summed nodes (trace --aggregate sum) sit at the last position. influence is circuit-tracer's cumulative score:
+the share of the total |effect| held by the nodes whose |effect| is at least this node's (smaller = stronger).
+Links carry our edge weights (direct effects; into the logit node, node effects)."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,6 +105,58 @@ class CircuitGraph:
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DictCircuitsError(f"cannot read graph JSON {path} ({exc})") from exc
         return cls.from_dict(data)
+
+    def to_neuronpedia(self, slug: str | None = None) -> dict:
+        """The graph in circuit-tracer's / Neuronpedia's schema (metadata, qParams, nodes, links); see the module
+        docstring for how sites map to layers."""
+        g, st = self.graph, self.settings
+        last = max(len(self.tokens) - 1, 0)
+        band = {a["site"]: a["order"] + 1 for _, a in g.nodes(data=True)}  # the metric node's order is the last
+        names = [""] * (max(band.values(), default=0) + 1)
+        for site, layer in band.items():
+            names[layer] = "" if site == LOGIT else site
+        effects = sorted((abs(a["effect"]) for _, a in g.nodes(data=True) if a["kind"] != "logit"), reverse=True)
+        total = sum(effects) or 1.0
+        cumulative, acc = {}, 0.0
+        for e in effects:
+            acc += e
+            cumulative[e] = acc / total  # ties share the larger cumulative value
+        prob = float(st.get("answer_prob") or 0.0)
+        ids, nodes = {}, []
+        for n, a in g.nodes(data=True):
+            pos = last if a.get("position") is None else int(a["position"])
+            layer = band[a["site"]]
+            node = {"ctx_idx": pos, "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
+                    "influence": cumulative.get(abs(a["effect"])), "activation": a.get("activation")}
+            if a["kind"] == "feature":
+                f = int(a["feature"])
+                node.update(node_id=f"{layer}_{f}_{pos}", feature=(layer + f) * (layer + f + 1) // 2 + f,
+                            layer=str(layer), feature_type="cross layer transcoder", jsNodeId=f"{layer}_{f}-0",
+                            clerp=f"{a['site']} #{f}")
+            elif a["kind"] == "error":
+                node.update(node_id=f"0_{layer}_{pos}", feature=-1, layer=str(layer),
+                            feature_type="mlp reconstruction error", jsNodeId=f"{layer}_{pos}-0",
+                            clerp=f"Err: {a['site']}", activation=None)
+            else:
+                token = int(st.get("answer_id") or 0)
+                shown = st.get("answer") or st.get("metric") or "metric"
+                if st.get("wrong"):
+                    shown = f"{shown} - {st['wrong']}"
+                node.update(node_id=f"{layer}_{token}_{pos}", feature=token, layer=str(layer), feature_type="logit",
+                            jsNodeId=f"L_{token}-{pos}", clerp=f'Output "{shown}" (p={prob:.3f})', token_prob=prob,
+                            is_target_logit=True, influence=None, activation=None)
+            ids[n] = node["node_id"]
+            nodes.append(node)
+        links = [{"source": ids[u], "target": ids[v], "weight": float(w)} for u, v, w in g.edges(data="weight")]
+        slug = slug or re.sub(r"[^A-Za-z0-9_.-]+", "_", self.task)[:60].strip("_.") or "circuit"
+        metadata = {"slug": slug, "scan": self.model, "transcoder_list": names, "prompt_tokens": list(self.tokens),
+                    "prompt": str(st.get("prompt") or ""), "node_threshold": None, "schema_version": 1}
+        qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+        return _no_nan({"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links})
+
+    def save_neuronpedia(self, path: str | Path, slug: str | None = None) -> Path:
+        """Write to_neuronpedia() as strict JSON."""
+        return atomic_write(path, json.dumps(self.to_neuronpedia(slug), allow_nan=False))
 
     def save_graphml(self, path: str | Path) -> Path:
         """GraphML with the scalar attributes (missing position/feature left out); metadata as graph attributes."""

@@ -27,9 +27,9 @@ SEARCH_SPLIT = 8  # each refinement round tries SEARCH_SPLIT - 1 sizes inside th
 class Verification:
     """Metrics (means over prompts) of the model with everything outside a node set ablated."""
 
-    ablation: str  # corrupt | mean
+    ablation: str  # corrupt | mean | zero
     m_model: float  # the unmodified model on the clean prompts
-    m_corrupt: float  # the unmodified model on the corrupt prompts
+    m_corrupt: float | None  # the unmodified model on the corrupt prompts; None for single prompts (none exist)
     m_empty: float  # every node ablated
     m_circuit: float
     m_complement: float  # the circuit ablated, the rest kept
@@ -49,23 +49,38 @@ class Patcher:
     node sets per trace (one replica of the batch each, as many as fit in max_features feature values)."""
 
     def __init__(self, model: Model, dictionaries: Mapping[str, Dictionary], batch, ablation: str = "corrupt",
-                 max_features: int = 50_000_000):
-        if ablation not in ("corrupt", "mean"):
+                 max_features: int = 50_000_000, baseline=None):
+        """ablation corrupt: each prompt's corrupt values; mean: their mean over the corrupt prompts. A baseline
+        (circuit.prompt.Baseline: corpus mean or zero per site) replaces both; its prompts' corrupt side is not run
+        when it equals the clean side (single prompts), and m_corrupt is then None."""
+        if baseline is not None:
+            ablation = baseline.kind
+        elif ablation not in ("corrupt", "mean"):
             raise DictCircuitsError(f"ablation {ablation!r} is not corrupt or mean")
         if batch.clean.input_ids.shape != batch.corrupt.input_ids.shape:
             raise DictCircuitsError("clean and corrupt prompts differ in token length: align the task (Task.aligned) first")
         self.model, self.dictionaries, self.batch, self.ablation = model, dict(dictionaries), batch, ablation
         self.max_features = max_features
-        with torch.no_grad():
-            states = splice(model, batch.corrupt, self.dictionaries).states
-            self.prompt_model = batch.metric(model.run(batch.clean, last_only=True)).float().cpu()  # [batch]
-            self.m_model = float(self.prompt_model.mean())
-            self.m_corrupt = float(batch.metric(model.run(batch.corrupt, last_only=True)).mean())
-        self.abl = {}  # site -> (f [batch|1, pos, F], err [batch|1, pos, d])
-        for s, st in states.items():
-            f, e = st.f.detach(), st.err.detach()
-            self.abl[s] = (f.mean(0, keepdim=True), e.mean(0, keepdim=True)) if ablation == "mean" else (f, e)
         P = batch.clean.input_ids.shape[1]
+        paired = not torch.equal(batch.clean.input_ids, batch.corrupt.input_ids)
+        with torch.no_grad():
+            clean_logits = model.run(batch.clean, last_only=True)  # [batch, vocab]
+            self.prompt_model = batch.metric(clean_logits).float().cpu()  # [batch]
+            self.m_model = float(self.prompt_model.mean())
+            self.m_corrupt = float(batch.metric(model.run(batch.corrupt, last_only=True)).mean()) if paired else None
+            # the model's mean probability of each prompt's answer (the exported logit node's p)
+            probs = torch.softmax(clean_logits.float(), -1)  # [batch, vocab]
+            rows = torch.arange(len(batch.clean), device=probs.device)
+            self.answer_prob = float(probs[rows, batch.answer_ids.to(probs.device)].mean())
+        self.abl = {}  # site -> (f [batch|1, pos, F], err [batch|1, pos, d])
+        if baseline is not None:
+            self.abl = {s: tuple(v.to(model.device) for v in baseline.values(s, P)) for s in self.dictionaries}
+        else:
+            with torch.no_grad():
+                states = splice(model, batch.corrupt, self.dictionaries).states
+            for s, st in states.items():
+                f, e = st.f.detach(), st.err.detach()
+                self.abl[s] = (f.mean(0, keepdim=True), e.mean(0, keepdim=True)) if ablation == "mean" else (f, e)
         self.shapes = {s: (P, d.F) for s, d in self.dictionaries.items()}
 
     def prompt_metrics(self, masks: Sequence[Masks]) -> torch.Tensor:
