@@ -30,7 +30,7 @@ from .formats import _dictionary_folders, load_dictionaries
 from .harvest import check_dataset
 from .models import Model, load_model
 from .paths import default_dictionaries
-from .render import feature_details, write_html
+from .render import check_dashboard, feature_details, write_html
 from .tasks import GENERATORS, Task, load_task
 
 PHASES = ("load", "effects", "verify", "edges", "details")
@@ -126,7 +126,7 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
           keep_edge_influence: float = 0.98, ablation: str | None = None, refine: float | None = None,
           contexts: list[str] | None = None, edge_mode: str = "vmap", device: str = "cpu", strict: bool = False,
           prompt: str | None = None, answer: str | None = None, wrong: str | None = None, dataset: str | None = None,
-          mean_tokens: int = MEAN_TOKENS, progress: bool = True) -> CircuitGraph:
+          mean_tokens: int = MEAN_TOKENS, dashboard: str | Path | None = None, progress: bool = True) -> CircuitGraph:
     """Trace the circuit of `task` (a built-in name, a task file or a Task) in `model` with `dictionaries`, on
     n prompts of one token length and template (the commonest; built-in tasks generate extra prompts to find them).
 
@@ -149,6 +149,7 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
     if prompt is None and (answer is not None or wrong is not None or dataset is not None):
         raise DictCircuitsError("answer, wrong and dataset apply to a single prompt; a task brings its own answers")
     ablation = ablation or ("corrupt" if prompt is None else "mean")
+    check_dashboard(dashboard)
     if prompt is not None:
         check_prompt_args(prompt, answer, wrong, ablation)
         check_int(mean_tokens, "mean_tokens", lo=1)
@@ -234,7 +235,8 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
                             edge_threshold=edge_threshold, keep_edge_influence=keep_edge_influence, shares=chosen.shares)
         lap("edges")
 
-        features = feature_details(model, dictionaries, chosen_nodes, contexts or texts, progress=progress)
+        features = feature_details(model, dictionaries, chosen_nodes, contexts or texts, progress=progress,
+                                   dashboard=dashboard)
         lap("details")
     finally:
         phases.close()
@@ -376,6 +378,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "prompts) or zero; --prompt: mean (over a corpus sample, default) or zero")
     parser.add_argument("--refine", type=float, default=None, metavar="TAU",
                         help="ACDC-style: drop each node whose removal costs less than TAU faithfulness")
+    parser.add_argument("--dashboard", default=None, metavar="DIR",
+                        help="feature dashboard (the --out of dictcircuits features): feature cards show its corpus "
+                             "contexts and link to it, for the sites it covers")
     parser.add_argument("--contexts", default=None,
                         help="text file of reference contexts (one per line) for top-activating examples")
     parser.add_argument("--device", default="cpu")
@@ -426,7 +431,8 @@ def run(args: argparse.Namespace) -> int:
     single = {} if args.prompt is None else dict(prompt=args.prompt, answer=args.answer, wrong=args.wrong,
                                                  dataset=args.dataset, mean_tokens=args.mean_tokens)
     cg = trace(args.task, args.model, args.dictionaries, **settings, sites=args.sites,
-               positions=args.aggregate == "none", contexts=contexts, device=args.device, strict=args.strict, **single)
+               positions=args.aggregate == "none", contexts=contexts, device=args.device, strict=args.strict,
+               dashboard=check_dashboard(args.dashboard), **single)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", cg.task)[:60].strip("_.") or "circuit"
     if args.prompt is not None:
         stem = f"prompt-{stem}"
