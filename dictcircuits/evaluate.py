@@ -464,32 +464,12 @@ def model_of(root: Path) -> str:
     return names.pop()
 
 
-def _sweep_runs(root: Path) -> dict[str, dict[str, Path]] | None:
-    """For a sweep written by train (root/<site>/<run>/ with several runs per site): run -> {site: folder};
-    None when root holds one dictionary per site."""
-    from .dictionary import is_dictcircuits_folder
-
-    runs: dict[str, dict[str, Path]] = {}
-    single = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        children = [p for p in sorted(sub.iterdir()) if p.is_dir() and is_dictcircuits_folder(p)]
-        if len(children) > 1 and not is_dictcircuits_folder(sub):
-            for child in children:
-                runs.setdefault(child.name, {})[sub.name] = child
-        else:
-            single.append(sub.name)
-    if runs and single:
-        raise DictCircuitsError(f"{root} mixes a sweep (several runs in {', '.join(sorted({s for r in runs.values() for s in r}))}) "
-                                f"with single dictionaries ({', '.join(single)}); evaluate them from separate folders")
-    return runs or None
-
-
 def load_sets(root: Path, model: Model, sites: list[str] | None, run: str | None) -> dict[str | None, dict[str, Dictionary]]:
     """The dictionaries to evaluate: {None: {site: dic}} for one dictionary per site, {run: {site: dic}} for each
     run of a sweep (or only `run`)."""
-    from .formats import load_dictionaries, load_dictionary
+    from .formats import load_dictionaries, load_dictionary, sweep_runs
 
-    runs = _sweep_runs(root)
+    runs = sweep_runs(root)
     if runs is None:
         if run is not None:
             raise DictCircuitsError(f"--run {run}: {root} is not a sweep (it holds one dictionary per site); drop --run")

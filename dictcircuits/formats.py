@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from .dictionary import (CFG_NAME, FLOAT_DTYPES, SET_MARKER, WEIGHTS_NAME, Dictionary, check_replaceable,
                          check_site_name, clean_stale_temporaries, create_checked, foreign_entry, install_folder,
-                         load_checked, load_dictionary_folder, make_temp_folder, read_json_object, save_dictionary,
-                         temp_target)
+                         is_dictcircuits_folder, load_checked, load_dictionary_folder, make_temp_folder,
+                         read_json_object, save_dictionary, temp_target)
 from .errors import DictCircuitsError, DictCircuitsWarning
 
 
@@ -507,6 +507,25 @@ def load_dictionaries(root: str | Path, model=None, sites=None, device=None) -> 
     if model is not None:
         out = dict(sorted(out.items(), key=lambda kv: model.site(kv[0]).order))
     return out
+
+
+def sweep_runs(root: str | Path) -> dict[str, dict[str, Path]] | None:
+    """For a sweep written by train (root/<site>/<run>/ with several runs per site): run -> {site: folder};
+    None when root holds one dictionary per site."""
+    root = Path(root)
+    runs: dict[str, dict[str, Path]] = {}
+    single = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        children = [p for p in sorted(sub.iterdir()) if p.is_dir() and is_dictcircuits_folder(p)]
+        if len(children) > 1 and not is_dictcircuits_folder(sub):
+            for child in children:
+                runs.setdefault(child.name, {})[sub.name] = child
+        else:
+            single.append(sub.name)
+    if runs and single:
+        raise DictCircuitsError(f"{root} mixes a sweep (several runs in {', '.join(sorted({s for r in runs.values() for s in r}))}) "
+                                f"with single dictionaries ({', '.join(single)}); use them from separate folders")
+    return runs or None
 
 
 def _check_target(src: Path, dst: Path, force: bool) -> None:

@@ -26,7 +26,7 @@ from .circuit.prompt import (MEAN_TOKENS, baseline_effects, check_prompt_args, m
                              zero_baseline)
 from .dictionary import Dictionary
 from .errors import DictCircuitsError, check_int, check_real
-from .formats import _dictionary_folders, load_dictionaries
+from .formats import _dictionary_folders, load_dictionaries, load_dictionary, sweep_runs
 from .harvest import check_dataset
 from .models import Model, load_model
 from .paths import default_dictionaries
@@ -71,6 +71,27 @@ def pick_sites(model: Model, spec: str | None, available: list[str], where: str)
     if not chosen:
         raise DictCircuitsError("no sites given: name some (resid.0,mlp.1), a pattern (resid.*) or 'all'")
     return [s.name for s in model.resolve_sites(sorted(chosen))]
+
+
+def run_folders(root: Path, run: str | None) -> dict[str, Path] | None:
+    """Site -> folder of the sweep run `run` when root is a sweep written by train (root/<site>/<run>/); None when
+    root holds one dictionary per site (a sweep with one run left reads as that). Refuses a missing root, a sweep
+    without `run`, an unknown run, and `run` on a folder that is not a sweep."""
+    if not root.is_dir():
+        raise DictCircuitsError(f"dictionary folder {root} does not exist: train some with `dictcircuits train` "
+                                "or point --dictionaries at a folder of them")
+    runs = sweep_runs(root)
+    if runs is None:
+        if run is not None:
+            raise DictCircuitsError(f"--run {run}: {root} is not a sweep (it holds one dictionary per site); drop --run")
+        return None
+    if run is None:
+        raise DictCircuitsError(f"{root} is a sweep of {len(runs)} runs ({', '.join(sorted(runs))}); pass --run NAME "
+                                "to trace one of them")
+    if run not in runs:
+        raise DictCircuitsError(f"--run {run}: the sweep in {root} has runs {', '.join(sorted(runs))}; pick one "
+                                "of those")
+    return runs[run]
 
 
 def check_settings(*, n, steps, faithfulness, nodes, per_prompt, max_nodes, node_threshold, keep_influence,
@@ -126,7 +147,8 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
           keep_edge_influence: float = 0.98, ablation: str | None = None, refine: float | None = None,
           contexts: list[str] | None = None, edge_mode: str = "vmap", device: str = "cpu", strict: bool = False,
           prompt: str | None = None, answer: str | None = None, wrong: str | None = None, dataset: str | None = None,
-          mean_tokens: int = MEAN_TOKENS, dashboard: str | Path | None = None, progress: bool = True) -> CircuitGraph:
+          mean_tokens: int = MEAN_TOKENS, dashboard: str | Path | None = None, run: str | None = None,
+          progress: bool = True) -> CircuitGraph:
     """Trace the circuit of `task` (a built-in name, a task file or a Task) in `model` with `dictionaries`, on
     n prompts of one token length and template (the commonest; built-in tasks generate extra prompts to find them).
 
@@ -136,7 +158,8 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
     gives each prompt its own top-N nodes by its own effects, verified with each prompt's own mask; the graph is the
     union, each node with its share of prompts. rank: mean-abs (mean over prompts of |effect|) or abs-mean
     (|mean effect|). contexts: reference texts for the features' top-activating examples (default: the prompts).
-    strict: refuse task-file rows that cannot be used instead of skipping them.
+    strict: refuse task-file rows that cannot be used instead of skipping them. run: the run to trace when the
+    dictionary folder is a sweep written by train (<site>/<run>/; required when it has several runs).
 
     Single prompt (prompt= instead of task; see dictcircuits.circuit.prompt): the target is log p(answer) (answer
     None: the model's top token) or, with wrong, logit(answer) - logit(wrong); nodes are ablated to each dictionary's
@@ -162,6 +185,11 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
                    ablation=ablation, rank=rank, refine=refine, seed=seed)
     if prompt is None and not isinstance(task, Task) and str(task) not in GENERATORS and not Path(str(task)).is_file():
         raise DictCircuitsError(f"unknown task {task!r}: use one of {', '.join(GENERATORS)} or a path to a task file")
+    if isinstance(dictionaries, Mapping) and run is not None:
+        raise DictCircuitsError(f"run {run!r} picks a run of a sweep folder; drop it when passing the dictionaries "
+                                "themselves")
+    root = None if isinstance(dictionaries, Mapping) or not dictionaries else Path(dictionaries)
+    folders = run_folders(root, run) if root is not None else None  # known before the model is loaded
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     phases = tqdm(PHASES, desc="trace", unit="phase", disable=not progress, leave=False)
@@ -182,12 +210,17 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
             chosen = pick_sites(model, sites, list(dictionaries), "the dictionaries given")
             dictionaries = {s: dictionaries[s] for s in chosen}
         else:
-            root = Path(dictionaries) if dictionaries else default_dictionaries(model.name)
-            if not root.is_dir():
-                raise DictCircuitsError(f"dictionary folder {root} does not exist: train some with `dictcircuits train` "
-                                        "or point --dictionaries at a folder of them")
-            chosen = pick_sites(model, sites, [s for s in _dictionary_folders(root) if s in model.sites], str(root))
-            dictionaries = load_dictionaries(root, model=model, sites=chosen)
+            if root is None:
+                root = default_dictionaries(model.name)
+                folders = run_folders(root, run)
+            if folders is None:
+                chosen = pick_sites(model, sites, [s for s in _dictionary_folders(root) if s in model.sites], str(root))
+                dictionaries = load_dictionaries(root, model=model, sites=chosen)
+            else:
+                chosen = pick_sites(model, sites, [s for s in folders if s in model.sites], f"run {run} of {root}")
+                dictionaries = {s: load_dictionary(folders[s], d=model.d_model, device=model.device) for s in chosen}
+                for s, dic in dictionaries.items():
+                    dic.meta["site"] = s
         target, baseline = None, None
         if prompt is not None:
             batch, target = prompt_target(model, prompt, answer, wrong)
@@ -241,7 +274,7 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
     finally:
         phases.close()
     tokens = [model.tokenizer.decode([int(i)]) for i in batch.clean.input_ids[0]]
-    settings = {"sites": list(dictionaries), "sites_arg": sites, "positions": positions, "rank": chosen.rank,
+    settings = {"sites": list(dictionaries), "sites_arg": sites, "run": run, "positions": positions, "rank": chosen.rank,
                 "faithfulness_target": faithfulness, "nodes": nodes, "per_prompt": per_prompt,
                 "node_threshold": node_threshold, "keep_influence": keep_influence, "max_nodes": max_nodes,
                 "edge_threshold": edge_threshold, "keep_edge_influence": keep_edge_influence, "ablation": ablation,
@@ -345,6 +378,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="hub id, model folder or .gguf (default: the embedded dc-mini)")
     parser.add_argument("--dictionaries", default=None,
                         help="folder of per-site dictionaries (default: dictionaries/<model name>)")
+    parser.add_argument("--run", default=None, metavar="NAME",
+                        help="the run to trace when --dictionaries is a sweep written by train (<site>/<run>/); "
+                             "needed when it has several")
     parser.add_argument("--sites", default=None,
                         help="sites to trace among those with dictionaries, e.g. 'all', 'resid.*' or 'embed,mlp.1' "
                              f"(default: {DEFAULT_SITES!r}, or all if no resid site has a dictionary)")
@@ -432,7 +468,7 @@ def run(args: argparse.Namespace) -> int:
                                                  dataset=args.dataset, mean_tokens=args.mean_tokens)
     cg = trace(args.task, args.model, args.dictionaries, **settings, sites=args.sites,
                positions=args.aggregate == "none", contexts=contexts, device=args.device, strict=args.strict,
-               dashboard=check_dashboard(args.dashboard), **single)
+               dashboard=check_dashboard(args.dashboard), run=args.run, **single)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", cg.task)[:60].strip("_.") or "circuit"
     if args.prompt is not None:
         stem = f"prompt-{stem}"

@@ -37,7 +37,7 @@ def test_train_then_eval_and_trace_paths_with_no_flags(saved, tmp_path, monkeypa
     data = ["--dataset", str(saved / "text.txt")]
     assert main(["train", "--model", str(saved / "toy"), "--sites", "resid.0,resid.1", *data, *SMALL]) == 0
     folders = [p for p in (tmp_path / "dictionaries").iterdir()]
-    assert len(folders) == 1 and sorted(p.name for p in folders[0].iterdir()) == ["metrics.jsonl", "resid.0", "resid.1"]
+    assert len(folders) == 1 and sorted(p.name for p in folders[0].iterdir()) == ["curves.png", "metrics.jsonl", "resid.0", "resid.1"]
     name = folders[0].name
     assert train_output(name) == folders[0].relative_to(tmp_path)
     assert default_dictionaries(name) == train_output(name)  # where eval and trace look
