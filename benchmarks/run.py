@@ -1,15 +1,15 @@
 """All benchmarks in one run, side by side, printed as tables (and saved as JSON + Markdown).
 
-    bash benchmarks/setup_envs.sh              # once: benchmarks/.venv-dl and benchmarks/.venv-saelens
+    bash benchmarks/setup_envs.sh              # once: benchmarks/.venv-dl, .venv-saelens and .venv-sparsify
     python benchmarks/run.py --quick           # < 5 min on 2 CPU cores
     python benchmarks/run.py                   # the full run (see benchmarks/README.md for its duration)
-    python benchmarks/run.py --parts sae --widths 16384 --reps 3
+    python benchmarks/run.py --parts sae --shapes 512x16384 --archs topk --reps 3
 
 Parts:
-  sae    SAE training step throughput on identical in-memory activations: ours vs dictionary_learning vs SAELens
-         (standard L1 and TopK), each implementation in its own subprocess and interpreter, interleaved and
-         repeated (the order rotates every round); ratios are medians of per-round ratios. The fp32 matmul rate
-         ([4096,512]x[512,16384]) is measured in every round too.
+  sae    SAE training step throughput on identical in-memory activations: ours vs sparsify (TopK only) vs
+         dictionary_learning vs SAELens (standard L1 and TopK), each implementation in its own subprocess and
+         interpreter, interleaved and repeated (the order rotates every round); ratios are medians of per-round
+         ratios. The fp32 rate of the encoder's own matmul ([batch,d]x[d,F]) is measured in every round too.
   train  harvest + train of every site in one pass vs one site at a time (benchmarks/train_throughput.py), each
          mode in its own subprocess: stream tokens/s and peak RSS.
   trace  `dictcircuits trace` on IOI (benchmarks/trace_bench.py): time per phase and peak RSS, by n and sites.
@@ -33,9 +33,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 IMPL_PYTHON = {"ours": sys.executable, "ours-dense": sys.executable,
-               "dl": str(HERE / ".venv-dl" / "bin" / "python"), "saelens": str(HERE / ".venv-saelens" / "bin" / "python")}
+               "dl": str(HERE / ".venv-dl" / "bin" / "python"), "saelens": str(HERE / ".venv-saelens" / "bin" / "python"),
+               "sparsify": str(HERE / ".venv-sparsify" / "bin" / "python")}
 IMPL_NAME = {"ours": "dictcircuits", "ours-dense": "dictcircuits (dense TopK path)", "dl": "dictionary_learning",
-             "saelens": "SAELens"}
+             "saelens": "SAELens", "sparsify": "sparsify"}
+TOPK_ONLY = ("ours-dense", "sparsify")
 
 
 def log(msg: str) -> None:
@@ -84,7 +86,8 @@ def machine_info(threads: int) -> dict:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             pass
-    for impl, pkgs in (("dl", ("dictionary-learning", "nnsight")), ("saelens", ("sae-lens",))):
+    for impl, pkgs in (("dl", ("dictionary-learning", "nnsight")), ("saelens", ("sae-lens",)),
+                       ("sparsify", ("eai-sparsify",))):
         py = IMPL_PYTHON[impl]
         if Path(py).is_file():
             code = ("import importlib.metadata as m\nfor n in %r:\n    print(n, m.version(n))" % (pkgs,))
@@ -102,19 +105,19 @@ def machine_info(threads: int) -> dict:
             "commit": commit, "loadavg_start": os.getloadavg()}
 
 
-def matmul_rate(threads: int, reps: int = 5) -> float:
-    """fp32 GFLOP/s of torch.mm [4096,512] x [512,16384] (median of reps), in this process."""
+def matmul_rate(threads: int, batch: int = 4096, d: int = 512, F: int = 16384, reps: int = 5) -> float:
+    """fp32 GFLOP/s of torch.mm [batch,d] x [d,F] (median of reps), in this process."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(4096, 512), torch.randn(512, 16384)
+    a, b = torch.randn(batch, d), torch.randn(d, F)
     a @ b
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - t0)
-    return 2 * 4096 * 512 * 16384 / statistics.median(times) / 1e9
+    return 2 * batch * d * F / statistics.median(times) / 1e9
 
 
 # --- part 1: SAE step throughput ----------------------------------------------------------------------------
@@ -141,13 +144,18 @@ def part_sae(args, out: dict) -> None:
     runnable = [i for i in impls if i not in missing]
     rows, rates = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "acts.pt"
-        make_activations(data, n=args.batch * min(args.steps, 4))
-        for F in args.widths:
+        for d, F in args.shapes:
+            data = Path(tmp) / f"acts{d}.pt"
+            if not data.exists():
+                make_activations(data, n=args.batch * min(args.steps, 4), d=d)
             for arch in args.archs:
-                arch_impls = [i for i in runnable if not (i == "ours-dense" and arch != "topk")]
+                if arch == "standard" and (d, F) not in args.standard_shapes:
+                    continue
+                arch_impls = [i for i in runnable if not (i in TOPK_ONLY and arch != "topk")]
                 runs: dict[str, list[dict]] = {i: [] for i in arch_impls}
+                shape_rates = []
                 for rep in range(args.reps):
+                    shape_rates.append(matmul_rate(args.threads, args.batch, d, F))
                     rates.append(matmul_rate(args.threads))
                     order = arch_impls[rep % len(arch_impls):] + arch_impls[:rep % len(arch_impls)]
                     for impl in order:
@@ -155,22 +163,24 @@ def part_sae(args, out: dict) -> None:
                                "--data", str(data), "--F", str(F), "--k", str(args.k), "--batch", str(args.batch),
                                "--steps", str(args.steps), "--skip", str(args.skip), "--threads", str(args.threads)]
                         res = run_worker(cmd, args.threads, timeout=args.worker_timeout)
-                        log(f"  sae F={F} {arch} rep {rep} {impl}: " + (
+                        log(f"  sae d={d} F={F} {arch} rep {rep} {impl}: " + (
                             f"{res['tokens_per_s']:.0f} tok/s, peak +{res['peak_growth_mb']:.0f} MB, "
                             f"final MSE {res['mse'][-1]:.2f}" if "error" not in res else res["error"]))
                         runs[impl].append(res)
-                rows.append({"F": F, "arch": arch, "runs": runs, "missing": missing})
+                rows.append({"d": d, "F": F, "arch": arch, "runs": runs, "missing": missing,
+                             "encoder_matmul_gflops": shape_rates})
     out["sae"] = {"rows": rows, "matmul_gflops": rates, "settings": {
-        "d": 512, "batch": args.batch, "k": args.k, "steps": args.steps, "skip": args.skip, "reps": args.reps}}
+        "batch": args.batch, "k": args.k, "steps": args.steps, "skip": args.skip, "reps": args.reps}}
 
 
 def sae_summary(sae: dict) -> list[dict]:
     rate = statistics.median(sae["matmul_gflops"]) * 1e9
     st = sae["settings"]
-    d, k = st["d"], st["k"]
+    k = st["k"]
     table = []
     for row in sae["rows"]:
-        F, arch, runs = row["F"], row["arch"], row["runs"]
+        d, F, arch, runs = row.get("d", 512), row["F"], row["arch"], row["runs"]
+        enc_rate = statistics.median(row.get("encoder_matmul_gflops") or sae["matmul_gflops"]) * 1e9
         ok = {i: [r for r in rs if "error" not in r] for i, rs in runs.items()}
         med = {i: statistics.median(r["tokens_per_s"] for r in rs) for i, rs in ok.items() if rs}
         mem = {i: statistics.median(r["peak_growth_mb"] for r in rs) for i, rs in ok.items() if rs}
@@ -183,10 +193,14 @@ def sae_summary(sae: dict) -> list[dict]:
             return statistics.median(x / y for x, y in pairs) if pairs else None
         dense_flop = 12 * d * F
         work = {"ours": (2 * d * F + 10 * k * d) if arch == "topk" else dense_flop}
+        bound = enc_rate / (2 * d * F)  # tokens/s if the step cost only the encoder's dense matmul
+        probe = {i: statistics.median(r["encoder_bound_frac"] for r in rs) for i, rs in ok.items()
+                 if rs and "encoder_bound_frac" in rs[0]}
         table.append({
-            "F": F, "arch": arch, "tokens_per_s": med, "peak_growth_mb": mem, "final_mse": final, "errors": errors,
+            "d": d, "F": F, "arch": arch, "encoder_gflops": enc_rate / 1e9, "encoder_bound_tok_s": bound,
+            "frac_of_encoder_bound": {i: v / bound for i, v in med.items()}, "probe_frac": probe, "tokens_per_s": med, "peak_growth_mb": mem, "final_mse": final, "errors": errors,
             "missing": row.get("missing", {}),
-            "ours_vs": {i: ratio("ours", i) for i in ("dl", "saelens", "ours-dense") if i in runs},
+            "ours_vs": {i: ratio("ours", i) for i in ("sparsify", "dl", "saelens", "ours-dense") if i in runs},
             "mse_ratio": {i: final["ours"] / final[i] for i in final if i != "ours" and "ours" in final},
             "matmul_frac_dense": {i: v * dense_flop / rate for i, v in med.items()},
             "matmul_frac_work": (med["ours"] * work["ours"] / rate) if "ours" in med else None,
@@ -251,16 +265,44 @@ def tables(out: dict) -> str:
         sae = out["sae"]
         st = sae["settings"]
         rate = statistics.median(sae["matmul_gflops"])
-        lines += [f"### SAE training step (d = {st['d']}, batch {st['batch']}, fp32, k = {st['k']} for TopK; "
+        summary = sae_summary(sae)
+        lines += [f"### SAE training step (batch {st['batch']}, fp32, k = {st['k']} for TopK; "
                   f"{st['steps']} steps, {st['skip']} untimed; {st['reps']} interleaved rounds, medians)", "",
                   f"fp32 matmul rate measured in the same run: {rate:.0f} GFLOP/s (median of "
                   f"{len(sae['matmul_gflops'])} rounds; range {min(sae['matmul_gflops']):.0f}–"
                   f"{max(sae['matmul_gflops']):.0f}).", "",
-                  "| arch | F | ours tok/s | dictionary_learning tok/s | SAELens tok/s | ours / DL | ours / SAELens "
+                  "TopK, four implementations. The encoder-matmul bound is the tokens/s of the encoder's dense "
+                  "product alone (2·d·F FLOP per token) at the fp32 rate of that very product ([batch,d]×[d,F]), "
+                  "measured in every round of the same run; the in-worker probe times that product after every "
+                  "step inside each worker and gives the median of per-step ratios (robust to load that changes "
+                  "between workers).", "",
+                  "| d | F | ours tok/s | sparsify tok/s | dictionary_learning tok/s | SAELens tok/s | ours / sparsify "
+                  "| ours / DL | ours / SAELens | encoder-matmul bound tok/s (GFLOP/s) | % of bound ours / sparsify "
+                  "| % of bound, in-worker probe, ours / sparsify / DL / SAELens "
+                  "| peak +MB ours / sparsify / DL / SAELens | final MSE ours / sparsify / DL / SAELens |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        four = ("ours", "sparsify", "dl", "saelens")
+        for r in summary:
+            if r["arch"] != "topk":
+                continue
+            t, b = r["tokens_per_s"], r["frac_of_encoder_bound"]
+
+            def cell4(i):
+                return fmt(t[i]) if i in t else r["missing"].get(i) or r["errors"].get(i, "–")
+            lines.append(
+                f"| {r['d']} | {r['F']} | " + " | ".join(cell4(i) for i in four)
+                + "".join(f" | {fmt(r['ours_vs'].get(i), '.2f')}×" for i in ("sparsify", "dl", "saelens"))
+                + f" | {r['encoder_bound_tok_s']:.0f} ({r['encoder_gflops']:.0f}) "
+                f"| {fmt(b.get('ours') and 100 * b['ours'])}% / {fmt(b.get('sparsify') and 100 * b['sparsify'])}% "
+                f"| {' / '.join(fmt(r['probe_frac'].get(i) and 100 * r['probe_frac'][i]) + '%' for i in four)} "
+                f"| {' / '.join(fmt(r['peak_growth_mb'].get(i)) for i in four)} "
+                f"| {' / '.join(fmt(r['final_mse'].get(i), '.1f') for i in four)} |")
+        lines += ["", "All rows, against the dense-equivalent work:", "",
+                  "| arch | d | F | ours tok/s | dictionary_learning tok/s | SAELens tok/s | ours / DL | ours / SAELens "
                   "| ours, dense-equiv. % of matmul | ours, actual work % of matmul | DL % of matmul | peak +MB ours / DL / SAELens "
                   "| final MSE ours / DL / SAELens |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sae_summary(sae):
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in summary:
             t, mem, f = r["tokens_per_s"], r["peak_growth_mb"], r["final_mse"]
 
             def cell(i):
@@ -269,18 +311,18 @@ def tables(out: dict) -> str:
                 return r["missing"].get(i) or r["errors"].get(i, "–")
             fr = r["matmul_frac_dense"]
             lines.append(
-                f"| {r['arch']} | {r['F']} | {cell('ours')} | {cell('dl')} | {cell('saelens')} "
+                f"| {r['arch']} | {r['d']} | {r['F']} | {cell('ours')} | {cell('dl')} | {cell('saelens')} "
                 f"| {fmt(r['ours_vs'].get('dl'), '.2f')}× | {fmt(r['ours_vs'].get('saelens'), '.2f')}× "
                 f"| {fmt(fr.get('ours') and 100 * fr['ours'])}% "
                 f"| {fmt(r['matmul_frac_work'] and 100 * r['matmul_frac_work'])}% "
                 f"| {fmt(fr.get('dl') and 100 * fr['dl'])}% "
                 f"| {' / '.join(fmt(mem.get(i)) for i in ('ours', 'dl', 'saelens'))} "
                 f"| {' / '.join(fmt(f.get(i), '.1f') for i in ('ours', 'dl', 'saelens'))} |")
-        diag = [r for r in sae_summary(sae) if "ours-dense" in r["tokens_per_s"]]
+        diag = [r for r in summary if "ours-dense" in r["tokens_per_s"]]
         if diag:
             lines += ["", "Diagnostic: our TopK trainer on its sparse k-row kernels vs forced onto its dense path "
                       "(same run): " + "; ".join(
-                          f"F={r['F']}: sparse {fmt(r['tokens_per_s']['ours'])} vs dense "
+                          f"d={r['d']}, F={r['F']}: sparse {fmt(r['tokens_per_s']['ours'])} vs dense "
                           f"{fmt(r['tokens_per_s']['ours-dense'])} tok/s ({fmt(r['ours_vs'].get('ours-dense'), '.2f')}×), "
                           f"peak +{fmt(r['peak_growth_mb'].get('ours'))} vs +{fmt(r['peak_growth_mb'].get('ours-dense'))} MB"
                           for r in diag)]
@@ -335,8 +377,12 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="small settings: F=4096 only, few steps, n=16 (< 5 min)")
     p.add_argument("--parts", default="sae,train,trace")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--impls", default=None, help="default ours,dl,saelens,ours-dense (quick: without ours-dense)")
-    p.add_argument("--widths", default=None, help="SAE widths (default 4096,16384; quick 4096)")
+    p.add_argument("--impls", default=None,
+                   help="default ours,sparsify,dl,saelens,ours-dense (quick: without ours-dense)")
+    p.add_argument("--shapes", default=None,
+                   help="SAE shapes dxF (default 512x4096,512x16384,640x20480; quick 512x4096)")
+    p.add_argument("--standard-shapes", default=None,
+                   help="shapes that also run standard L1 (default the d = 512 ones among --shapes)")
     p.add_argument("--archs", default="standard,topk")
     p.add_argument("--batch", type=int, default=None, help="SAE batch (default 4096; quick 2048)")
     p.add_argument("--k", type=int, default=32)
@@ -356,11 +402,14 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(HERE / "results"), help="folder for latest.json and latest.md")
     args = p.parse_args(argv)
     q = args.quick
-    args.widths = [int(w) for w in (args.widths or ("4096" if q else "4096,16384")).split(",")]
+    args.shapes = [tuple(int(v) for v in s.split("x")) for s in
+                   (args.shapes or ("512x4096" if q else "512x4096,512x16384,640x20480")).split(",")]
+    args.standard_shapes = ([tuple(int(v) for v in s.split("x")) for s in args.standard_shapes.split(",")]
+                            if args.standard_shapes else [s for s in args.shapes if s[0] == 512])
     args.archs = args.archs.split(",")
     args.steps = args.steps or (3 if q else 6)
     args.batch = args.batch or (2048 if q else 4096)
-    args.impls = args.impls or ("ours,dl,saelens" if q else "ours,dl,saelens,ours-dense")
+    args.impls = args.impls or ("ours,sparsify,dl,saelens" if q else "ours,sparsify,dl,saelens,ours-dense")
     args.train_batch = args.train_batch or (512 if q else 2048)
     args.train_buffer = args.train_buffer or (1024 if q else 8192)
     args.skip = args.skip if args.skip is not None else (1 if q else 2)

@@ -2,13 +2,18 @@
 
     python benchmarks/sae_step.py --impl ours --arch topk --data acts.pt --F 4096 --steps 12
     benchmarks/.venv-dl/bin/python benchmarks/sae_step.py --impl dl --arch topk --data acts.pt --F 4096 --steps 12
+    benchmarks/.venv-sparsify/bin/python benchmarks/sae_step.py --impl sparsify --arch topk --data acts.pt --F 4096
 
 Run by benchmarks/run.py in the right interpreter (ours: this Python; dl: benchmarks/.venv-dl; saelens:
-benchmarks/.venv-saelens). Each implementation is driven through its own trainer class and step API:
+benchmarks/.venv-saelens; sparsify: benchmarks/.venv-sparsify). Each implementation is driven through its own
+trainer class and step API:
 
 - ours     dictcircuits.trainers.make_trainer(...).step(x, step)  (StandardTrainer 'relu' / TopKTrainer 'topk')
 - dl       dictionary_learning.trainers.standard.StandardTrainer / trainers.top_k.TopKTrainer .update(step, x)
 - saelens  sae_lens.SAETrainer(cfg, StandardTrainingSAE | TopKTrainingSAE, ...).step(x)
+- sparsify sparsify.SparseCoder (TopK only) with the steps of sparsify.Trainer.fit: b_dec at the batch mean on
+           step 0, unit decoder rows, forward(x, dead_mask) (fused sparse encoder, embedding-bag decoder),
+           (fvu + auxk_alpha·auxk).backward(), remove_gradient_parallel_to_decoder_directions, torch Adam
 
 Shared settings: same data (a file of [n, d] fp32 activations, E‖x‖² = d), batch, width, k, learning rate and
 warm-up, no LR decay, no resampling, dead-latent window of 10M tokens (so AuxK stays off in a short run, as in
@@ -16,6 +21,9 @@ dictionary_learning), fp32, no autocast, the same thread count. Timing: wall tim
 --skip are warm-up (dictionary_learning initialises b_dec at step 0) and are not timed. Memory: ru_maxrss
 (peak RSS of this process) and its growth over the RSS measured just before the first step. The reconstruction
 MSE Σ_d (x − x̂)² (batch mean, x̂ from the forward pass of that step) is recorded per step, outside the timing.
+Encoder-matmul bound: after every step, outside its timing, the worker times the encoder's dense product alone
+(torch.mm of the batch [B, d] by a fixed [d, F] matrix); gemm_s / step_s per step is the fraction of that bound
+the step reaches, measured seconds apart under the same machine load.
 """
 from __future__ import annotations
 
@@ -108,9 +116,39 @@ def make_saelens(args, d, x0):
     return step
 
 
+def make_sparsify(args, d, x0):
+    import torch
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    if args.arch != "topk":
+        raise SystemExit("sparsify trains TopK dictionaries only")
+    torch.manual_seed(0)
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=args.F, k=args.k), device="cpu", dtype=torch.float32)
+    adam = torch.optim.Adam(sae.parameters(), lr=args.lr)
+    since_fired = torch.zeros(args.F, dtype=torch.long)
+    auxk_alpha, dead_threshold = 1 / 32, 10_000_000  # sparsify's TrainConfig defaults
+
+    def step(i, x):
+        for group in adam.param_groups:  # the shared schedule: linear warm-up, then constant
+            group["lr"] = args.lr * min(1.0, (i + 1) / args.warmup)
+        if i == 0:
+            sae.b_dec.data = x.mean(0)
+        sae.set_decoder_norm_to_unit_norm()
+        out = sae(x, dead_mask=since_fired > dead_threshold)
+        (out.fvu + auxk_alpha * out.auxk_loss).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        adam.step()
+        adam.zero_grad()
+        with torch.no_grad():
+            since_fired.add_(x.shape[0])
+            since_fired[out.latent_indices.flatten()] = 0
+        return ("x_hat", out.sae_out)
+    return step
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--impl", choices=("ours", "ours-dense", "dl", "saelens"), required=True,
+    p.add_argument("--impl", choices=("ours", "ours-dense", "dl", "saelens", "sparsify"), required=True,
                    help="ours-dense: our TopKTrainer forced onto its dense path (the one bf16 autocast uses), a diagnostic")
     p.add_argument("--arch", choices=("standard", "topk"), required=True)
     p.add_argument("--data", required=True, help="torch file with a tensor 'x' [n, d] fp32")
@@ -136,16 +174,21 @@ def main(argv=None) -> None:
     n, d = data.shape
     batches = [data[(i * args.batch) % n:(i * args.batch) % n + args.batch] for i in range(args.steps)]
     assert all(b.shape[0] == args.batch for b in batches), "data must hold a multiple of --batch rows"
-    step = {"ours": make_ours, "ours-dense": make_ours, "dl": make_dl, "saelens": make_saelens}[args.impl](args, d, batches[0])
+    step = {"ours": make_ours, "ours-dense": make_ours, "dl": make_dl, "saelens": make_saelens,
+            "sparsify": make_sparsify}[args.impl](args, d, batches[0])
 
+    probe = torch.randn(d, args.F)  # [d, F] for the encoder-matmul probe (allocated before the memory baseline)
     rss_before = rss_mb()
-    times, mse = [], []
+    times, mse, gemm = [], [], []
     with torch.no_grad():
         var = [float((b - b.mean(0)).pow(2).sum()) for b in batches]  # Σ (x − x̄)² per batch
     for i, x in enumerate(batches):
         t0 = time.perf_counter()
         kind, out = step(i, x)
         times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        torch.mm(x, probe)
+        gemm.append(time.perf_counter() - t0)
         with torch.no_grad():
             if kind == "fvu":
                 mse.append(float(out[2]) * var[i] / args.batch)
@@ -155,10 +198,12 @@ def main(argv=None) -> None:
                 mse.append(float(out))
     timed = times[args.skip:]
     med = statistics.median(timed)
+    bound_frac = statistics.median(g / t for g, t in zip(gemm[args.skip:], timed))
     versions = {"torch": torch.__version__}
     try:
         import importlib.metadata as md
-        for name in {"dl": ("dictionary-learning", "nnsight"), "saelens": ("sae-lens",), "ours": ("dictcircuits",), "ours-dense": ("dictcircuits",)}[args.impl]:
+        for name in {"dl": ("dictionary-learning", "nnsight"), "saelens": ("sae-lens",), "sparsify": ("eai-sparsify",),
+                     "ours": ("dictcircuits",), "ours-dense": ("dictcircuits",)}[args.impl]:
             versions[name] = md.version(name)
     except Exception:
         pass
@@ -166,6 +211,7 @@ def main(argv=None) -> None:
         "impl": args.impl, "arch": args.arch, "d": d, "F": args.F, "k": args.k, "batch": args.batch,
         "steps": args.steps, "threads": torch.get_num_threads(), "lr": args.lr, "warmup": args.warmup,
         "step_s_median": med, "tokens_per_s": args.batch / med, "step_s": timed, "mse": mse,
+        "gemm_s": gemm[args.skip:], "encoder_bound_frac": bound_frac,
         "rss_before_mb": rss_before, "maxrss_mb": maxrss_mb(), "peak_growth_mb": maxrss_mb() - rss_before,
         "versions": versions}), flush=True)
 
