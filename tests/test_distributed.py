@@ -34,5 +34,5 @@ def test_two_process_gloo_run(tokenizer, tmp_path):
     assert steps == [1024, 2048]
     # train() checks that both ranks ended with identical dictionaries (it raises otherwise), and only
     # rank 0 printed the summary
-    assert proc.stdout.count("tok/s") == 1
+    assert proc.stdout.count("end to end") == 1 and proc.stdout.count("saved to") == 1
     assert torch.isfinite(dicts["mlp.1"].W_dec).all()
