@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -177,11 +178,11 @@ def main():
     args = ap.parse_args()
     for name in ("prompts", "max_steps", "candidates", "chunk", "pca_tokens"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+            raise DictCircuitsError(f"--{name.replace('_', '-')} must be at least 1")
     dataset = check_dataset(args.dataset)
     folder = Path(args.dictionaries) if args.dictionaries else None
     if folder is not None and not folder.is_dir():
-        raise SystemExit(f"error: --dictionaries {folder} is not a folder")
+        raise DictCircuitsError(f"--dictionaries {folder} is not a folder")
     start = time.time()
     torch.manual_seed(args.seed)
     model = load_model(args.model)
@@ -189,7 +190,7 @@ def main():
     dicts = load_dictionaries(folder, model=model, sites=args.sites)
     missing = [s for s in args.sites if s not in dicts]
     if missing:
-        raise SystemExit(f"error: no dictionary for {', '.join(missing)} in {folder}")
+        raise DictCircuitsError(f"no dictionary for {', '.join(missing)} in {folder}")
     task = load_task("ioi", n=16 * args.prompts, seed=args.seed, model=model).aligned(model)
     batch = task.tokenize(model)[: args.prompts]
     if len(batch) < args.prompts:
@@ -224,9 +225,14 @@ def main():
     fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         json.dump(report, fh, indent=1)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private
     os.replace(tmp, args.out)
     print(f"\nwrote {args.out}; {report['seconds']} s")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DictCircuitsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

