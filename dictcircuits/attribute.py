@@ -147,24 +147,11 @@ def node_effects(
             mask = (real & ~skip.to(real.device))[..., None]  # [batch, pos, 1]
             data[s] = _SiteData(xc, xk, (fc - fk) * mask, (ec - ek) * mask)
 
-    chunk = batch_size or len(batch)
-    spans = [slice(i, min(i + chunk, len(batch))) for i in range(0, len(batch), chunk)]
-    if method == "ig":
-        grads = {s: torch.cat([_ig_grads(model, batch[sp], s, data[s], sp, steps) for sp in spans])
-                 for s in tqdm(sites, desc="ig", leave=False, disable=None)}
-    else:
-        per_span = [metric_grads(model, batch[sp], sites)[1] for sp in spans]
-        grads = {s: torch.cat([g[s] for g in per_span]) for s in sites}
-
+    grads = site_grads(model, batch, data, sites, method, steps, batch_size)
     if method == "exact":
         features, errors = _exact(model, dictionaries, batch, data, m_clean, nodes, max_nodes)
     else:
-        features, errors = {}, {}
-        with torch.no_grad():
-            for s in sites:
-                D, d = dictionaries[s].directions.detach(), data[s]
-                features[s] = (d.delta_f * (grads[s].to(D.dtype) @ D.T)).mean(0)  # [pos, F]
-                errors[s] = (d.delta_err * grads[s]).sum(-1).mean(0)  # [pos]
+        features, errors = linear_effects(dictionaries, data, grads)
     return NodeEffects(method, features, errors, grads, {s: data[s].delta_f for s in sites},
                        {s: data[s].delta_err for s in sites}, m_clean, m_corrupt)
 
@@ -191,6 +178,32 @@ def _check_nodes(nodes, dictionaries, P: int) -> dict[str, list[tuple[int, int |
     if not any(checked.values()):
         raise DictCircuitsError("nodes= names no node; give at least one (position, feature) or leave nodes=None")
     return checked
+
+
+def site_grads(model: Model, batch: TaskBatch, data: Mapping[str, _SiteData], sites: Sequence[str], method: str,
+               steps: int, batch_size: int | None) -> dict[str, torch.Tensor]:
+    """Per site, the metric's gradient [batch, pos, d] at the site: averaged along the path from x_corrupt to x_clean
+    for ig, at the clean run otherwise; batch_size caps the prompts per trace."""
+    chunk = batch_size or len(batch)
+    spans = [slice(i, min(i + chunk, len(batch))) for i in range(0, len(batch), chunk)]
+    if method == "ig":
+        return {s: torch.cat([_ig_grads(model, batch[sp], s, data[s], sp, steps) for sp in spans])
+                for s in tqdm(sites, desc="ig", leave=False, disable=None)}
+    per_span = [metric_grads(model, batch[sp], sites)[1] for sp in spans]
+    return {s: torch.cat([g[s] for g in per_span]) for s in sites}
+
+
+def linear_effects(dictionaries: Mapping[str, Dictionary], data: Mapping[str, _SiteData],
+                   grads: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Attribution / IG effects from gradients: feature effects Δf · (g Dᵀ) [pos, F] and error effects Δerr · g
+    [pos], averaged over prompts."""
+    features, errors = {}, {}
+    with torch.no_grad():
+        for s, g in grads.items():
+            D, d = dictionaries[s].directions.detach(), data[s]
+            features[s] = (d.delta_f * (g.to(D.dtype) @ D.T)).mean(0)  # [pos, F]
+            errors[s] = (d.delta_err * g).sum(-1).mean(0)  # [pos]
+    return features, errors
 
 
 def _ig_grads(model: Model, batch: TaskBatch, site: str, data: _SiteData, span: slice, steps: int) -> torch.Tensor:

@@ -18,8 +18,6 @@ import argparse
 import fnmatch
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from .atomic import atomic_write, atomic_write_text
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
 from .harvest import ContextStream, check_ctx_len, check_dataset, token_mask
@@ -283,27 +282,6 @@ def _token_strings(tokenizer, st: FeatureStats) -> dict[int, str]:
 
 
 # --- files ----------------------------------------------------------------------------------------------
-def _atomic_bytes(path: Path, write) -> Path:
-    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _write_text(path: Path, text: str) -> Path:
-    return _atomic_bytes(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def is_dashboard(folder: Path) -> bool:
     """Whether `folder` holds a dashboard written by this module (its marker names our format)."""
     try:
@@ -329,13 +307,13 @@ def save_feature_stats(stats: FeatureStats, folder: str | Path) -> Path:
 
     site_dir = Path(folder) / stats.site
     tensors = {name: getattr(stats, name).contiguous() for name in TENSOR_FIELDS}
-    _atomic_bytes(site_dir / TENSORS_NAME, lambda tmp: save_file(tensors, tmp))
+    atomic_write(site_dir / TENSORS_NAME, lambda tmp: save_file(tensors, tmp))
     index = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "model": stats.model, "site": stats.site,
              "tokens": stats.tokens, "contexts": stats.contexts, "ctx_len": stats.ctx_len, "dataset": stats.dataset,
              "features": stats.F, "live": int(stats.live.sum()), "n_top": stats.n_top, "n_bins": stats.n_bins,
              "per_bin": stats.per_bin, "left": stats.left, "right": stats.right,
              "token_strings": {str(i): t for i, t in sorted(stats.token_strings.items())}}
-    _write_text(site_dir / INDEX_NAME, json.dumps(index, ensure_ascii=False, indent=1, allow_nan=False))
+    atomic_write_text(site_dir / INDEX_NAME, json.dumps(index, ensure_ascii=False, indent=1, allow_nan=False))
     return site_dir
 
 
@@ -383,7 +361,7 @@ def write_dashboard(stats: Mapping[str, FeatureStats], out: str | Path) -> list[
         listed[s] = {"model": st.model, "tokens": st.tokens, "features": st.F, "live": int(st.live.sum()),
                      "page": f"{s}.html"}
     marker = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "sites": listed}
-    paths = [_write_text(out / MARKER, json.dumps(marker, indent=1, allow_nan=False))]
+    paths = [atomic_write_text(out / MARKER, json.dumps(marker, indent=1, allow_nan=False))]
     for s, st in stats.items():
         paths.append(save_feature_stats(st, out))
         paths.append(write_page(st, out / f"{s}.html"))

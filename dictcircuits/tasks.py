@@ -17,13 +17,13 @@ import os
 import random
 import re
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write_text
 from .errors import DictCircuitsError
 from .models import Model, Tokens
 from .wordlists import (EVENTS, EXTRA_EVENTS, EXTRA_HELDOUT_NAMES, EXTRA_NAMES, EXTRA_NOUNS, EXTRA_OBJECTS,
@@ -184,7 +184,7 @@ class Task:
             if self.meta:
                 row["meta"] = self.meta[i]
             lines.append(json.dumps(row))
-        return _write_atomic(Path(path), "\n".join(lines) + "\n")
+        return atomic_write_text(Path(path), "\n".join(lines) + "\n")
 
 
 def context_length(model: Model) -> int | None:
@@ -853,14 +853,3 @@ def _decode_id(tokenizer, value, where: str, prompt: str) -> str:
     return text
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -23,7 +23,7 @@ from typing import Mapping
 
 import torch
 
-from ..attribute import NodeEffects, _ig_grads, _SiteData, metric_grads, run_capture
+from ..attribute import NodeEffects, _SiteData, linear_effects, run_capture, site_grads
 from ..dictionary import Dictionary
 from ..errors import DictCircuitsError
 from ..models import Model, Tokens
@@ -235,19 +235,8 @@ def baseline_effects(model: Model, dictionaries: Mapping[str, Dictionary], batch
             keep = (real & ~skip_mask(dic, model, batch.clean.input_ids, xc).to(real.device))[..., None]  # [b, pos, 1]
             xb = torch.where(keep, (dic.decode(fb) + eb).to(xc.dtype), xc)  # [b, pos, d]
             data[s] = _SiteData(xc, xb, (fc - fb) * keep, (ec - eb) * keep)
-    chunk = batch_size or len(batch)
-    spans = [slice(i, min(i + chunk, len(batch))) for i in range(0, len(batch), chunk)]
-    if method == "ig":
-        grads = {s: torch.cat([_ig_grads(model, batch[sp], s, data[s], sp, steps) for sp in spans]) for s in sites}
-    else:
-        per_span = [metric_grads(model, batch[sp], sites)[1] for sp in spans]
-        grads = {s: torch.cat([g[s] for g in per_span]) for s in sites}
-    features, errors = {}, {}
-    with torch.no_grad():
-        for s in sites:
-            D, d = dictionaries[s].directions.detach(), data[s]
-            features[s] = (d.delta_f * (grads[s].to(D.dtype) @ D.T)).mean(0)  # [pos, F]
-            errors[s] = (d.delta_err * grads[s]).sum(-1).mean(0)  # [pos]
+    grads = site_grads(model, batch, data, sites, method, steps, batch_size)
+    features, errors = linear_effects(dictionaries, data, grads)
     m_empty = ablated_metric(model, dictionaries, batch, baseline)
     return NodeEffects(method, features, errors, grads, {s: data[s].delta_f for s in sites},
                        {s: data[s].delta_err for s in sites}, m_clean.detach(), m_empty.detach())
