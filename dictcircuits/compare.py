@@ -247,7 +247,7 @@ def plot_mcs(results: dict[str, "Comparison"], path: str | Path) -> Path:
         ax.legend(fontsize=8, loc="upper center")
     axes[-1, 0].set_xlabel("max cosine similarity with any feature of B")
     fig.tight_layout()
-    from .train import save_png
+    from .atomic import save_png
 
     return save_png(fig, Path(path))
 
@@ -293,7 +293,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def run(args) -> int:
     from .evaluate import eval_tokens
     from .models import load_model, parse_site
-    from .train import parse_count
+    from .options import parse_count
 
     if args.model is None:
         given = [flag for flag, v in (("--model-b", args.model_b), ("--dataset", args.dataset),

@@ -235,10 +235,10 @@ def _announce(first_batch_s: float, n_batches: int, skips: dict[str, torch.Tenso
     6 where the rule skips positions (the same without the rule too)."""
     from tqdm.auto import tqdm
 
-    from .train import _duration
+    from .options import format_duration
 
     traces = 2 + sum(6 if skip.any() else 3 for skip in skips.values())
-    tqdm.write(f"{desc}: expected about {_duration(first_batch_s * n_batches * traces)} ({n_batches} batches of "
+    tqdm.write(f"{desc}: expected about {format_duration(first_batch_s * n_batches * traces)} ({n_batches} batches of "
                f"contexts, {len(skips)} site(s))", file=sys.stderr)
 
 
@@ -422,7 +422,7 @@ def add_arguments(p) -> None:
 def check_args(args) -> int:
     """Refuse every bad option in one line before the model is loaded; returns the token count."""
     from .harvest import check_dataset
-    from .train import check_folder, parse_count, resolve_device
+    from .options import check_folder, parse_count, resolve_device
 
     n_tokens = parse_count(args.tokens, "--tokens")
     if args.ctx_len < 2:
@@ -510,7 +510,7 @@ def load_sets(root: Path, model: Model, sites: list[str] | None, run: str | None
 def run(args) -> int:
     from .models import DEFAULT_MODEL
     from .paths import default_dictionaries
-    from .train import resolve_device
+    from .options import resolve_device
 
     n_tokens = check_args(args)
     root = Path(args.dictionaries) if args.dictionaries is not None else None

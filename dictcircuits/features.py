@@ -293,7 +293,7 @@ def is_dashboard(folder: Path) -> bool:
 
 def check_out(out: Path) -> None:
     """Refuse an --out that is a file, cannot be written, or is a non-empty folder we did not write."""
-    from .train import check_folder
+    from .options import check_folder
 
     check_folder(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not is_dashboard(out):
@@ -432,7 +432,7 @@ def check_args(args) -> tuple[int, Path | None]:
     """Refuse every bad option in one line before the model is loaded; returns (token count, dictionary folder or
     None for the default one, found once the model's name is known). Sets args.sites to a list when given."""
     from .formats import _dictionary_folders
-    from .train import parse_count, resolve_device
+    from .options import parse_count, resolve_device
 
     n_tokens = parse_count(args.tokens, "--tokens")
     for flag, value, low in (("--ctx-len", args.ctx_len, 2), ("--batch-size", args.batch_size, 1),
@@ -464,7 +464,7 @@ def run(args) -> int:
     from .formats import _dictionary_folders, load_dictionaries
     from .models import load_model
     from .paths import default_dictionaries
-    from .train import resolve_device
+    from .options import resolve_device
 
     n_tokens, root = check_args(args)
     model = load_model(args.model, device=resolve_device(args.device))

@@ -30,7 +30,9 @@ import torch.distributed as dist
 
 from . import __version__
 from .dictionary import CFG_NAME, WEIGHTS_NAME, Dictionary, is_dictcircuits_folder, save_dictionary
+from .atomic import save_png
 from .errors import DictCircuitsError
+from .options import check_folder, format_duration, parse_count, resolve_device
 from .harvest import ActivationBuffer, ContextStream, TensorSource, check_ctx_len, check_dataset
 from .models import Model, Tokens, load_model
 from .paths import train_output
@@ -45,24 +47,6 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "checkpoint_every", "log_every", "pr
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
 LOG_POINTS = 20  # a run whose --log-every would give a single point logs about this many instead
 CALIBRATION_STEPS = 3  # steps timed before the expected duration is printed
-
-
-def parse_count(text: str | int, flag: str = "") -> int:
-    """'10M' -> 10_000_000, '64k' -> 64_000, '1e6' -> 1_000_000; refuses zero, negative and non-finite counts."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        s = str(text).strip().lower().replace("_", "")
-        mult = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "b": 10 ** 9}.get(s[-1:], 1)
-        try:
-            value = float(s[:-1] if mult > 1 else s) * mult
-        except ValueError:
-            raise DictCircuitsError(f"cannot read {flag + ' ' if flag else ''}{text!r} as a count: write e.g. 10M, "
-                                    "500k or 20000") from None
-    if not math.isfinite(value) or value < 1:
-        raise DictCircuitsError(f"{flag or 'count'} {text!r} must be a count of at least 1: write e.g. 10M, 500k "
-                                "or 20000")
-    return int(value)
 
 
 def parse_width(text: str | int, d: int | None) -> int:
@@ -259,45 +243,7 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def resolve_device(spec: str) -> torch.device:
-    """auto, cpu, cuda, cuda:N or mps as a torch.device; refused in one line when unknown or not present."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError, TypeError):
-        raise DictCircuitsError(f"--device {spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DictCircuitsError(f"--device {spec}: CUDA is not available here (no GPU, or torch "
-                                    f"{torch.__version__} built without CUDA); use --device cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DictCircuitsError(f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s) "
-                                    f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of those")
-        return device
-    if device.type == "mps" and torch.backends.mps.is_available():
-        return device
-    raise DictCircuitsError(f"--device {spec}: dictcircuits runs on cpu, cuda or mps (when present); use one of those")
 
-
-def check_folder(path: Path, flag: str) -> None:
-    """Refuse an output folder that is a file, lies under a file or cannot be written (it may not exist yet)."""
-    if path.is_symlink() and not path.exists():
-        raise DictCircuitsError(f"{flag} {path} is a broken link: point it at a folder")
-    if path.exists() and not path.is_dir():
-        raise DictCircuitsError(f"{flag} {path} is a file, not a folder: choose a folder (it is created if missing)")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise DictCircuitsError(f"{flag} {path} cannot be created because {existing} is a file: choose another folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise DictCircuitsError(f"{flag} {path} cannot be written (no write permission on {existing}): choose a "
-                                "writable folder")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -1030,14 +976,6 @@ def _max_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t.cpu()
 
 
-def _duration(seconds: float) -> str:
-    """'2h 05m', '3m 20s', '12s'."""
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
 def _estimator(source: ActivationBuffer, steps: int, tokens_per_step: int, eval_tokens: int,
                n_sites: int) -> Callable[[float], None]:
     """Prints the expected duration once the first steps are timed: training steps (measured) + harvesting the
@@ -1051,9 +989,9 @@ def _estimator(source: ActivationBuffer, steps: int, tokens_per_step: int, eval_
 
         train_s = steps * step_seconds + steps * tokens_per_step / rate
         eval_s = eval_tokens * (2 + 6 * n_sites) / rate
-        tqdm.write(f"expected: about {_duration(train_s + eval_s)} from now (training {_duration(train_s)}, of which "
-                   f"harvesting activations {_duration(steps * tokens_per_step / rate)} at the pre-fill's {rate:.0f} "
-                   "tok/s" + (f"; held-out evaluation {_duration(eval_s)}" if eval_tokens else "") + ")",
+        tqdm.write(f"expected: about {format_duration(train_s + eval_s)} from now (training {format_duration(train_s)}, of which "
+                   f"harvesting activations {format_duration(steps * tokens_per_step / rate)} at the pre-fill's {rate:.0f} "
+                   "tok/s" + (f"; held-out evaluation {format_duration(eval_s)}" if eval_tokens else "") + ")",
                    file=sys.stderr)
     return announce
 
@@ -1192,18 +1130,6 @@ def plot_curves(metrics: str | Path, path: str | Path | None = None) -> Path:
     return save_png(fig, path)
 
 
-def save_png(fig, path: Path) -> Path:
-    """Save a matplotlib figure as PNG atomically (temp + os.replace) and close it."""
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
 # --- end of training curves ---------------------------------------------------------------------------
 
 
