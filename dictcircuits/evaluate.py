@@ -102,21 +102,25 @@ class _Acc:
         self.x_dot += float((x * x_hat).sum())
 
 
-def _ce_sum(logits: torch.Tensor, tokens: Tokens) -> tuple[float, int]:
-    """Summed next-token cross-entropy over real positions, and their count."""
-    ids, mask = tokens.input_ids.to(logits.device), tokens.attention_mask.to(logits.device)
-    valid = (mask[:, 1:] * mask[:, :-1]).bool()  # [b, p-1]
-    logp = logits[:, :-1].float().log_softmax(-1)  # [b, p-1, V]
-    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # [b, p-1]
-    return float(nll[valid].sum()), int(valid.sum())
+class _Scorer:
+    """Next-token CE and KL(clean || other) over a batch's real positions, with the clean log-probabilities computed
+    once per batch (one log-softmax per variant scored: on a large vocabulary these dominate the evaluation)."""
 
+    def __init__(self, clean: torch.Tensor, tokens: Tokens):  # clean [b, p, V]
+        ids, mask = tokens.input_ids.to(clean.device), tokens.attention_mask.to(clean.device)
+        self.valid = (mask[:, 1:] * mask[:, :-1]).bool()  # [b, p-1]
+        self.targets = ids[:, 1:, None]  # [b, p-1, 1]
+        self.n = int(self.valid.sum())
+        lp = clean[:, :-1].float().log_softmax(-1)  # [b, p-1, V]
+        self.p = lp.exp()
+        self.neg_entropy = float((self.p * lp).sum(-1)[self.valid].sum())
+        self.ce_clean = float(-lp.gather(-1, self.targets).squeeze(-1)[self.valid].sum())
 
-def _kl_sum(clean: torch.Tensor, other: torch.Tensor, tokens: Tokens) -> float:
-    mask = tokens.attention_mask.to(clean.device)
-    valid = (mask[:, 1:] * mask[:, :-1]).bool()
-    p = clean[:, :-1].float().log_softmax(-1)  # [b, p-1, V]
-    q = other[:, :-1].float().log_softmax(-1)
-    return float((p.exp() * (p - q)).sum(-1)[valid].sum())
+    def score(self, logits: torch.Tensor) -> tuple[float, float]:
+        """(summed CE, summed KL(clean || logits)) over the real positions."""
+        lq = logits[:, :-1].float().log_softmax(-1)  # [b, p-1, V]
+        ce = float(-lq.gather(-1, self.targets).squeeze(-1)[self.valid].sum())
+        return ce, self.neg_entropy - float((self.p * lq).sum(-1)[self.valid].sum())
 
 
 LOGITS_BUDGET = 2 ** 29  # bytes of float32 logits per trace (several copies live at once while scoring a batch)
@@ -182,16 +186,15 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
         means = {s: (a.sum / max(a.n, 1)).float().to(model.device) for s, a in acc.items()}  # site -> [d]
         # pass 2: clean, spliced and ablated logits, with the rule and (where it skips something) without
         for tok, skip_at in zip(batches, skips):
-            clean = model.run(tok)  # [b, p, V]
-            ce_clean, n = _ce_sum(clean, tok)
+            scorer = _Scorer(model.run(tok), tok)  # from the clean logits [b, p, V]
             b = len(tok)
             for s, dic in dicts.items():
                 a, skip = acc[s], skip_at[s]
-                a.ce_n += n
-                a.ce["clean"] += ce_clean
-                spliced = splice(model, tok, {s: dic}, keep_error=False).logits
-                a.ce["spliced"] += _ce_sum(spliced, tok)[0]
-                a.kl += _kl_sum(clean, spliced, tok)
+                a.ce_n += scorer.n
+                a.ce["clean"] += scorer.ce_clean
+                ce_spliced, kl_spliced = scorer.score(splice(model, tok, {s: dic}, keep_error=False).logits)
+                a.ce["spliced"] += ce_spliced
+                a.kl += kl_spliced
                 groups = 4 if skip.any() else 2  # [zero | mean] with the rule, then [zero | mean] without it
                 rows = Tokens(torch.cat([tok.input_ids] * groups), torch.cat([tok.attention_mask] * groups))
 
@@ -202,15 +205,17 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
                     return torch.cat(with_rule + ([zero, mean] if groups == 4 else []))
 
                 ablated = model.run(rows, {s: ablate})  # [groups*b, p, V]
-                a.ce["zero"] += _ce_sum(ablated[:b], tok)[0]
-                a.ce["mean"] += _ce_sum(ablated[b:2 * b], tok)[0]
-                if groups == 4:
-                    spliced = splice(model, tok, {s: with_rule(dic, OFF)}, keep_error=False).logits
-                    ablated = ablated[2 * b:]
-                a.ce["spliced_all"] += _ce_sum(spliced, tok)[0]
-                a.kl_all += _kl_sum(clean, spliced, tok)
-                a.ce["zero_all"] += _ce_sum(ablated[:b], tok)[0]
-                a.ce["mean_all"] += _ce_sum(ablated[b:2 * b], tok)[0]
+                ce_zero, ce_mean = scorer.score(ablated[:b])[0], scorer.score(ablated[b:2 * b])[0]
+                a.ce["zero"] += ce_zero
+                a.ce["mean"] += ce_mean
+                if groups == 4:  # the rule skipped positions in this batch: the same numbers without it
+                    ce_spliced, kl_spliced = scorer.score(
+                        splice(model, tok, {s: with_rule(dic, OFF)}, keep_error=False).logits)
+                    ce_zero, ce_mean = scorer.score(ablated[2 * b:3 * b])[0], scorer.score(ablated[3 * b:])[0]
+                a.ce["spliced_all"] += ce_spliced
+                a.kl_all += kl_spliced
+                a.ce["zero_all"] += ce_zero
+                a.ce["mean_all"] += ce_mean
             if bar is not None:
                 bar.update(tok.input_ids.numel())
     if bar is not None:
