@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import DictCircuitsError
+from .options import nearest_existing
 
 FORMAT_VERSION = 1
 ARCHITECTURES: dict[str, type["Dictionary"]] = {}
@@ -368,9 +369,7 @@ def check_replaceable(path: Path, what: str = "it") -> None:
     if path.is_symlink():
         raise DictCircuitsError(f"{path} is a symbolic link; give a real folder path to write {what}")
     if not path.exists():
-        anc = path.parent
-        while not anc.exists():
-            anc = anc.parent
+        anc = nearest_existing(path.parent)
         if not anc.is_dir():
             raise DictCircuitsError(f"{anc} is a file, so {path} cannot be created; choose another output folder")
         if not os.access(anc, os.W_OK | os.X_OK):
@@ -513,10 +512,19 @@ def save_dictionary(dic: Dictionary, path: str | Path, dtype: torch.dtype | None
     check_replaceable(path, "a dictionary")
     if path.parent.is_dir():
         clean_stale_temporaries(path)
-    tmp = make_temp_folder(path)
-    try:
+    def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME))
         (tmp / CFG_NAME).write_text(cfg["text"])
+
+    return write_folder(path, fill)
+
+
+def write_folder(path: Path, fill) -> Path:
+    """Build a folder aside (fill(tmp) writes into it), then install it at `path` in one step; an OS error leaves
+    `path` as it was and becomes one DictCircuitsError line."""
+    tmp = make_temp_folder(path)
+    try:
+        fill(tmp)
         install_folder(tmp, path)
     except OSError as exc:
         raise DictCircuitsError(f"could not write {path} ({exc.strerror or exc}); nothing was changed: free some "

@@ -8,7 +8,6 @@ import json
 import math
 import pickle
 import re
-import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -17,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from .dictionary import (CFG_NAME, FLOAT_DTYPES, SET_MARKER, WEIGHTS_NAME, Dictionary, check_replaceable,
-                         check_site_name, clean_stale_temporaries, create_checked, foreign_entry, install_folder,
-                         is_dictcircuits_folder, load_checked, load_dictionary_folder, make_temp_folder,
-                         read_json_object, save_dictionary, temp_target)
+                         check_site_name, clean_stale_temporaries, create_checked, foreign_entry,
+                         is_dictcircuits_folder, load_checked, load_dictionary_folder, read_json_object,
+                         save_dictionary, temp_target, write_folder)
 from .errors import DictCircuitsError, DictCircuitsWarning
 
 
@@ -567,16 +566,11 @@ def convert(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None, 
     dicts = load_dictionaries(src)
     if dst.parent.is_dir():
         clean_stale_temporaries(dst)
-    tmp = make_temp_folder(dst)
-    try:
+    def fill(tmp: Path) -> None:
         for site, dic in dicts.items():
             save_dictionary(dic, tmp / check_site_name(site, src), dtype=dtype)
         marker = {"format": "dictcircuits-set", "format_version": 1, "sites": list(dicts), "source": str(src)}
         (tmp / SET_MARKER).write_text(json.dumps(marker, indent=2))
-        install_folder(tmp, dst)
-    except OSError as exc:
-        raise DictCircuitsError(f"could not write {dst} ({exc.strerror or exc}); nothing was changed: free some disk "
-                                "space or choose another folder") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_folder(dst, fill)
     return [dst / site for site in dicts]

@@ -54,15 +54,21 @@ def resolve_device(spec: str) -> torch.device:
     raise DictCircuitsError(f"--device {spec}: dictcircuits runs on cpu, cuda or mps (when present); use one of those")
 
 
+def nearest_existing(path: Path) -> Path:
+    """The path itself if it exists, else its nearest existing ancestor (where creating it would start)."""
+    path = Path(path)
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def check_folder(path: Path, flag: str) -> None:
     """Refuse an output folder that is a file, lies under a file or cannot be written (it may not exist yet)."""
     if path.is_symlink() and not path.exists():
         raise DictCircuitsError(f"{flag} {path} is a broken link: point it at a folder")
     if path.exists() and not path.is_dir():
         raise DictCircuitsError(f"{flag} {path} is a file, not a folder: choose a folder (it is created if missing)")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(path)
     if not existing.is_dir():
         raise DictCircuitsError(f"{flag} {path} cannot be created because {existing} is a file: choose another folder")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -68,33 +68,30 @@ def error_lines(capsys) -> list[str]:
     return [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not PROGRESS.search(ln)]
 
 
-def train_argv(env, ws, **over) -> list[str]:
-    opts = {"--model": str(env / "model"), "--sites": "resid.0", "--width": "2x", "--k": "4", "--tokens": "512",
-            "--batch-size": "128", "--buffer-tokens": "512", "--ctx-len": "32", "--harvest-batch": "8",
-            "--dataset": str(env / "data.txt"), "--eval-tokens": "0", "--out": str(ws / "out"), "--no-progress": True}
+def _argv(command: str, opts: dict, over: dict) -> list[str]:
+    """[command, --flag=value, ...]; `over` replaces or adds options (key_ -> --key, None drops one)."""
     for key, value in over.items():
         opts["--" + key.rstrip("_").replace("_", "-")] = value
-    argv = ["train"]
+    argv = [command]
     for flag, value in opts.items():
         if value is True:
             argv.append(flag)
         elif value is not None:
             argv.append(f"{flag}={value}")  # '=' so that values such as -5k are not read as options
     return argv
+
+
+def train_argv(env, ws, **over) -> list[str]:
+    opts = {"--model": str(env / "model"), "--sites": "resid.0", "--width": "2x", "--k": "4", "--tokens": "512",
+            "--batch-size": "128", "--buffer-tokens": "512", "--ctx-len": "32", "--harvest-batch": "8",
+            "--dataset": str(env / "data.txt"), "--eval-tokens": "0", "--out": str(ws / "out"), "--no-progress": True}
+    return _argv("train", opts, over)
 
 
 def eval_argv(env, ws, **over) -> list[str]:
     opts = {"--model": str(env / "model"), "--dictionaries": str(env / "dicts"), "--dataset": str(env / "data.txt"),
             "--tokens": "128", "--ctx-len": "32", "--json": True}
-    for key, value in over.items():
-        opts["--" + key.replace("_", "-")] = value
-    argv = ["eval"]
-    for flag, value in opts.items():
-        if value is True:
-            argv.append(flag)
-        elif value is not None:
-            argv.append(f"{flag}={value}")  # '=' so that values such as -5k are not read as options
-    return argv
+    return _argv("eval", opts, over)
 
 
 def _empty_folder(ws):
