@@ -1,7 +1,8 @@
-"""Atomic file writes: a temporary file in the target's folder, then os.replace, so readers never see half a file
+"""Atomic file writes (and JSON without NaN): a temporary file in the target's folder, then os.replace, so readers never see half a file
 and an interrupted write leaves the old file (or none) in place."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -40,3 +41,14 @@ def save_png(fig, path: str | Path) -> Path:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), suffix=".png")
     finally:
         plt.close(fig)
+
+
+def json_safe(value):
+    """value with every non-finite float replaced by None (JSON has no NaN) and dict keys as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

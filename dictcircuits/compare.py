@@ -14,7 +14,6 @@ any alignment with A). `--plot FILE.png` draws the MCS histogram of A's features
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .dictionary import Dictionary
+from .atomic import json_safe
 from .errors import DictCircuitsError, check_int
 from .models import Model, Tokens
 
@@ -275,17 +275,6 @@ def _pairs(a: str, b: str, site: str | None) -> dict[str, tuple[Dictionary, Dict
     return {s: (A[s], B[s]) for s in common}
 
 
-def _json_safe(obj):
-    """obj with every non-finite float replaced by None (JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -318,7 +307,7 @@ def run(args) -> int:
     if plot is not None:
         plot_mcs(results, plot)
     if args.json:
-        print(json.dumps(_json_safe({s: asdict(r) for s, r in results.items()}), indent=2, allow_nan=False))
+        print(json.dumps(json_safe({s: asdict(r) for s, r in results.items()}), indent=2, allow_nan=False))
         return 0
     for s, r in results.items():
         print(f"{s}: F {r.F_a} vs {r.F_b}  MMCS A→B {r.mmcs_ab:.3f} (random directions {_fmt(r.mmcs_random, '.3f')}, "

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import json_safe
 from .errors import DictCircuitsError
 from .options import nearest_existing
 
@@ -435,17 +436,6 @@ def install_folder(new: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
-def _json_safe(value):
-    """meta for cfg.json: floats that are not finite become null (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def check_finite(name: str, t: torch.Tensor, where) -> None:
     if t.is_floating_point() and not torch.isfinite(t).all():
         bad = int((~torch.isfinite(t)).sum())
@@ -491,7 +481,7 @@ def _serialise(dic: Dictionary, dtype, path: Path) -> tuple[dict, dict[str, torc
         "hyperparams": dic.hyperparams(),
         "site": meta.get("site"),
         "model": meta.get("model"),
-        "training": _json_safe(meta.get("training", {})),
+        "training": json_safe(meta.get("training", {})),
         "activation_normalisation": {"scale": scale},
         "dtype": str(dtype or dic.W_dec.dtype).replace("torch.", ""),
     }

@@ -18,7 +18,6 @@ Links carry our edge weights (direct effects; into the logit node, node effects)
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from typing import Mapping, Sequence
 import networkx as nx
 
 from ..atomic import atomic_write_text as atomic_write
+from ..atomic import json_safe
 from ..errors import DictCircuitsError
 from ..models import Model
 from .effects import node_effect
@@ -96,7 +96,7 @@ class CircuitGraph:
 
     def save_json(self, path: str | Path) -> Path:
         """Strict JSON (a NaN, e.g. faithfulness with m(M) = m(∅), is written as null)."""
-        return atomic_write(path, json.dumps(_no_nan(self.to_dict()), indent=1, allow_nan=False))
+        return atomic_write(path, json.dumps(json_safe(self.to_dict()), indent=1, allow_nan=False))
 
     @classmethod
     def load_json(cls, path: str | Path) -> "CircuitGraph":
@@ -152,7 +152,7 @@ class CircuitGraph:
         metadata = {"slug": slug, "scan": self.model, "transcoder_list": names, "prompt_tokens": list(self.tokens),
                     "prompt": str(st.get("prompt") or ""), "node_threshold": None, "schema_version": 1}
         qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
-        return _no_nan({"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links})
+        return json_safe({"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links})
 
     def save_neuronpedia(self, path: str | Path, slug: str | None = None) -> Path:
         """Write to_neuronpedia() as strict JSON."""
@@ -171,16 +171,6 @@ class CircuitGraph:
         nx.write_graphml(g, tmp)
         os.replace(tmp, path)
         return path
-
-
-def _no_nan(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _no_nan(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_no_nan(v) for v in obj]
-    return obj
 
 
 def build_graph(model: Model, nodes: Sequence[Node], effects, edges: Mapping[tuple[Node, Node], float],
