@@ -206,6 +206,11 @@ def linear_effects(dictionaries: Mapping[str, Dictionary], data: Mapping[str, _S
     return features, errors
 
 
+def _start(model: Model, site: str) -> str | None:
+    """The site to start the run at when an edit replaces it whole: a resid site (nothing below it matters)."""
+    return site if model.site(site).kind == "resid" else None
+
+
 def _ig_grads(model: Model, batch: TaskBatch, site: str, data: _SiteData, span: slice, steps: int) -> torch.Tensor:
     """Mean gradient [batch, pos, d] over x_a = x_corrupt + a (x_clean - x_corrupt), a = (k + 0.5) / steps."""
     xc, xk = data.x_clean[span], data.x_corrupt[span]
@@ -214,7 +219,7 @@ def _ig_grads(model: Model, batch: TaskBatch, site: str, data: _SiteData, span: 
     x_alpha.requires_grad_(True)
     rows = batch.repeat(steps)
     with torch.enable_grad():
-        logits = model.run(rows.clean, {site: lambda x: x_alpha}, last_only=True)
+        logits = model.run(rows.clean, {site: lambda x: x_alpha}, last_only=True, start_at=_start(model, site))
         (g,) = torch.autograd.grad(rows.metric(logits).sum(), x_alpha)
     return g.view(steps, len(batch), *g.shape[1:]).mean(0).detach()
 
@@ -250,7 +255,7 @@ def _exact(model, dictionaries, batch, data, m_clean, nodes, max_nodes):
                     step = d.delta_err[:, p] if j is None else d.delta_f[:, p, j:j + 1] * D[j]
                     x[k * b:(k + 1) * b, p] -= step.to(x.dtype)
                 rows = batch.repeat(len(group))
-                m = rows.metric(model.run(rows.clean, {s: lambda _x, x=x: x}, last_only=True))
+                m = rows.metric(model.run(rows.clean, {s: lambda _x, x=x: x}, last_only=True, start_at=_start(model, s)))
             effect = (m_clean.repeat(len(group)) - m).view(len(group), b).mean(1)
             for k, (p, j) in enumerate(group):
                 if j is None:

@@ -1,8 +1,9 @@
 """Evaluate dictionaries: `dictcircuits eval` and `evaluate()`.
 
 Per batch of contexts: one trace harvests every site (stopping after the deepest) for the reconstruction
-statistics; then one clean trace, and per site one spliced trace (x̂ alone, keep_error=False) and one
-ablation trace whose rows are [zero-ablated | mean-ablated] copies of the batch. Definitions follow
+statistics; then one clean trace, and per site one trace whose rows are [spliced (x̂ alone, no error term) |
+zero-ablated | mean-ablated] copies of the batch (and the same three without the position rule where it skips
+something). Definitions follow
 metrics.md: FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖²; CE recovered = (L_abl − L_spliced)/(L_abl − L_clean);
 γ = E‖x̂‖² / E⟨x, x̂⟩; dead = never fired on the evaluated tokens; dense = fires on > 10% of them.
 A number that cannot be computed is None (JSON null, "n/a" in the table) with its reason in SiteEval.notes.
@@ -29,8 +30,7 @@ from .dictionary import Dictionary
 from .errors import DictCircuitsError
 from .harvest import ContextStream, check_ctx_len, default_dataset, token_mask
 from .models import Model, Tokens, load_model
-from .positions import OFF, rule_for, skip_mask, with_rule
-from .splice import splice
+from .positions import rule_for, skip_mask
 
 DENSE_FREQ = 0.1
 HIST_EDGES = [round(-7 + 0.25 * i, 2) for i in range(29)]  # log10 firing frequency bins, 1e-7 .. 1
@@ -124,13 +124,15 @@ class _Scorer:
 
 
 LOGITS_BUDGET = 2 ** 29  # bytes of float32 logits per trace (several copies live at once while scoring a batch)
+ROWS_PER_CONTEXT = 6  # the largest site trace: [spliced | zero | mean] with the rule and without it
 
 
 def auto_batch_size(model: Model, ctx_len: int, cap: int = 16) -> int:
-    """Contexts per trace such that the logits of one trace stay within LOGITS_BUDGET: 16 on dc-mini's 4k-token
-    vocabulary, 1 on Gemma-3's 262k (where 16 contexts of 128 tokens took 20 GB and were killed for memory)."""
+    """Contexts per batch such that the logits of one site trace (ROWS_PER_CONTEXT rows a context) stay within
+    LOGITS_BUDGET: 16 on dc-mini's 4k-token vocabulary, 1 on Gemma-3's 262k (where 16 contexts of 128 tokens took
+    20 GB and were killed for memory)."""
     vocab = model.hf.get_output_embeddings().weight.shape[0]
-    return max(1, min(cap, LOGITS_BUDGET // (4 * ctx_len * vocab)))
+    return max(1, min(cap, LOGITS_BUDGET // (4 * ROWS_PER_CONTEXT * ctx_len * vocab)))
 
 
 def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Tokens, batch_size: int | None = None,
@@ -192,26 +194,26 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
                 a, skip = acc[s], skip_at[s]
                 a.ce_n += scorer.n
                 a.ce["clean"] += scorer.ce_clean
-                ce_spliced, kl_spliced = scorer.score(splice(model, tok, {s: dic}, keep_error=False).logits)
+                groups = 6 if skip.any() else 3  # [spliced | zero | mean] with the rule, then the same without it
+
+                def variants(x, dic=dic, s=s, skip=skip, groups=groups):  # x [groups*b, p, d] -> the same
+                    x = x[:b]  # [b, p, d]: every row group starts from the clean activations
+                    recon = dic.decode(dic.encode(x)).to(x.dtype)  # error term dropped
+                    zero, mean = torch.zeros_like(x), means[s].to(x.dtype).expand_as(x)
+                    keep = skip[..., None]  # [b, p, 1]: passed through by the rule
+                    rows = [torch.where(keep, x, v) for v in (recon, zero, mean)]
+                    return torch.cat(rows + ([recon, zero, mean] if groups == 6 else []))
+
+                rows = Tokens(torch.cat([tok.input_ids] * groups), torch.cat([tok.attention_mask] * groups))
+                logits = model.run(rows, {s: variants})  # [groups*b, p, V]: one trace per site and batch
+                scores = [scorer.score(logits[g * b:(g + 1) * b]) for g in range(groups)]  # (CE, KL) per group
+                (ce_spliced, kl_spliced), (ce_zero, _), (ce_mean, _) = scores[:3]
                 a.ce["spliced"] += ce_spliced
                 a.kl += kl_spliced
-                groups = 4 if skip.any() else 2  # [zero | mean] with the rule, then [zero | mean] without it
-                rows = Tokens(torch.cat([tok.input_ids] * groups), torch.cat([tok.attention_mask] * groups))
-
-                def ablate(x, s=s, skip=skip, groups=groups):  # x [groups*b, p, d]
-                    zero, mean = torch.zeros_like(x[:b]), means[s].to(x.dtype).expand_as(x[:b])
-                    keep = skip[..., None]  # [b, p, 1]: passed through by the rule
-                    with_rule = [torch.where(keep, x[:b], zero), torch.where(keep, x[:b], mean)]
-                    return torch.cat(with_rule + ([zero, mean] if groups == 4 else []))
-
-                ablated = model.run(rows, {s: ablate})  # [groups*b, p, V]
-                ce_zero, ce_mean = scorer.score(ablated[:b])[0], scorer.score(ablated[b:2 * b])[0]
                 a.ce["zero"] += ce_zero
                 a.ce["mean"] += ce_mean
-                if groups == 4:  # the rule skipped positions in this batch: the same numbers without it
-                    ce_spliced, kl_spliced = scorer.score(
-                        splice(model, tok, {s: with_rule(dic, OFF)}, keep_error=False).logits)
-                    ce_zero, ce_mean = scorer.score(ablated[2 * b:3 * b])[0], scorer.score(ablated[3 * b:])[0]
+                if groups == 6:  # the rule skipped positions in this batch: the same numbers without it
+                    (ce_spliced, kl_spliced), (ce_zero, _), (ce_mean, _) = scores[3:]
                 a.ce["spliced_all"] += ce_spliced
                 a.kl_all += kl_spliced
                 a.ce["zero_all"] += ce_zero

@@ -215,16 +215,30 @@ class Model:
         edits: Mapping[str, Edit] | None = None,
         stop_after: str | None = None,
         last_only: bool = False,
+        start_at: str | None = None,
     ) -> torch.Tensor | None:
         """One nnsight trace. edits[site](x) sees the site's activation [batch, pos, d] in forward order and
         may return a replacement. Returns logits [batch, pos, vocab], or None when stopping after a site.
 
         last_only=True returns [batch, vocab] at each row's last real position, and the unembedding runs only at
         those positions: what every metric needs, and on a large vocabulary (Gemma-3: 262k tokens, whose
-        unembedding costs more than all its blocks) most of the cost of a run."""
+        unembedding costs more than all its blocks) most of the cost of a run.
+
+        start_at: a resid site whose edit replaces the activation whatever it was (integrated gradients, exact
+        patching): blocks 0..L are skipped, block L's output taken from the edit, since all they compute would be
+        thrown away; with many rows and a deep site most of the forward pass."""
         edits = dict(edits or {})
+        start = None
+        if start_at is not None:
+            start = self.site(start_at)
+            if start.kind != "resid" or start_at not in edits:
+                raise DictCircuitsError(f"start_at={start_at!r} must be a resid site with an edit that replaces it")
+            edit_at_start = edits.pop(start_at)
         visit = sorted({self.site(n) for n in [*edits, *([stop_after] if stop_after else [])]},
                        key=lambda s: s.order)
+        if start is not None and visit and visit[0].order < start.order:
+            raise DictCircuitsError(f"start_at={start_at!r} skips the blocks below it, so no edit or stop may come "
+                                    f"before it (got {visit[0].name})")
         tokens = tokens.to(self.device)
         kwargs = {}
         if last_only and stop_after is None:
@@ -232,6 +246,10 @@ class Model:
             kwargs["logits_to_keep"] = keep
         logits = None
         with self.nn.trace(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, **kwargs) as tracer:
+            if start is not None:
+                for layer in range(start.layer + 1):
+                    block = self._envoy(self.sites[f"resid.{layer}"])
+                    block.skip(block.input if layer < start.layer else edit_at_start(block.input))
             for site in visit:
                 env = self._envoy(site)
                 out = env.output

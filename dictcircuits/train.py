@@ -907,6 +907,7 @@ def _train_into(cfg: TrainConfig, checked: _Checked, model: Model, sites: list[s
             for t in ts:
                 t.loss_fn = torch.compile(t.loss)
     config = {k: v for k, v in asdict(cfg).items()}
+    config["tokens"] = str(checked.tokens)  # 1M and 1000000 are one run: --resume compares the count
     config["world"] = world
     autocast = cfg.autocast if cfg.autocast is not None else device.type == "cuda"
     session = _Session(source, trainers, steps, cfg.batch_size, out, config, model=model,

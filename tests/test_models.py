@@ -85,3 +85,31 @@ def test_last_only_gives_each_rows_last_position_logits(toy_models, family):
     torch.testing.assert_close(last, full[torch.arange(2), toks.last])
     edit = {"resid.0": lambda x: 2 * x}
     torch.testing.assert_close(model.run(toks, edit, last_only=True), model.run(toks, edit)[torch.arange(2), toks.last])
+
+
+@pytest.mark.parametrize("family", TOY_FAMILIES)
+def test_start_at_skips_the_blocks_below_a_replaced_resid_site_and_changes_nothing(toy_models, family):
+    model = toy_models[family]
+    toks = model.tokenize(PROMPTS)
+    layer = model.n_layers - 1 if model.n_layers > 1 else 0
+    site = f"resid.{layer}"
+    x = model.activations(toks, [site])[site] + 0.3  # a replacement that is not the clean activation
+    other = f"resid.{model.n_layers - 1}"
+    edits = {site: lambda _x: x}
+    if other != site:
+        edits[other] = lambda y: 1.5 * y  # a later edit still applies
+    full = model.run(toks, edits, last_only=True)
+    torch.testing.assert_close(model.run(toks, edits, last_only=True, start_at=site), full)
+    calls = []
+    hook = model.module("mlp.0").register_forward_hook(lambda *a: calls.append(1))  # inside block 0
+    try:
+        model.run(toks, edits, start_at=site)
+        assert calls == []  # block 0 never ran
+        model.run(toks, edits)
+        assert calls == [1]  # (as it does in a normal run)
+    finally:
+        hook.remove()
+    with pytest.raises(DictCircuitsError, match="start_at"):
+        model.run(toks, {"attn.0": lambda _x: _x}, start_at="attn.0")
+    with pytest.raises(DictCircuitsError, match="before it"):
+        model.run(toks, {"embed": lambda y: y, site: lambda _x: x}, start_at=site)

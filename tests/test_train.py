@@ -96,6 +96,18 @@ def test_resume_refuses_changed_settings(model, tmp_path):
     train(small(tmp_path, tokens="1024"), model=model, on_step=interrupt)
     with pytest.raises(Exception, match="different settings.*k: '4' -> '8'"):
         train(small(tmp_path, tokens="1024", k="8", resume=True), model=model)
+    with pytest.raises(Exception, match="different settings.*tokens: '1024' -> '2000'"):
+        train(small(tmp_path, tokens="2k", resume=True), model=model)
+
+
+def test_resume_compares_token_counts_not_their_spelling(model, tmp_path):
+    def interrupt(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert train(small(tmp_path, tokens="1000"), model=model, on_step=interrupt).interrupted
+    resumed = train(small(tmp_path, tokens="1k", resume=True), model=model)  # the same count, spelled otherwise
+    assert not resumed.interrupted and resumed.steps == 4
 
 
 def test_sweep_and_e2e(model, tmp_path):
