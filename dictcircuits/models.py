@@ -5,6 +5,7 @@ talks about sites by name and never about module paths.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import sys
@@ -266,6 +267,21 @@ class Model:
         if kwargs:
             logits = logits[torch.arange(logits.shape[0], device=logits.device), row_pos.to(logits.device)]
         return logits
+
+    @contextlib.contextmanager
+    def eager_attention(self):
+        """Attention as plain matmuls and softmax while inside: batched backward passes (edges' vmap) have no
+        batching rule for the fused CPU attention kernels and loop over the batch instead (3.4x slower on
+        dc-mini). The same numbers up to float rounding."""
+        before = getattr(self.hf.config, "_attn_implementation", None)
+        if before in (None, "eager"):
+            yield
+            return
+        self.hf.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            self.hf.set_attn_implementation(before)
 
     def activations(self, tokens: Tokens, sites: Iterable[str]) -> dict[str, torch.Tensor]:
         """Each site's activation [batch, pos, d] from one trace that stops after the deepest site."""

@@ -166,6 +166,8 @@ def test_edges_match_exact_patching_and_only_adjacent_sites_connect(toy):
 def test_batched_backward_modes_agree(toy):
     model, dicts, batch, eff = toy
     nodes = rank_nodes(eff, dicts).top(25)
+    before = model.hf.config._attn_implementation
+    assert before != "eager"  # the toy runs the fused kernel, so edges' switch to eager attention is exercised
     rows = compute_edges(model, dicts, batch, eff, nodes, mode="rows", per_pass=7, progress=False)
     vmap = compute_edges(model, dicts, batch, eff, nodes, mode="vmap", per_pass=5, progress=False)
     one = compute_edges(model, dicts, batch, eff, nodes, mode="rows", per_pass=1, progress=False)
@@ -173,6 +175,7 @@ def test_batched_backward_modes_agree(toy):
     for e, w in one.items():
         assert rows[e] == pytest.approx(w, rel=1e-4, abs=1e-7)
         assert vmap.get(e, 0.0) == pytest.approx(w, rel=1e-4, abs=1e-7)
+    assert model.hf.config._attn_implementation == before  # restored
 
 
 def test_summed_nodes_edges_are_position_sums(toy):

@@ -33,6 +33,17 @@ def _downstream_quantity(node: Node, dic: Dictionary, state, grad: torch.Tensor,
     return (g_feat * state.f_in[rows][:, pos, node.feature]).sum()
 
 
+def _position_mask(ups: list[Node], P: int, dtype) -> torch.Tensor:
+    """[P, len(ups)]: 1 at each node's position (every position for a node summed over positions)."""
+    mask = torch.zeros(P, len(ups), dtype=dtype)
+    for j, u in enumerate(ups):
+        if u.position is None:
+            mask[:, j] = 1
+        else:
+            mask[u.position, j] = 1
+    return mask
+
+
 def _edge_weights(g_out: torch.Tensor, dic: Dictionary, delta_f: torch.Tensor, delta_err: torch.Tensor,
                   ups: list[Node]) -> torch.Tensor:
     """Edge weights [K, len(ups)] into K downstream nodes from the nodes `ups` of one upstream site.
@@ -40,18 +51,20 @@ def _edge_weights(g_out: torch.Tensor, dic: Dictionary, delta_f: torch.Tensor, d
     g_out [K, batch, pos, d] is the gradient w.r.t. the site's output (its error leaf): the output is
     decode(f) + err and decode is affine, so a feature's gradient is g_out @ direction and only the kept
     features' columns are ever formed. Weight = Σ over prompts (and positions, for summed nodes) of grad·Δ, / batch."""
-    B = delta_f.shape[0]
-    feats = [u for u in ups if u.feature is not None]
-    proj = g_out @ dic.directions[[u.feature for u in feats]].detach().to(g_out.dtype).T if feats else None  # [K, b, pos, n]
-    cols, k = [], 0
-    for u in ups:
-        pos = slice(None) if u.position is None else slice(u.position, u.position + 1)
-        if u.feature is None:
-            cols.append((g_out[:, :, pos] * delta_err[None, :, pos].to(g_out.dtype)).sum((1, 2, 3)) / B)
-        else:
-            cols.append((proj[:, :, pos, k] * delta_f[None, :, pos, u.feature].to(g_out.dtype)).sum((1, 2)) / B)
-            k += 1
-    return torch.stack(cols, 1)
+    B, P = delta_f.shape[:2]
+    out = torch.zeros(g_out.shape[0], len(ups), dtype=g_out.dtype, device=g_out.device)
+    feats = [j for j, u in enumerate(ups) if u.feature is not None]
+    errs = [j for j, u in enumerate(ups) if u.feature is None]
+    if feats:
+        ids = torch.tensor([ups[j].feature for j in feats], device=g_out.device)
+        proj = g_out @ dic.directions[ids].detach().to(g_out.dtype).T  # [K, batch, pos, n]
+        mask = _position_mask([ups[j] for j in feats], P, g_out.dtype).to(g_out.device)  # [pos, n]
+        delta = delta_f[:, :, ids].to(g_out.dtype) * mask  # [batch, pos, n]
+        out[:, feats] = torch.einsum("kbpn,bpn->kn", proj, delta) / B
+    if errs:
+        per_pos = (g_out * delta_err[None].to(g_out.dtype)).sum((1, 3))  # [K, pos]
+        out[:, errs] = per_pos @ _position_mask([ups[j] for j in errs], P, g_out.dtype).to(g_out.device) / B
+    return out
 
 
 def compute_edges(model: Model, dictionaries: Mapping[str, Dictionary], batch, effects, nodes: Sequence[Node],
@@ -65,6 +78,11 @@ def compute_edges(model: Model, dictionaries: Mapping[str, Dictionary], batch, e
     serves up to per_pass downstream nodes."""
     if mode not in ("rows", "vmap"):
         raise DictCircuitsError(f"edge mode {mode!r} is not rows or vmap")
+    with model.eager_attention():
+        return _edges(model, dictionaries, batch, effects, nodes, mode, per_pass, max_rows, progress)
+
+
+def _edges(model, dictionaries, batch, effects, nodes, mode, per_pass, max_rows, progress):
     by_site: dict[str, list[Node]] = {}
     for n in nodes:
         if n.site != LOGIT:
