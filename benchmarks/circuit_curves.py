@@ -32,6 +32,7 @@ def main(argv=None) -> None:
     p.add_argument("--selection", nargs="+", default=["mean-abs", "abs-mean", "per-prompt"],
                    choices=["mean-abs", "abs-mean", "per-prompt", "per-prompt-site"])
     p.add_argument("--ceilings", action="store_true")
+    p.add_argument("--no-search", action="store_true", help="measure the sizes only, without the auto-size search")
     p.add_argument("--sizes", nargs="+", type=int, default=[10, 30, 100, 300, 1000])
     p.add_argument("--target", type=float, default=0.8)
     p.add_argument("--steps", type=int, default=10)
@@ -96,16 +97,18 @@ def main(argv=None) -> None:
                         t1 = time.perf_counter()
                         sizes = [s for s in args.sizes if s <= cap]
                         faith, _, _ = measure_sizes(patcher, of, sizes)
-                        found = search_size(patcher, of, min(max(args.sizes), cap), args.target, progress=False)
-                        extra = {"union": len(per.union(found.size))} if name == "per-prompt" and found.reached else {}
+                        found = None if args.no_search else search_size(patcher, of, min(max(args.sizes), cap),
+                                                                         args.target, progress=False)
+                        extra = {"union": len(per.union(found.size))} if name == "per-prompt" and found and found.reached else {}
+                        if found is not None:
+                            extra.update(auto_size=found.size, reached=found.reached,
+                                         auto_faithfulness=round(dict(found.curve)[found.size], 3))
                         print("RESULT " + json.dumps({
                             "model": model.name, "task": args.task, "n": len(batch), "sites": spec,
                             "n_sites": len(dicts), "aggregate": agg, "ablation": ablation, "errors": errors,
                             "selection": name, "m_model": round(patcher.m_model, 3),
                             "m_corrupt": round(patcher.m_corrupt, 3),
-                            "curve": {n: round(f, 3) for n, f in faith.items()}, "auto_size": found.size,
-                            "reached": found.reached, "auto_faithfulness": round(dict(found.curve)[found.size], 3),
-                            "effects_s": round(t_eff, 1), "measure_s": round(time.perf_counter() - t1, 1), **extra}),
+                            "curve": {n: round(f, 3) for n, f in faith.items()}, "effects_s": round(t_eff, 1), "measure_s": round(time.perf_counter() - t1, 1), **extra}),
                             flush=True)
 
 

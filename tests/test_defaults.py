@@ -78,3 +78,20 @@ def test_eval_reads_a_sweep_run_by_run(saved, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["eval", "--dictionaries", "sweep", "--run", "nope", *EVAL, *data]) == 2
     assert runs[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("available, want", [
+    (["resid.0", "resid.1", "resid.2"], ["resid.1", "resid.2"]),  # dc-mini: the deepest and the one halfway up
+    (["resid.2", "resid.0"], ["resid.0", "resid.2"]),  # two or fewer: all of them, in forward order
+    (["attn.1", "mlp.1", "resid.0", "resid.1", "resid.2"], ["resid.1", "resid.2"]),  # resid sites first
+    (["attn.1", "mlp.0"], ["mlp.0", "attn.1"]),  # no resid site: every site with a dictionary
+])
+def test_trace_default_sites_are_at_most_two_resid_sites(available, want):
+    from dictcircuits.models import load_model
+    from dictcircuits.trace import pick_sites
+
+    model = load_model("dc-mini")
+    assert pick_sites(model, None, available, "here") == want
+    resid = sorted(s for s in available if s.startswith("resid."))
+    if resid:  # a pattern the user gives keeps every matching site
+        assert pick_sites(model, "resid.*", available, "here") == resid

@@ -52,7 +52,7 @@ def test_trace_reads_the_chosen_run(sweep, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trace_module, "load_dictionary", recording)
     out = tmp_path / "out"
-    assert main(["trace", *FAST, "--dictionaries", str(sweep), "--run", run, "--out", str(out)]) == 0
+    assert main(["trace", *FAST, "--dictionaries", str(sweep), "--run", run, "--sites", "resid.*", "--out", str(out)]) == 0
     assert loaded == [sweep / s / run for s in SITES]
     settings = json.loads((out / "ioi.json").read_text())["metadata"]["settings"]
     assert settings["run"] == run and settings["sites"] == SITES
@@ -72,7 +72,7 @@ def test_a_sweep_with_one_run_left_is_read_without_run(sweep, tmp_path, monkeypa
 
     monkeypatch.setattr(trace_module, "load_dictionaries", stop)
     with pytest.raises(_Loaded) as got:
-        trace_module.trace("ioi", "dc-mini", one, n=8, steps=2, nodes=5, progress=False)
+        trace_module.trace("ioi", "dc-mini", one, n=8, steps=2, nodes=5, sites="resid.*", progress=False)
     assert got.value.args[0] == {s: RUNS["topk_F64_k4"] for s in SITES}
 
 
