@@ -41,9 +41,9 @@ OVERSAMPLE = 32  # built-in tasks generate n * OVERSAMPLE prompts; the first n o
 FAITHFULNESS = 0.8  # default auto-sizing target
 MAX_NODES = 1000  # default cap on the circuit's nodes (per prompt for per-prompt circuits)
 # sites traced when none are given: residual-stream sites with dictionaries, at most DEFAULT_SERIES of them (every
-# site with one if none is a resid site). Resid sites sit in series, and a circuit must carry the effect through
-# each: measured faithfulness at several sites is about the product of each site's own (README, "On a real model"),
-# so every added site costs nodes. IOI, 0.8 faithfulness: dc-mini 53 nodes at resid.1-2, 146 at resid.0-2, 633 at
+# site with one if none is a resid site). A circuit must carry the effect through every site it ablates: measured
+# faithfulness at several sites is about the product of each site's own (README, "On a real model"), so every
+# added site costs nodes. IOI, 0.8 faithfulness: dc-mini 53 nodes at resid.1-2, 146 at resid.0-2, 633 at
 # all 10 sites; Gemma-3-270M per-prompt 149 a prompt at resid.6, 429 at resid.6+12, not within 1000 at 4 sites.
 DEFAULT_SITES = "resid.*"
 DEFAULT_SERIES = 2  # the deepest resid site and the one halfway up to it
@@ -310,7 +310,7 @@ def summary(cg: CircuitGraph) -> str:
         lines = [f"dictcircuits trace: {cg.task} on {cg.model} ({cg.n_prompts} prompts, {cg.method}, "
                  f"{len(sites)} sites, metric {st.get('metric', '?')})"]
     which = (f"those of {st['sites_arg']!r} with dictionaries" if st.get("sites_arg") else
-             "the default: at most two resid sites with dictionaries, since sites in series compound; --sites to choose")
+             "the default: at most two resid sites with dictionaries, since every traced site compounds; --sites to choose")
     lines.append(f"  sites {', '.join(sites)} ({which})")
     lines.append(f"  nodes {len(kinds) - kinds.count('logit')} ({kinds.count('feature')} features, "
                  f"{kinds.count('error')} error terms), edges {g.number_of_edges()}")
@@ -393,7 +393,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sites", default=None,
                         help="sites to trace among those with dictionaries, e.g. 'all', 'resid.*' or 'embed,mlp.1' "
                              "(default: two resid sites with dictionaries, the deepest and the one halfway up, "
-                             "since each site in series multiplies what the circuit must carry; all sites if no "
+                             "since each traced site multiplies what the circuit must carry; all sites if no "
                              "resid site has a dictionary)")
     parser.add_argument("--n", type=int, default=64,
                         help="prompts to trace, all of one token length (default 64; task files are capped at n)")
