@@ -323,7 +323,7 @@ def summary(cg: CircuitGraph) -> str:
                          f"{ver.target:g}")
         elif ver.target is not None:
             lines.append(f"  circuit: target faithfulness {ver.target:g} not reached: {format_metric(ver.faithfulness)} "
-                         f"at the cap of {ver.size} nodes{per} (raise --max-nodes, restrict --sites or try --per-prompt)")
+                         f"at the cap of {ver.size} nodes{per} ({_what_to_try(ver.per_prompt, st.get('ablation'))})")
         elif ver.size is not None:
             lines.append(f"  circuit: {ver.size} nodes{per} (ranked by {ranked})")
         if ver.per_prompt:
@@ -358,6 +358,16 @@ def summary(cg: CircuitGraph) -> str:
             lines.append(f"  faithfulness by size{per}: " + "  ".join(f"{k}:{format_metric(f, 2)}" for k, f in shown_curve(ver)))
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in cg.timings.items()))
     return "\n".join(lines)
+
+
+def _what_to_try(per_prompt: bool, ablation: str | None) -> str:
+    """What measurably helped on Gemma-3-270M when a circuit missed its target (README, "On a real model")."""
+    tries = ["raise --max-nodes", "restrict --sites"]
+    if not per_prompt:
+        tries.append("try --per-prompt")
+        if ablation == "corrupt":
+            tries.append("--ablation mean")
+    return ", ".join(tries[:-1]) + " or " + tries[-1]
 
 
 def _per_prompt(value: str) -> int | str:

@@ -244,3 +244,15 @@ def test_bad_trace_inputs_one_line_exit_2_nothing_written(saved, extra, message,
     assert len(err) == 1, err
     assert message in err[0], err[0]
     assert _listing(root) == before and not (root / "out").exists()
+
+
+def test_a_missed_target_says_what_to_try(small):
+    model, dicts = small
+    cg = trace(toy_task(), model, dicts, method="attrib", faithfulness=0.99, max_nodes=2, progress=False)
+    assert not cg.verification.reached
+    line = next(ln for ln in summary(cg).splitlines() if "not reached" in ln)
+    assert "at the cap of 2 nodes" in line and "try --per-prompt or --ablation mean" in line
+    pp = trace(toy_task(), model, dicts, method="attrib", faithfulness=0.99, max_nodes=2, per_prompt="auto",
+               progress=False)
+    line = next(ln for ln in summary(pp).splitlines() if "not reached" in ln)
+    assert line.endswith("(raise --max-nodes or restrict --sites)")
