@@ -79,7 +79,12 @@ class Dictionary(nn.Module, metaclass=ABCMeta):
     @property
     def directions(self) -> torch.Tensor:
         """Feature directions [F, d] in the model's units (what one unit of feature i adds to x)."""
-        return self.W_dec / self.input_scale
+        return self.direction(slice(None))
+
+    def direction(self, idx) -> torch.Tensor:
+        """The directions of the features `idx` only (an index, slice or index tensor): [d] or [n, d], without
+        forming all F of them."""
+        return self.W_dec[idx] / self.input_scale
 
     @classmethod
     def create(cls, arch: str, d: int, F: int, **hyperparams) -> "Dictionary":

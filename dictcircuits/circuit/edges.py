@@ -29,7 +29,7 @@ def _downstream_quantity(node: Node, dic: Dictionary, state, grad: torch.Tensor,
     if node.feature is None:
         err_in = state.x[rows] - dic.decode(state.f_in[rows])  # [batch, pos, d]
         return (grad[:, pos] * err_in[:, pos]).sum()
-    g_feat = grad[:, pos] @ dic.directions[node.feature]  # [batch] or [batch, pos]
+    g_feat = grad[:, pos] @ dic.direction(node.feature)  # [batch] or [batch, pos]
     return (g_feat * state.f_in[rows][:, pos, node.feature]).sum()
 
 
@@ -57,7 +57,7 @@ def _edge_weights(g_out: torch.Tensor, dic: Dictionary, delta_f: torch.Tensor, d
     errs = [j for j, u in enumerate(ups) if u.feature is None]
     if feats:
         ids = torch.tensor([ups[j].feature for j in feats], device=g_out.device)
-        proj = g_out @ dic.directions[ids].detach().to(g_out.dtype).T  # [K, batch, pos, n]
+        proj = g_out @ dic.direction(ids).detach().to(g_out.dtype).T  # [K, batch, pos, n]
         mask = _position_mask([ups[j] for j in feats], P, g_out.dtype).to(g_out.device)  # [pos, n]
         delta = delta_f[:, :, ids].to(g_out.dtype) * mask  # [batch, pos, n]
         out[:, feats] = torch.einsum("kbpn,bpn->kn", proj, delta) / B
