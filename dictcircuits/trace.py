@@ -57,7 +57,7 @@ def pick_sites(model: Model, spec: str | None, available: list[str], where: str)
     if spec is None:
         matching = [s for s in available if fnmatch.fnmatch(s, DEFAULT_SITES)]
         default = [s.name for s in model.resolve_sites(matching or available)]
-        if len(default) > DEFAULT_SERIES and all(s.startswith("resid.") for s in default):
+        if matching and len(default) > DEFAULT_SERIES:
             default = [default[(len(default) - 1) // 2], default[-1]]
         return default
     chosen: set[str] = set()
