@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
-from .sparse import SparseFeatures, sparse_decode, sparse_topk_encode
+from .sparse import SparseFeatures, sparse_decode, sparse_topk_autoencoder
 
 
 @dataclass
@@ -172,6 +172,8 @@ class Trainer(ABC):
         self.since_fired = torch.zeros(cfg.width, dtype=torch.long, device=device)  # [F] tokens since last firing
         self.loss_fn: Callable = self.loss
         self.autocast = False  # set by step(): whether the current step runs under bf16 autocast
+        self.keep_grads = False  # zero the gradients between steps rather than free them (set by a loss that adds into them)
+        self.workspace: dict = {}  # scratch tensors kept from step to step by such a loss
 
     # --- pieces subclasses override --------------------------------------------------------------
     def dictionary_hyperparams(self) -> dict:
@@ -238,7 +240,7 @@ class Trainer(ABC):
         dic = self.dic
         for group in self.opt.param_groups:
             group["lr"] = lr_at(step, self.total_steps, self.lr, self.warmup, self.cfg.decay_start)
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=not self.keep_grads)
         self.autocast = autocast
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             loss, x_hat, f = self.loss_fn(x, step)
@@ -256,10 +258,11 @@ class Trainer(ABC):
                 n = p.numel()
                 p.grad = grads[offset:offset + n].view_as(p).clone()
                 offset += n
-        if self.unit_decoder and dic.W_dec.grad is not None:  # drop the gradient along each unit decoder row
-            with torch.no_grad():
-                w = dic.W_dec / dic.W_dec.norm(dim=-1, keepdim=True)
-                dic.W_dec.grad -= (dic.W_dec.grad * w).sum(-1, keepdim=True) * w
+        if self.unit_decoder and dic.W_dec.grad is not None:  # drop the gradient along each decoder row W
+            with torch.no_grad():  # g −= (g·W) W / ‖W‖²: two passes over [F, d], no [F, d] temporaries
+                W, grad = dic.W_dec, dic.W_dec.grad
+                along = torch.einsum("fd,fd->f", grad, W) / torch.einsum("fd,fd->f", W, W)  # [F]
+                grad.addcmul_(W, along[:, None], value=-1.0)
         if self.clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.clip)
         self.opt.step()
@@ -475,10 +478,9 @@ class TopKTrainer(Trainer):
         if self.autocast or self.dic.F < SPARSE_MIN_WIDTH_PER_K * self.dic.k:
             return self.dense_loss(x, step)
         dic = self.dic
-        # (x − b_dec) W_enc + b_enc as x W_enc + (b_enc − b_dec W_enc), as in project(): b_dec's gradient through
-        # the encoder is then −W_enc·grad_bias, a [d, F]·[F] product, rather than a sum over B·k encoder columns
-        vals, idx = sparse_topk_encode(x, dic.W_enc, self.enc_bias(dic.W_enc, dic.b_enc), dic.k)  # [b, k] each
-        x_hat = sparse_decode(vals, idx, dic.W_dec) + dic.b_dec  # [b, d]
+        self.keep_grads = True  # the fused backward adds into the weights' gradients in place
+        x_hat, vals, idx = sparse_topk_autoencoder(x, dic.W_enc, dic.b_enc, dic.W_dec, dic.b_dec, dic.k,
+                                                   dic.center_input, workspace=self.workspace)  # [b, d]; [b, k]
         loss = (x - x_hat).pow(2).sum(-1).mean()
         dead = self.dead_mask()
         if self.cfg.auxk_alpha > 0 and dead.any():

@@ -1,33 +1,67 @@
 """The sparse TopK kernels compute exactly what the dense TopK SAE computes, gradients included."""
+import pytest
 import torch
 
-from dictcircuits.sparse import SparseFeatures, sparse_decode, sparse_topk_encode
+from dictcircuits.sparse import SparseFeatures, sparse_decode, sparse_topk_autoencoder
 
 
-def test_sparse_topk_matches_dense_forward_and_backward():
-    torch.manual_seed(0)
-    B, d, F, k = 64, 16, 96, 5
-    x = torch.randn(B, d, dtype=torch.float64, requires_grad=True)
-    W_enc = torch.randn(d, F, dtype=torch.float64, requires_grad=True)
-    b_enc = torch.randn(F, dtype=torch.float64, requires_grad=True)
-    W_dec = torch.randn(F, d, dtype=torch.float64, requires_grad=True)
-    target = torch.randn(B, d, dtype=torch.float64)
-    params = [x, W_enc, b_enc, W_dec]
-
-    pre = torch.relu(x @ W_enc + b_enc)
+def _dense_autoencoder(x, W_enc, b_enc, W_dec, b_dec, k, centre):
+    """The reference: the whole [B, F] pre-activation, ReLU, top-k, dense decode. -> (x_hat, f [B, F])."""
+    pre = torch.relu((x - b_dec if centre else x) @ W_enc + b_enc)
     vals, idx = pre.topk(k, dim=-1)
     f = torch.zeros_like(pre).scatter(-1, idx, vals)
-    dense_loss = ((f @ W_dec - target) ** 2).sum()
-    dense_grads = torch.autograd.grad(dense_loss, params)
+    return f @ W_dec + b_dec, f
 
-    s_vals, s_idx = sparse_topk_encode(x, W_enc, b_enc, k)
-    torch.testing.assert_close(SparseFeatures(s_vals, s_idx, F).to_dense(), f)
-    sparse_loss = ((sparse_decode(s_vals, s_idx, W_dec) - target) ** 2).sum()
-    sparse_grads = torch.autograd.grad(sparse_loss, params)
-    torch.testing.assert_close(sparse_loss, dense_loss)
-    for g_sparse, g_dense in zip(sparse_grads, dense_grads):
-        torch.testing.assert_close(g_sparse, g_dense)
-    assert (sparse_grads[1] != 0).any(dim=0).sum() <= B * k  # only selected encoder columns get gradient
+
+def _params(B, d, F, dtype, seed, negative_bias=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d, generator=g, dtype=dtype)
+    W_enc = torch.randn(d, F, generator=g, dtype=dtype) / d ** 0.5
+    b_enc = torch.randn(F, generator=g, dtype=dtype) * 0.1 - negative_bias
+    W_dec = torch.randn(F, d, generator=g, dtype=dtype)
+    b_dec = torch.randn(d, generator=g, dtype=dtype) * 0.3
+    target = torch.randn(B, d, generator=g, dtype=dtype)
+    return [t.requires_grad_() for t in (x, W_enc, b_enc, W_dec, b_dec)], target
+
+
+@pytest.mark.parametrize("centre", [True, False])
+def test_sparse_topk_autoencoder_matches_dense_forward_and_backward(centre):
+    """float64: x̂, the selected features and the gradients of x, W_enc, b_enc, W_dec and b_dec equal dense
+    autograd through the whole [B, F] matrix; only selected encoder columns get gradient."""
+    B, d, F, k = 64, 16, 96, 5
+    params, target = _params(B, d, F, torch.float64, seed=0)
+    hat, f = _dense_autoencoder(*params, k, centre)
+    dense_grads = torch.autograd.grad(((hat - target) ** 2).sum(), params)
+    s_hat, vals, idx = sparse_topk_autoencoder(*params, k, centre)
+    assert not vals.requires_grad and not idx.requires_grad
+    torch.testing.assert_close(s_hat, hat)
+    torch.testing.assert_close(SparseFeatures(vals, idx, F).to_dense(), f.detach())
+    sparse_grads = torch.autograd.grad(((s_hat - target) ** 2).sum(), params)
+    for name, a, b in zip(("x", "W_enc", "b_enc", "W_dec", "b_dec"), sparse_grads, dense_grads):
+        torch.testing.assert_close(a, b, msg=name)
+    assert (sparse_grads[1] != 0).any(dim=0).sum() <= B * k
+
+
+def test_sparse_topk_autoencoder_workspace_adds_into_existing_grads():
+    """With a workspace, the weights' gradients are added in place into the .grad already there (the trainer's
+    zeroed buffers, here ones), twice in a row through the kept scratch, and equal plain gradients plus it."""
+    B, d, F, k = 128, 8, 256, 4
+    params, target = _params(B, d, F, torch.float64, seed=5)
+    x, W_enc, b_enc, W_dec, b_dec = params
+    hat, _, _ = sparse_topk_autoencoder(*params, k)
+    plain = torch.autograd.grad(((hat - target) ** 2).sum(), [W_enc, W_dec, b_enc, b_dec])
+    W_enc.grad, W_dec.grad = torch.ones_like(W_enc), torch.ones_like(W_dec)
+    enc_grad, dec_grad = W_enc.grad, W_dec.grad
+    workspace = {}
+    for rep in (1, 2):
+        hat, _, _ = sparse_topk_autoencoder(*params, k, workspace=workspace)
+        ((hat - target) ** 2).sum().backward()
+        assert W_enc.grad is enc_grad and W_dec.grad is dec_grad  # the same buffers, added into
+        torch.testing.assert_close(W_enc.grad, 1 + rep * plain[0])
+        torch.testing.assert_close(W_dec.grad, 1 + rep * plain[1])
+        torch.testing.assert_close(b_enc.grad, rep * plain[2])
+        torch.testing.assert_close(b_dec.grad, rep * plain[3])
+    assert workspace["W_enc"].shape == (F, d)
 
 
 def test_topk_trainer_sparse_and_dense_steps_agree():
@@ -49,43 +83,69 @@ def test_topk_trainer_sparse_and_dense_steps_agree():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_topk_trainer_sparse_steps_track_dense_steps():
+    """Whole optimiser steps (gradients kept and zeroed between steps, added into in place, AuxK included):
+    four sparse steps leave the same weights as four dense ones."""
+    from dictcircuits.trainers import SPARSE_MIN_WIDTH_PER_K, TrainerConfig, make_trainer
+
+    k = 4
+    x = torch.randn(4, 256, 16, generator=torch.Generator().manual_seed(2))
+    trainers = []
+    for dense in (False, True):
+        trainer = make_trainer(16, TrainerConfig(arch="topk", width=SPARSE_MIN_WIDTH_PER_K * k, k=k),
+                               total_steps=4, batch_tokens=256)
+        trainer.init_from(x[0])
+        trainer.since_fired[:5] = 10 ** 9
+        if dense:
+            trainer.loss_fn = trainer.dense_loss
+        for step in range(4):
+            trainer.step(x[step], step)
+        trainers.append(trainer)
+    sparse, dense = trainers
+    assert sparse.keep_grads and not dense.keep_grads
+    for name, a in sparse.dic.named_parameters():
+        torch.testing.assert_close(a, dict(dense.dic.named_parameters())[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_sparse_topk_float32_gradients_and_metrics():
-    """float32 at a wider shape: every gradient within 1e-5 relative of the dense path; the step metrics from
-    (values, indices) equal those of the dense feature matrix."""
+    """float32 at a wider shape, some rows with fewer than k positive pre-activations: every gradient within 1e-5
+    relative of the dense path; the step metrics from (values, indices) equal those of the dense matrix."""
     from dictcircuits.trainers import Trainer
 
-    g = torch.Generator().manual_seed(2)
     B, d, F, k = 512, 64, 2048, 16
-    x = torch.randn(B, d, generator=g)
-    x[:8] = 0.0  # these tokens have fewer than k positive pre-activations (b_enc is mostly negative)
-    x.requires_grad_()
-    W_enc = (torch.randn(d, F, generator=g) / d ** 0.5).requires_grad_()
-    b_enc = (torch.randn(F, generator=g) * 0.1 - 0.3).requires_grad_()
-    W_dec = torch.randn(F, d, generator=g).requires_grad_()
-    target = torch.randn(B, d, generator=g)
-    params = [x, W_enc, b_enc, W_dec]
-
-    s_vals, s_idx = sparse_topk_encode(x, W_enc, b_enc, k)
-    assert (s_idx[:, 1:] > s_idx[:, :-1]).all()  # ascending along each row
-    f = torch.relu(x @ W_enc + b_enc)
-    f = torch.zeros_like(f).scatter(-1, s_idx, f.gather(-1, s_idx))  # the same top k, densely
-    dense_grads = torch.autograd.grad(((f @ W_dec - target) ** 2).sum(), params)
-    sparse_grads = torch.autograd.grad(((sparse_decode(s_vals, s_idx, W_dec) - target) ** 2).sum(), params)
+    params, target = _params(B, d, F, torch.float32, seed=2, negative_bias=0.3)
+    with torch.no_grad():
+        params[0][:8] = params[4]  # centred to zero: only the (mostly negative) bias is left
+    hat, vals, idx = sparse_topk_autoencoder(*params, k)
+    assert (idx[:, 1:] > idx[:, :-1]).all()  # ascending along each row
+    x, W_enc, b_enc, W_dec, b_dec = params
+    f = torch.relu((x - b_dec) @ W_enc + b_enc)
+    f = torch.zeros_like(f).scatter(-1, idx, f.gather(-1, idx))  # the same top k, densely
+    dense_grads = torch.autograd.grad(((f @ W_dec + b_dec - target) ** 2).sum(), params)
+    sparse_grads = torch.autograd.grad(((hat - target) ** 2).sum(), params)
     for g_sparse, g_dense in zip(sparse_grads, dense_grads):
         assert float((g_sparse - g_dense).norm() / g_dense.norm()) < 1e-5
 
-    sf = SparseFeatures(s_vals.detach(), s_idx, F)
+    sf = SparseFeatures(vals, idx, F)
     assert (sf.vals == 0).any()  # zero entries count neither as nonzero nor as firing
     fired, nonzero = Trainer.firing(sf)
     fired_dense, nonzero_dense = Trainer.firing(sf.to_dense())
     assert torch.equal(fired, fired_dense) and int(nonzero) == int(nonzero_dense)
 
 
-def _dense_topk_reference(x, W_enc, b_enc, k):
-    """The whole [B, F] pre-activation, then top-k: (values, indices) with indices ascending along each row."""
-    vals, idx = (x @ W_enc + b_enc).topk(k, dim=-1, sorted=False)
-    idx, order = idx.sort(dim=-1)
-    return vals.gather(1, order).clamp_min(0), idx
+def test_sparse_decode_matches_dense_decode():
+    """The decoder AuxK uses: Σ_j v_j W_dec[i_j] and its gradients, against a dense [B, F] product."""
+    g = torch.Generator().manual_seed(6)
+    B, d, F, k = 40, 8, 64, 3
+    idx = torch.stack([torch.randperm(F, generator=g)[:k] for _ in range(B)]).sort(dim=-1).values
+    vals = torch.rand(B, k, generator=g, dtype=torch.float64).requires_grad_()
+    W_dec = torch.randn(F, d, generator=g, dtype=torch.float64).requires_grad_()
+    dense = SparseFeatures(vals, idx, F).to_dense() @ W_dec
+    out = sparse_decode(vals, idx, W_dec)
+    torch.testing.assert_close(out, dense)
+    w = torch.randn(B, d, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), [vals, W_dec]), torch.autograd.grad((dense * w).sum(), [vals, W_dec])):
+        torch.testing.assert_close(a, b)
 
 
 def test_blocked_topk_equals_unblocked_with_ties_and_k_near_F():
@@ -98,39 +158,32 @@ def test_blocked_topk_equals_unblocked_with_ties_and_k_near_F():
     x = torch.randint(-1, 2, (B, d), generator=g).float()
     W_enc = torch.randint(-1, 2, (d, F), generator=g).float()
     b_enc = torch.randint(-1, 2, (F,), generator=g).float()
+    W_dec, b_dec = torch.zeros(F, d), torch.zeros(d)
     pre = x @ W_enc + b_enc
     assert all(len(row.unique()) < F // 2 for row in pre)  # plenty of ties in every row
     for k in (1, 5, F - 1, F):
         ref_vals, ref_idx = pre.topk(k, dim=-1, sorted=False)
+        d_idx, order = ref_idx.sort(dim=-1)
+        d_vals = ref_vals.gather(1, order).clamp_min(0)
         for rows in (1, 7, B, 4 * B):
             vals, idx = blocked_topk(x, W_enc, b_enc, k, rows)
             assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals), (k, rows)
-            s_vals, s_idx = sparse_topk_encode(x, W_enc, b_enc, k, rows)
-            d_vals, d_idx = _dense_topk_reference(x, W_enc, b_enc, k)
+            _, s_vals, s_idx = sparse_topk_autoencoder(x, W_enc, b_enc, W_dec, b_dec, k, centre=False, rows=rows)
             assert torch.equal(s_idx, d_idx) and torch.equal(s_vals, d_vals), (k, rows)
 
 
 def test_blocked_sparse_step_gradients_match_dense():
-    """float32: values, indices and every gradient of the blocked encoder (odd block sizes, a last short block)
-    agree with the unblocked one and with dense autograd through the whole [B, F] matrix."""
-    g = torch.Generator().manual_seed(4)
+    """float32: x̂, the features and every gradient of the blocked encoder (odd block sizes, a last short block)
+    agree with dense autograd through the whole [B, F] matrix."""
     B, d, F, k = 300, 32, 1024, 16
-    x = torch.randn(B, d, generator=g).requires_grad_()
-    W_enc = (torch.randn(d, F, generator=g) / d ** 0.5).requires_grad_()
-    b_enc = (torch.randn(F, generator=g) * 0.1).requires_grad_()
-    W_dec = torch.randn(F, d, generator=g).requires_grad_()
-    target = torch.randn(B, d, generator=g)
-    params = [x, W_enc, b_enc, W_dec]
-
-    pre = torch.relu(x @ W_enc + b_enc)
-    d_vals, d_idx = pre.topk(k, dim=-1)
-    f = torch.zeros_like(pre).scatter(-1, d_idx, d_vals)
-    dense_grads = torch.autograd.grad(((f @ W_dec - target) ** 2).sum(), params)
+    params, target = _params(B, d, F, torch.float32, seed=4)
+    hat, f = _dense_autoencoder(*params, k, True)
+    dense_grads = torch.autograd.grad(((hat - target) ** 2).sum(), params)
     for rows in (B, 64, 37, 1):
-        vals, idx = sparse_topk_encode(x, W_enc, b_enc, k, rows)
+        s_hat, vals, idx = sparse_topk_autoencoder(*params, k, rows=rows)
         torch.testing.assert_close(SparseFeatures(vals, idx, F).to_dense(), f.detach())
-        grads = torch.autograd.grad(((sparse_decode(vals, idx, W_dec) - target) ** 2).sum(), params)
-        for name, a, b in zip(("x", "W_enc", "b_enc", "W_dec"), grads, dense_grads):
+        grads = torch.autograd.grad(((s_hat - target) ** 2).sum(), params)
+        for name, a, b in zip(("x", "W_enc", "b_enc", "W_dec", "b_dec"), grads, dense_grads):
             assert float((a - b).norm() / b.norm()) < 1e-5, (rows, name)
 
 
