@@ -37,7 +37,7 @@ IMPL_PYTHON = {"ours": sys.executable, "ours-dense": sys.executable,
                "sparsify": str(HERE / ".venv-sparsify" / "bin" / "python")}
 IMPL_NAME = {"ours": "dictcircuits", "ours-dense": "dictcircuits (dense TopK path)", "dl": "dictionary_learning",
              "saelens": "SAELens", "sparsify": "sparsify"}
-TOPK_ONLY = ("ours-dense", "sparsify")
+IMPL_ARCHS = {"ours-dense": ("topk", "batchtopk"), "sparsify": ("topk",), "saelens": ("standard", "topk")}  # else all
 
 
 def log(msg: str) -> None:
@@ -151,7 +151,7 @@ def part_sae(args, out: dict) -> None:
             for arch in args.archs:
                 if arch == "standard" and (d, F) not in args.standard_shapes:
                     continue
-                arch_impls = [i for i in runnable if not (i in TOPK_ONLY and arch != "topk")]
+                arch_impls = [i for i in runnable if arch in IMPL_ARCHS.get(i, (arch,))]
                 runs: dict[str, list[dict]] = {i: [] for i in arch_impls}
                 shape_rates = []
                 for rep in range(args.reps):
@@ -192,7 +192,7 @@ def sae_summary(sae: dict) -> list[dict]:
                      if "error" not in x and "error" not in y]
             return statistics.median(x / y for x, y in pairs) if pairs else None
         dense_flop = 12 * d * F
-        work = {"ours": (2 * d * F + 10 * k * d) if arch == "topk" else dense_flop}
+        work = {"ours": (2 * d * F + 10 * k * d) if arch in ("topk", "batchtopk") else dense_flop}
         bound = enc_rate / (2 * d * F)  # tokens/s if the step cost only the encoder's dense matmul
         probe = {i: statistics.median(r["encoder_bound_frac"] for r in rs) for i, rs in ok.items()
                  if rs and "encoder_bound_frac" in rs[0]}
@@ -320,9 +320,9 @@ def tables(out: dict) -> str:
                 f"| {' / '.join(fmt(f.get(i), '.1f') for i in ('ours', 'dl', 'saelens'))} |")
         diag = [r for r in summary if "ours-dense" in r["tokens_per_s"]]
         if diag:
-            lines += ["", "Diagnostic: our TopK trainer on its sparse k-row kernels vs forced onto its dense path "
+            lines += ["", "Diagnostic: our TopK / BatchTopK trainers on their sparse kernels vs forced onto their dense path "
                       "(same run): " + "; ".join(
-                          f"d={r['d']}, F={r['F']}: sparse {fmt(r['tokens_per_s']['ours'])} vs dense "
+                          f"{r['arch']} d={r['d']}, F={r['F']}: sparse {fmt(r['tokens_per_s']['ours'])} vs dense "
                           f"{fmt(r['tokens_per_s']['ours-dense'])} tok/s ({fmt(r['ours_vs'].get('ours-dense'), '.2f')}×), "
                           f"peak +{fmt(r['peak_growth_mb'].get('ours'))} vs +{fmt(r['peak_growth_mb'].get('ours-dense'))} MB"
                           for r in diag)]

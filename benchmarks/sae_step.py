@@ -50,12 +50,12 @@ def make_ours(args, d, x0):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from dictcircuits.trainers import TrainerConfig, make_trainer
 
-    cfg = TrainerConfig(arch="topk" if args.arch == "topk" else "relu", width=args.F, k=args.k, l1=args.l1,
+    cfg = TrainerConfig(arch="relu" if args.arch == "standard" else args.arch, width=args.F, k=args.k, l1=args.l1,
                         lr=args.lr, warmup_steps=args.warmup, decay_start=1.0, resample_every=0,
                         dead_tokens=10_000_000)
     tr = make_trainer(d, cfg, total_steps=args.steps, batch_tokens=args.batch, seed=0)
     tr.init_from(x0)  # b_dec at the geometric median (dictionary_learning does this inside its step 0)
-    if args.impl == "ours-dense" and args.arch == "topk":
+    if args.impl == "ours-dense" and args.arch in ("topk", "batchtopk"):
         tr.loss_fn = tr.dense_loss
 
     def step(i, x):
@@ -72,6 +72,12 @@ def make_dl(args, d, x0):
 
         tr = TopKTrainer(steps=args.steps, activation_dim=d, dict_size=args.F, k=args.k, layer=0, lm_name="bench",
                          lr=args.lr, warmup_steps=args.warmup, decay_start=None, seed=0, device="cpu")
+    elif args.arch == "batchtopk":
+        from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
+
+        tr = BatchTopKTrainer(steps=args.steps, activation_dim=d, dict_size=args.F, k=args.k, layer=0,
+                              lm_name="bench", lr=args.lr, warmup_steps=args.warmup, decay_start=None, seed=0,
+                              device="cpu")
     else:
         from dictionary_learning.trainers.standard import StandardTrainer
 
@@ -150,7 +156,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--impl", choices=("ours", "ours-dense", "dl", "saelens", "sparsify"), required=True,
                    help="ours-dense: our TopKTrainer forced onto its dense path (the one bf16 autocast uses), a diagnostic")
-    p.add_argument("--arch", choices=("standard", "topk"), required=True)
+    p.add_argument("--arch", choices=("standard", "topk", "batchtopk"), required=True)
     p.add_argument("--data", required=True, help="torch file with a tensor 'x' [n, d] fp32")
     p.add_argument("--F", type=int, default=4096)
     p.add_argument("--k", type=int, default=32)
@@ -168,7 +174,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.lr is None:
-        args.lr = 2e-4 / (args.F / 2 ** 14) ** 0.5 if args.arch == "topk" else 5e-4
+        args.lr = 2e-4 / (args.F / 2 ** 14) ** 0.5 if args.arch in ("topk", "batchtopk") else 5e-4
     args.warmup = max(1, args.steps // 10) if args.warmup is None else args.warmup
     data = torch.load(args.data, weights_only=True)["x"].float()  # [n, d]
     n, d = data.shape

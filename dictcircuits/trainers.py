@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
-from .sparse import SparseFeatures, sparse_decode, sparse_topk_autoencoder
+from .sparse import SparseFeatures, sparse_autoencoder, sparse_decode
 
 
 @dataclass
@@ -445,6 +445,7 @@ class TopKTrainer(Trainer):
 
     name, dictionary_arch = "topk", "topk"
     uses = ("k", "auxk_alpha")
+    batch_selection: ClassVar[bool] = False  # the top k of each row (True: the top k·B of the batch)
 
     def dictionary_hyperparams(self):
         return {"k": self.cfg.k}
@@ -479,8 +480,8 @@ class TopKTrainer(Trainer):
             return self.dense_loss(x, step)
         dic = self.dic
         self.keep_grads = True  # the fused backward adds into the weights' gradients in place
-        x_hat, vals, idx = sparse_topk_autoencoder(x, dic.W_enc, dic.b_enc, dic.W_dec, dic.b_dec, dic.k,
-                                                   dic.center_input, workspace=self.workspace)  # [b, d]; [b, k]
+        x_hat, f = sparse_autoencoder(x, dic.W_enc, dic.b_enc, dic.W_dec, dic.b_dec, dic.k, self.batch_selection,
+                                      dic.center_input, workspace=self.workspace)  # [b, d], CSR [b, F]
         loss = (x - x_hat).pow(2).sum(-1).mean()
         dead = self.dead_mask()
         if self.cfg.auxk_alpha > 0 and dead.any():
@@ -489,7 +490,7 @@ class TopKTrainer(Trainer):
             a_vals, a_pos = dead_pre.topk(min(len(dead_idx), max(1, dic.d // 2)), dim=-1, sorted=False)
             a_pos, order = a_pos.sort(dim=-1)  # sparse_decode takes indices ascending along each row
             loss = loss + self.auxk(x, x_hat, sparse_decode(a_vals.gather(1, order), dead_idx[a_pos], dic.W_dec))
-        return loss, x_hat, SparseFeatures(vals.detach(), idx, dic.F)
+        return loss, x_hat, f
 
     def auxk(self, x, x_hat, e_hat):
         """AuxK: dead latents reconstruct the residual, normalised by its variance."""
@@ -517,12 +518,11 @@ class BatchTopKTrainer(TopKTrainer):
     name, dictionary_arch = "batchtopk", "batchtopk"
     uses = ("k", "auxk_alpha", "threshold_beta")
 
+    batch_selection = True
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.threshold_seen = False
-
-    def loss(self, x, step):
-        return self.dense_loss(x, step)
 
     def sparsify(self, pre):
         flat = pre.reshape(-1)
@@ -531,7 +531,8 @@ class BatchTopKTrainer(TopKTrainer):
 
     def after_step(self, x, f, step):
         with torch.no_grad():
-            low = torch.where(f > 0, f, torch.inf).min().reshape(1).float()  # smallest kept activation
+            vals = f.vals if isinstance(f, SparseFeatures) else f
+            low = torch.where(vals > 0, vals, torch.inf).min().reshape(1).float()  # smallest kept activation
             low = torch.where(torch.isfinite(low), low, self.dic.threshold.float().reshape(1))
             if _world() > 1:
                 dist.all_reduce(low)

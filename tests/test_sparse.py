@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dictcircuits.sparse import SparseFeatures, sparse_decode, sparse_topk_autoencoder
+from dictcircuits.sparse import sparse_autoencoder, sparse_decode
 
 
 def _dense_autoencoder(x, W_enc, b_enc, W_dec, b_dec, k, centre):
@@ -32,10 +32,10 @@ def test_sparse_topk_autoencoder_matches_dense_forward_and_backward(centre):
     params, target = _params(B, d, F, torch.float64, seed=0)
     hat, f = _dense_autoencoder(*params, k, centre)
     dense_grads = torch.autograd.grad(((hat - target) ** 2).sum(), params)
-    s_hat, vals, idx = sparse_topk_autoencoder(*params, k, centre)
-    assert not vals.requires_grad and not idx.requires_grad
+    s_hat, sel = sparse_autoencoder(*params, k, centre=centre)
+    assert not sel.vals.requires_grad and not sel.idx.requires_grad
     torch.testing.assert_close(s_hat, hat)
-    torch.testing.assert_close(SparseFeatures(vals, idx, F).to_dense(), f.detach())
+    torch.testing.assert_close(sel.to_dense(), f.detach())
     sparse_grads = torch.autograd.grad(((s_hat - target) ** 2).sum(), params)
     for name, a, b in zip(("x", "W_enc", "b_enc", "W_dec", "b_dec"), sparse_grads, dense_grads):
         torch.testing.assert_close(a, b, msg=name)
@@ -48,13 +48,13 @@ def test_sparse_topk_autoencoder_workspace_adds_into_existing_grads():
     B, d, F, k = 128, 8, 256, 4
     params, target = _params(B, d, F, torch.float64, seed=5)
     x, W_enc, b_enc, W_dec, b_dec = params
-    hat, _, _ = sparse_topk_autoencoder(*params, k)
+    hat, _ = sparse_autoencoder(*params, k)
     plain = torch.autograd.grad(((hat - target) ** 2).sum(), [W_enc, W_dec, b_enc, b_dec])
     W_enc.grad, W_dec.grad = torch.ones_like(W_enc), torch.ones_like(W_dec)
     enc_grad, dec_grad = W_enc.grad, W_dec.grad
     workspace = {}
     for rep in (1, 2):
-        hat, _, _ = sparse_topk_autoencoder(*params, k, workspace=workspace)
+        hat, _ = sparse_autoencoder(*params, k, workspace=workspace)
         ((hat - target) ** 2).sum().backward()
         assert W_enc.grad is enc_grad and W_dec.grad is dec_grad  # the same buffers, added into
         torch.testing.assert_close(W_enc.grad, 1 + rep * plain[0])
@@ -116,7 +116,8 @@ def test_sparse_topk_float32_gradients_and_metrics():
     params, target = _params(B, d, F, torch.float32, seed=2, negative_bias=0.3)
     with torch.no_grad():
         params[0][:8] = params[4]  # centred to zero: only the (mostly negative) bias is left
-    hat, vals, idx = sparse_topk_autoencoder(*params, k)
+    hat, sf = sparse_autoencoder(*params, k)
+    idx = sf.idx.view(B, k)
     assert (idx[:, 1:] > idx[:, :-1]).all()  # ascending along each row
     x, W_enc, b_enc, W_dec, b_dec = params
     f = torch.relu((x - b_dec) @ W_enc + b_enc)
@@ -126,7 +127,6 @@ def test_sparse_topk_float32_gradients_and_metrics():
     for g_sparse, g_dense in zip(sparse_grads, dense_grads):
         assert float((g_sparse - g_dense).norm() / g_dense.norm()) < 1e-5
 
-    sf = SparseFeatures(vals, idx, F)
     assert (sf.vals == 0).any()  # zero entries count neither as nonzero nor as firing
     fired, nonzero = Trainer.firing(sf)
     fired_dense, nonzero_dense = Trainer.firing(sf.to_dense())
@@ -140,7 +140,7 @@ def test_sparse_decode_matches_dense_decode():
     idx = torch.stack([torch.randperm(F, generator=g)[:k] for _ in range(B)]).sort(dim=-1).values
     vals = torch.rand(B, k, generator=g, dtype=torch.float64).requires_grad_()
     W_dec = torch.randn(F, d, generator=g, dtype=torch.float64).requires_grad_()
-    dense = SparseFeatures(vals, idx, F).to_dense() @ W_dec
+    dense = torch.zeros(B, F, dtype=vals.dtype).scatter(1, idx, vals) @ W_dec
     out = sparse_decode(vals, idx, W_dec)
     torch.testing.assert_close(out, dense)
     w = torch.randn(B, d, generator=g, dtype=torch.float64)
@@ -168,8 +168,8 @@ def test_blocked_topk_equals_unblocked_with_ties_and_k_near_F():
         for rows in (1, 7, B, 4 * B):
             vals, idx = blocked_topk(x, W_enc, b_enc, k, rows)
             assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals), (k, rows)
-            _, s_vals, s_idx = sparse_topk_autoencoder(x, W_enc, b_enc, W_dec, b_dec, k, centre=False, rows=rows)
-            assert torch.equal(s_idx, d_idx) and torch.equal(s_vals, d_vals), (k, rows)
+            _, sel = sparse_autoencoder(x, W_enc, b_enc, W_dec, b_dec, k, centre=False, rows=rows)
+            assert torch.equal(sel.idx.view(B, k), d_idx) and torch.equal(sel.vals.view(B, k), d_vals), (k, rows)
 
 
 def test_blocked_sparse_step_gradients_match_dense():
@@ -180,8 +180,8 @@ def test_blocked_sparse_step_gradients_match_dense():
     hat, f = _dense_autoencoder(*params, k, True)
     dense_grads = torch.autograd.grad(((hat - target) ** 2).sum(), params)
     for rows in (B, 64, 37, 1):
-        s_hat, vals, idx = sparse_topk_autoencoder(*params, k, rows=rows)
-        torch.testing.assert_close(SparseFeatures(vals, idx, F).to_dense(), f.detach())
+        s_hat, sel = sparse_autoencoder(*params, k, rows=rows)
+        torch.testing.assert_close(sel.to_dense(), f.detach())
         grads = torch.autograd.grad(((s_hat - target) ** 2).sum(), params)
         for name, a, b in zip(("x", "W_enc", "b_enc", "W_dec", "b_dec"), grads, dense_grads):
             assert float((a - b).norm() / b.norm()) < 1e-5, (rows, name)
@@ -215,3 +215,118 @@ def test_topk_init_scale_gives_low_early_fvu_on_known_sparse_features():
         assert 0.1 < float(c.mean()) < 0.9 and torch.allclose(c, c.mean())  # one positive factor below 1
         fvu = [float(trainer.step(x[i * 512:(i + 1) * 512], i)[2]) for i in range(4)]
         assert max(fvu) < limit, (arch, fvu)
+
+
+def _dense_batch_topk(pre, k):
+    """BatchTopK's reference: the k·B largest entries of ReLU(pre) over the whole batch, densely."""
+    flat = torch.relu(pre).reshape(-1)
+    vals, idx = flat.topk(k * pre.shape[0])
+    return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
+
+
+@pytest.mark.parametrize("case", ["even", "skewed", "few-positive"])
+def test_blocked_batch_topk_is_the_exact_batch_selection(case):
+    """The candidates-then-threshold selection equals the dense top-(k·B) of the whole batch: rows of similar
+    scale; a few rows holding far more than their candidates (they are re-encoded in full); fewer than k·B
+    positive entries in the batch (τ at 0)."""
+    from dictcircuits import sparse
+
+    g = torch.Generator().manual_seed(7)
+    B, d, F, k = 96, 16, 512, 4
+    x = torch.randn(B, d, generator=g, dtype=torch.float64)
+    W_enc = torch.randn(d, F, generator=g, dtype=torch.float64) / d ** 0.5
+    bias = torch.randn(F, generator=g, dtype=torch.float64) * 0.1
+    if case == "skewed":
+        x[:3] *= 25  # three rows take most of the batch's k·B entries
+    if case == "few-positive":
+        bias -= 3.0
+    pre = x @ W_enc + bias
+    dense = _dense_batch_topk(pre, k)
+    calls = []
+    original = sparse.torch.addmm
+
+    def counting_addmm(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return original(*args, **kwargs)
+
+    sparse.torch.addmm = counting_addmm
+    try:
+        sel = sparse.blocked_batch_topk(x, W_enc, bias, k, rows=40)
+    finally:
+        sparse.torch.addmm = original
+    torch.testing.assert_close(sel.to_dense(), dense)
+    counts = sel.crow.diff()
+    assert int(counts.sum()) == int((dense > 0).sum()) and bool((sel.vals > 0).all())
+    for r in range(B):  # columns ascend within each row
+        cols = sel.idx[sel.crow[r]:sel.crow[r + 1]]
+        assert bool((cols[1:] > cols[:-1]).all())
+    redone = sum(calls) - B  # rows encoded a second time, in full
+    if case == "skewed":
+        assert int(counts[:3].min()) > sparse.CANDIDATES_PER_K * k and 3 <= redone < B // 4
+    else:  # where rows are alike, few hold more than their candidates above τ
+        assert redone <= B // 8
+    if case == "few-positive":
+        assert int(counts.sum()) < k * B
+
+
+def test_blocked_batch_topk_with_ties_picks_a_valid_top_set():
+    """Integer pre-activations with many ties at the threshold: k·B entries (or all positive ones), each at
+    least as large as every entry left out."""
+    from dictcircuits.sparse import blocked_batch_topk
+
+    g = torch.Generator().manual_seed(8)
+    B, d, F, k = 40, 4, 64, 3
+    x = torch.randint(-1, 2, (B, d), generator=g).float()
+    W_enc = torch.randint(-1, 2, (d, F), generator=g).float()
+    bias = torch.randint(-1, 2, (F,), generator=g).float()
+    pre = torch.relu(x @ W_enc + bias)
+    for candidates in (1, 2, 3 * k, F):
+        sel = blocked_batch_topk(x, W_enc, bias, k, rows=7, candidates=candidates)
+        f = sel.to_dense()
+        chosen = f > 0
+        assert int(chosen.sum()) == min(k * B, int((pre > 0).sum()))
+        assert torch.equal(f[chosen], pre[chosen])
+        assert float(pre[chosen].min()) >= float(pre[~chosen].max()), candidates
+
+
+@pytest.mark.parametrize("centre", [True, False])
+def test_sparse_batchtopk_autoencoder_matches_dense_forward_and_backward(centre):
+    B, d, F, k = 64, 16, 96, 5
+    params, target = _params(B, d, F, torch.float64, seed=9)
+    x, W_enc, b_enc, W_dec, b_dec = params
+    f = _dense_batch_topk((x - b_dec if centre else x) @ W_enc + b_enc, k)
+    hat = f @ W_dec + b_dec
+    dense_grads = torch.autograd.grad(((hat - target) ** 2).sum(), params)
+    s_hat, sel = sparse_autoencoder(*params, k, batch=True, centre=centre, rows=24)
+    assert len(set(sel.crow.diff().tolist())) > 1  # rows hold different numbers of features
+    torch.testing.assert_close(s_hat, hat)
+    torch.testing.assert_close(sel.to_dense(), f.detach())
+    sparse_grads = torch.autograd.grad(((s_hat - target) ** 2).sum(), params)
+    for name, a, b in zip(("x", "W_enc", "b_enc", "W_dec", "b_dec"), sparse_grads, dense_grads):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_batchtopk_trainer_sparse_steps_track_dense_steps():
+    """BatchTopK now trains on the sparse kernels: four steps (AuxK, the threshold EMA) leave the same weights
+    and threshold as four dense ones."""
+    from dictcircuits.trainers import SPARSE_MIN_WIDTH_PER_K, TrainerConfig, make_trainer
+
+    k = 4
+    x = torch.randn(4, 256, 16, generator=torch.Generator().manual_seed(3))
+    trainers = []
+    for dense in (False, True):
+        trainer = make_trainer(16, TrainerConfig(arch="batchtopk", width=SPARSE_MIN_WIDTH_PER_K * k, k=k),
+                               total_steps=4, batch_tokens=256)
+        trainer.init_from(x[0])
+        trainer.since_fired[:5] = 10 ** 9
+        if dense:
+            trainer.loss_fn = trainer.dense_loss
+        for step in range(4):
+            trainer.step(x[step], step)
+        trainers.append(trainer)
+    sparse, dense = trainers
+    assert sparse.keep_grads and not dense.keep_grads
+    for name, a in sparse.dic.named_parameters():
+        torch.testing.assert_close(a, dict(dense.dic.named_parameters())[name], atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(sparse.dic.threshold, dense.dic.threshold)
+    assert float(sparse.dic.threshold) > 0
