@@ -86,6 +86,17 @@ class Dictionary(nn.Module, metaclass=ABCMeta):
         forming all F of them."""
         return self.W_dec[idx] / self.input_scale
 
+    @abstractmethod
+    def encoder_direction(self, idx) -> torch.Tensor:
+        """∂f_i/∂x where feature i fires, in the model's units: [d] for one index, [n, d] for several. Every
+        encoder here is piecewise linear, f_i = fires_i · (x·u_i + c_i) near any x, so a feature's gradient is
+        fires_i(x)·u_i, taken without forming the other F − 1 (edges use it)."""
+
+    def fires(self, f: torch.Tensor) -> torch.Tensor:
+        """Where each feature of f = encode(x) [.., F] has the gradient encoder_direction (bool [.., F]): where it
+        is not zero (ReLU-like encoders are flat at zero)."""
+        return f != 0
+
     @classmethod
     def create(cls, arch: str, d: int, F: int, **hyperparams) -> "Dictionary":
         if arch not in ARCHITECTURES:
@@ -130,6 +141,9 @@ class ReLUDictionary(Dictionary):
     def _encode(self, x):
         return torch.relu(self.pre_acts(x))
 
+    def encoder_direction(self, idx):
+        return self.W_enc.T[idx] * self.input_scale
+
 
 class TiedDictionary(Dictionary):
     """Tied SAE (Cunningham et al. 2023): the encoder is the decoder's transpose."""
@@ -142,6 +156,9 @@ class TiedDictionary(Dictionary):
 
     def _encode(self, x):
         return torch.relu(x @ self.W_dec.T + self.b_enc)
+
+    def encoder_direction(self, idx):
+        return self.W_dec[idx] * self.input_scale
 
 
 class GatedDictionary(Dictionary):
@@ -164,6 +181,9 @@ class GatedDictionary(Dictionary):
         gate = (pre + self.b_gate) > 0
         mag = torch.relu(pre * torch.exp(self.r_mag) + self.b_mag)
         return mag * gate
+
+    def encoder_direction(self, idx):  # the magnitude path's; the gate is flat
+        return self.W_enc.T[idx] * torch.exp(self.r_mag[idx])[..., None] * self.input_scale
 
 
 class JumpReLUDictionary(ReLUDictionary):
@@ -235,6 +255,12 @@ class LinearDictionary(Dictionary):
         f = x @ self.W_enc
         return torch.relu(f) if self.nonneg else f
 
+    def encoder_direction(self, idx):
+        return self.W_enc.T[idx] * self.input_scale
+
+    def fires(self, f):
+        return f != 0 if self.nonneg else torch.ones_like(f, dtype=torch.bool)
+
 
 class IdentityDictionary(Dictionary):
     """The neuron basis: features are the activation's coordinates, so every method runs 'without a
@@ -257,6 +283,12 @@ class IdentityDictionary(Dictionary):
 
     def _encode(self, x):
         return x
+
+    def encoder_direction(self, idx):
+        return self.W_dec[idx] * self.input_scale  # W_dec is the identity
+
+    def fires(self, f):
+        return torch.ones_like(f, dtype=torch.bool)
 
 
 # --- our format -------------------------------------------------------------------------------------

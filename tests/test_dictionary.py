@@ -30,6 +30,31 @@ def test_interface_shapes_and_round_trip(arch, tmp_path):
     assert cfg["format_version"] == 1 and cfg["training"] == {"steps": 3}
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_encoder_direction_is_the_gradient_of_each_feature(arch):
+    """For every architecture, with an input scale and (linear) a nonnegative variant: autograd's Jacobian of
+    encode at random inputs equals fires(f)·encoder_direction, row by row, for single and batched indices."""
+    variants = [{}] + ([{"nonneg": True}] if arch == "linear" else [])
+    for extra in variants:
+        d = 16
+        dic = Dictionary.create(arch, d, d) if arch == "identity" else random_dictionary(
+            arch, d, 48, **ARCH_HYPER.get(arch, {}), **extra)
+        dic.input_scale.fill_(1.7)
+        if arch == "batchtopk":
+            dic.threshold.fill_(0.05)
+        x = torch.randn(5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        dic = dic.double()
+        jac = torch.autograd.functional.jacobian(lambda v: dic.encode(v), x)  # [5, F, 5, d]
+        jac = torch.stack([jac[b, :, b] for b in range(5)])  # [5, F, d]: rows never mix
+        f = dic.encode(x)
+        fires = dic.fires(f)
+        assert fires.dtype == torch.bool and fires.shape == f.shape
+        assert fires.any() and (arch in ("identity", "linear") and not extra or not fires.all())
+        expected = fires[..., None] * dic.encoder_direction(torch.arange(dic.F))  # [5, F, d]
+        torch.testing.assert_close(jac, expected.to(jac.dtype), msg=f"{arch} {extra}")
+        torch.testing.assert_close(dic.encoder_direction(3), dic.encoder_direction(torch.tensor([3]))[0])
+
+
 def test_topk_keeps_at_most_k_features():
     dic = random_dictionary("topk", 16, 64, k=3)
     f = dic.encode(torch.randn(50, 16))

@@ -33,6 +33,24 @@ def _downstream_quantity(node: Node, dic: Dictionary, state, grad: torch.Tensor,
     return (g_feat * state.f_in[rows][:, pos, node.feature]).sum()
 
 
+def _downstream_gradient(nodes: list[Node], dic: Dictionary, state, grad: torch.Tensor) -> torch.Tensor:
+    """∂/∂x of each node's (∇_d m)·d at its site's input x [batch, pos, d] -> [len(nodes), batch, pos, d], for a
+    batched backward from x. A feature's is fires·((∇_d m)·direction)·encoder_direction, in closed form at
+    [batch, pos, d] (not the F-wide encoder backward that autograd would run once per node); an error node's
+    comes from autograd, once for that node."""
+    out = torch.zeros(len(nodes), *state.x.shape, dtype=state.x.dtype, device=state.x.device)
+    fires = dic.fires(state.f_in.detach())  # [batch, pos, F]
+    for k, node in enumerate(nodes):
+        pos = slice(None) if node.position is None else node.position
+        if node.feature is None:
+            q = _downstream_quantity(node, dic, state, grad, slice(None))
+            out[k] = torch.autograd.grad(q, state.x, retain_graph=True)[0]
+            continue
+        coef = (grad[:, pos] @ dic.direction(node.feature).detach()) * fires[:, pos, node.feature]  # [batch(, pos)]
+        out[k][:, pos] = (coef[..., None] * dic.encoder_direction(node.feature).detach()).to(out.dtype)
+    return out
+
+
 def _position_mask(ups: list[Node], P: int, dtype) -> torch.Tensor:
     """[P, len(ups)]: 1 at each node's position (every position for a node summed over positions)."""
     mask = torch.zeros(P, len(ups), dtype=dtype)
@@ -74,8 +92,9 @@ def compute_edges(model: Model, dictionaries: Mapping[str, Dictionary], batch, e
 
     One backward pass serves several downstream nodes: mode="rows" replicates the clean batch once per
     downstream node (prompts never interact, so one backward of the sum separates them; at most max_rows
-    rows per pass), mode="vmap" runs one forward and a batched backward (is_grads_batched). Each pass
-    serves up to per_pass downstream nodes."""
+    rows per pass), mode="vmap" runs one forward and a batched backward (is_grads_batched) from the sites'
+    inputs, seeded with each node's gradient there (_downstream_gradient). Each pass serves up to per_pass
+    downstream nodes."""
     if mode not in ("rows", "vmap"):
         raise DictCircuitsError(f"edge mode {mode!r} is not rows or vmap")
     with model.eager_attention():
@@ -107,12 +126,19 @@ def _edges(model, dictionaries, batch, effects, nodes, mode, per_pass, max_rows,
                                              slice(k * B, (k + 1) * B)) for k, n in enumerate(chunk))
             grads = torch.autograd.grad(total, [res.states[s].err for s in ups], allow_unused=True)
             grads = [None if g is None else g.view(len(chunk), B, *g.shape[1:]) for g in grads]
-        else:
-            qs = torch.stack([_downstream_quantity(n, dictionaries[n.site], shared.states[n.site],
-                                                   effects.grads[n.site], slice(None)) for n in chunk])
-            eye = torch.eye(len(chunk), dtype=qs.dtype, device=qs.device)
-            grads = torch.autograd.grad(qs, [shared.states[s].err for s in ups], grad_outputs=eye,
-                                        is_grads_batched=True, retain_graph=True, allow_unused=True)
+        else:  # one batched backward from the chunk's sites' inputs x, seeded with each node's ∂q/∂x
+            at = sorted({n.site for n in chunk}, key=lambda s: _site_order(model, s))
+            seeds = []
+            for site in at:
+                mine = [k for k, n in enumerate(chunk) if n.site == site]
+                seed = torch.zeros(len(chunk), *shared.states[site].x.shape, dtype=shared.states[site].x.dtype,
+                                   device=shared.states[site].x.device)  # [K, batch, pos, d]
+                seed[mine] = _downstream_gradient([chunk[k] for k in mine], dictionaries[site], shared.states[site],
+                                                  effects.grads[site])
+                seeds.append(seed)
+            grads = torch.autograd.grad([shared.states[s].x for s in at], [shared.states[s].err for s in ups],
+                                        grad_outputs=seeds, is_grads_batched=True, retain_graph=True,
+                                        allow_unused=True)
         for s, g in zip(ups, grads):  # g: [K, batch, pos, d] gradient w.r.t. the upstream site's output
             if g is None:
                 continue
