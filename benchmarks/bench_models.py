@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # a fallback only: an installed dictcircuits or one on PYTHONPATH (a "before" checkout) wins
 
 PYTHIA = "pythia70m-shaped"
 MODELS = ("dc-mini", PYTHIA)
