@@ -198,15 +198,15 @@ def test_block_rows_keeps_a_block_in_cache_budget():
 
 def test_topk_init_scale_gives_low_early_fvu_on_known_sparse_features():
     """Superposition data with 512 known sparse directions (d = 64): after init_from, the first four steps of
-    TopK and BatchTopK reconstruct most of the variance (with the encoder at the decoder's unit scale they
-    started at FVU 0.87 and 2.4), and the scaling keeps which latents are selected."""
+    TopK, BatchTopK and standard L1 reconstruct most of the variance (with the encoder at the decoder's unit scale
+    they started at FVU 0.87, 2.4 and 69), and the scaling keeps which latents are selected."""
     from dictcircuits.synthetic import Superposition
     from dictcircuits.trainers import TrainerConfig, make_trainer
 
     sp = Superposition.make(64, 512, avg_active=8, seed=0)
     x, _ = sp.sample(512 * 4, seed=1)  # [2048, 64]
     x = x * (64 / x.pow(2).sum(-1).mean()).sqrt()  # the trainers' units: E‖x‖² = d
-    for arch, limit in (("topk", 0.35), ("batchtopk", 0.5)):
+    for arch, limit in (("topk", 0.35), ("batchtopk", 0.5), ("relu", 0.2)):  # relu unscaled: FVU 64-69
         trainer = make_trainer(64, TrainerConfig(arch=arch, width=1024, k=8, decay_start=1.0), total_steps=4,
                                batch_tokens=512)
         w_before = trainer.dic.W_enc.detach().clone()
