@@ -542,7 +542,8 @@ class BatchTopKTrainer(TopKTrainer):
 
     def after_step(self, x, f, step):
         with torch.no_grad():
-            vals = f.vals if isinstance(f, SparseFeatures) else f
+            vals = (f.vals if isinstance(f, SparseFeatures) else f).reshape(-1)
+            vals = torch.cat([vals, vals.new_full((1,), torch.inf)])  # a sparse selection may hold no entry at all
             low = torch.where(vals > 0, vals, torch.inf).min().reshape(1).float()  # smallest kept activation
             low = torch.where(torch.isfinite(low), low, self.dic.threshold.float().reshape(1))
             if _world() > 1:

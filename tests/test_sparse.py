@@ -330,3 +330,22 @@ def test_batchtopk_trainer_sparse_steps_track_dense_steps():
         torch.testing.assert_close(a, dict(dense.dic.named_parameters())[name], atol=1e-5, rtol=1e-4, msg=name)
     torch.testing.assert_close(sparse.dic.threshold, dense.dic.threshold)
     assert float(sparse.dic.threshold) > 0
+
+
+def test_batchtopk_step_with_nothing_firing_keeps_its_threshold():
+    """A batch where no pre-activation is positive: the sparse selection is empty, x̂ = b_dec, and the step
+    leaves the inference threshold where it was (as the dense path does) instead of failing."""
+    from dictcircuits.trainers import SPARSE_MIN_WIDTH_PER_K, TrainerConfig, make_trainer
+
+    k = 4
+    trainer = make_trainer(16, TrainerConfig(arch="batchtopk", width=SPARSE_MIN_WIDTH_PER_K * k, k=k),
+                           total_steps=2, batch_tokens=64)
+    with torch.no_grad():
+        trainer.dic.b_enc.fill_(-100.0)
+        trainer.dic.threshold.fill_(0.25)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(4))
+    _, x_hat, f = trainer.loss(x, 0)
+    assert f.idx.numel() == 0 and torch.equal(x_hat, trainer.dic.b_dec.expand_as(x_hat).detach())
+    trainer.threshold_seen = True
+    metrics = trainer.step(x, 0)
+    assert float(metrics[1]) == 0.0 and float(trainer.dic.threshold) == 0.25
