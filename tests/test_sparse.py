@@ -83,16 +83,17 @@ def test_topk_trainer_sparse_and_dense_steps_agree():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_topk_trainer_sparse_steps_track_dense_steps():
-    """Whole optimiser steps (gradients kept and zeroed between steps, added into in place, AuxK included):
-    four sparse steps leave the same weights as four dense ones."""
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_trainer_sparse_steps_track_dense_steps(arch):
+    """Whole optimiser steps on the sparse kernels (gradients kept and zeroed between steps, added into in place,
+    AuxK included, BatchTopK's threshold EMA): four sparse steps leave the same weights as four dense ones."""
     from dictcircuits.trainers import SPARSE_MIN_WIDTH_PER_K, TrainerConfig, make_trainer
 
     k = 4
     x = torch.randn(4, 256, 16, generator=torch.Generator().manual_seed(2))
     trainers = []
     for dense in (False, True):
-        trainer = make_trainer(16, TrainerConfig(arch="topk", width=SPARSE_MIN_WIDTH_PER_K * k, k=k),
+        trainer = make_trainer(16, TrainerConfig(arch=arch, width=SPARSE_MIN_WIDTH_PER_K * k, k=k),
                                total_steps=4, batch_tokens=256)
         trainer.init_from(x[0])
         trainer.since_fired[:5] = 10 ** 9
@@ -105,6 +106,9 @@ def test_topk_trainer_sparse_steps_track_dense_steps():
     assert sparse.keep_grads and not dense.keep_grads
     for name, a in sparse.dic.named_parameters():
         torch.testing.assert_close(a, dict(dense.dic.named_parameters())[name], atol=1e-5, rtol=1e-4, msg=name)
+    if arch == "batchtopk":
+        torch.testing.assert_close(sparse.dic.threshold, dense.dic.threshold)
+        assert float(sparse.dic.threshold) > 0
 
 
 def test_sparse_topk_float32_gradients_and_metrics():
@@ -304,32 +308,6 @@ def test_sparse_batchtopk_autoencoder_matches_dense_forward_and_backward(centre)
     sparse_grads = torch.autograd.grad(((s_hat - target) ** 2).sum(), params)
     for name, a, b in zip(("x", "W_enc", "b_enc", "W_dec", "b_dec"), sparse_grads, dense_grads):
         torch.testing.assert_close(a, b, msg=name)
-
-
-def test_batchtopk_trainer_sparse_steps_track_dense_steps():
-    """BatchTopK now trains on the sparse kernels: four steps (AuxK, the threshold EMA) leave the same weights
-    and threshold as four dense ones."""
-    from dictcircuits.trainers import SPARSE_MIN_WIDTH_PER_K, TrainerConfig, make_trainer
-
-    k = 4
-    x = torch.randn(4, 256, 16, generator=torch.Generator().manual_seed(3))
-    trainers = []
-    for dense in (False, True):
-        trainer = make_trainer(16, TrainerConfig(arch="batchtopk", width=SPARSE_MIN_WIDTH_PER_K * k, k=k),
-                               total_steps=4, batch_tokens=256)
-        trainer.init_from(x[0])
-        trainer.since_fired[:5] = 10 ** 9
-        if dense:
-            trainer.loss_fn = trainer.dense_loss
-        for step in range(4):
-            trainer.step(x[step], step)
-        trainers.append(trainer)
-    sparse, dense = trainers
-    assert sparse.keep_grads and not dense.keep_grads
-    for name, a in sparse.dic.named_parameters():
-        torch.testing.assert_close(a, dict(dense.dic.named_parameters())[name], atol=1e-5, rtol=1e-4, msg=name)
-    torch.testing.assert_close(sparse.dic.threshold, dense.dic.threshold)
-    assert float(sparse.dic.threshold) > 0
 
 
 def test_batchtopk_step_with_nothing_firing_keeps_its_threshold():
