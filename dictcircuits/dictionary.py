@@ -33,7 +33,8 @@ ARCHITECTURES: dict[str, type["Dictionary"]] = {}
 
 
 class Dictionary(nn.Module, metaclass=ABCMeta):
-    """Base class: subclasses define `arch`, their parameters and `_encode` (on scaled, centred input)."""
+    """Base class: subclasses define `arch`, their parameters, `_encode` (on scaled, centred input) and
+    `encoder_direction` (each feature's gradient where it fires)."""
 
     arch: ClassVar[str] = ""
 
