@@ -59,16 +59,16 @@ class _SiteData:
     delta_err: torch.Tensor  # [batch, pos, d]
 
 
-def run_capture(model: Model, tokens: Tokens, sites: Iterable[str], last_only: bool = False
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One no-grad run: logits [batch, pos, vocab] ([batch, vocab] at the last position with last_only) and each
-    site's activation [batch, pos, d]."""
+def run_capture(model: Model, tokens: Tokens, sites: Iterable[str], last_only: bool = False,
+                columns: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One no-grad run: logits [batch, pos, vocab] ([batch, vocab] at the last position with last_only; [batch, n]
+    with columns, see Model.run) and each site's activation [batch, pos, d]."""
     check_tokens(model, tokens)
     sites = [s.name for s in model.resolve_sites(sites)]
     acts: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         logits = model.run(tokens, {s: (lambda x, s=s: acts.__setitem__(s, x.detach())) for s in sites},
-                           last_only=last_only)
+                           last_only=last_only, columns=columns)
     return logits, acts
 
 
@@ -87,9 +87,10 @@ def metric_grads(model: Model, batch: TaskBatch, sites: Iterable[str]) -> tuple[
 
         return edit
 
+    columns, narrow = batch.narrowed()
     with torch.enable_grad():
-        logits = model.run(batch.clean, {s: grab(s) for s in sites}, last_only=True)
-        m = batch.metric(logits)
+        logits = model.run(batch.clean, {s: grab(s) for s in sites}, last_only=True, columns=columns)
+        m = narrow.metric(logits)
         names = list(captured)
         grads = torch.autograd.grad(m.sum(), [captured[s] for s in names], allow_unused=True)
     return m.detach(), {s: (g if g is not None else torch.zeros_like(captured[s])).detach()
@@ -129,12 +130,13 @@ def node_effects(
                                     "use exact")
         nodes = _check_nodes(nodes, dictionaries, batch.clean.input_ids.shape[1])
     sites = [s.name for s in model.resolve_sites(list(dictionaries))]
-    logits_clean, acts_clean = run_capture(model, batch.clean, sites, last_only=True)  # [batch, vocab]
-    logits_corrupt, acts_corrupt = run_capture(model, batch.corrupt, sites, last_only=True)
+    columns, narrow = batch.narrowed()
+    logits_clean, acts_clean = run_capture(model, batch.clean, sites, True, columns)  # [batch, vocab or n]
+    logits_corrupt, acts_corrupt = run_capture(model, batch.corrupt, sites, True, columns)
     if batch.metric_name == "kl" and batch.reference is None:
-        batch = replace(batch, reference=logits_clean)
-    m_clean = batch.metric(logits_clean)
-    m_corrupt = batch.metric(logits_corrupt, batch.corrupt)
+        batch = narrow = replace(batch, reference=logits_clean)
+    m_clean = narrow.metric(logits_clean)
+    m_corrupt = narrow.metric(logits_corrupt, batch.corrupt)
     real = batch.clean.attention_mask.to(logits_clean.device).bool()  # [batch, pos]
     data: dict[str, _SiteData] = {}
     with torch.no_grad():
@@ -217,9 +219,11 @@ def _ig_grads(model: Model, batch: TaskBatch, site: str, data: _SiteData, span: 
     alphas = (torch.arange(steps, dtype=xc.dtype, device=xc.device) + 0.5) / steps
     x_alpha = (xk[None] + alphas[:, None, None, None] * (xc - xk)[None]).flatten(0, 1)  # [steps*batch, pos, d]
     x_alpha.requires_grad_(True)
-    rows = batch.repeat(steps)
+    columns, narrow = batch.narrowed()
+    rows = narrow.repeat(steps)
     with torch.enable_grad():
-        logits = model.run(rows.clean, {site: lambda x: x_alpha}, last_only=True, start_at=_start(model, site))
+        logits = model.run(rows.clean, {site: lambda x: x_alpha}, last_only=True, start_at=_start(model, site),
+                           columns=columns)
         (g,) = torch.autograd.grad(rows.metric(logits).sum(), x_alpha)
     return g.view(steps, len(batch), *g.shape[1:]).mean(0).detach()
 
@@ -244,6 +248,7 @@ def _exact(model, dictionaries, batch, data, m_clean, nodes, max_nodes):
         raise DictCircuitsError(f"exact patching needs one rerun per node and {total} nodes differ (> max_nodes="
                                 f"{max_nodes}); pass nodes={{site: [(pos, feature), ...]}}, raise max_nodes or use ig")
     per_run = max(1, EXACT_ROWS // len(batch))  # nodes per trace
+    columns, narrow = batch.narrowed()
     for s, todo in tqdm(chosen.items(), desc="exact", leave=False, disable=None):
         D, d = dictionaries[s].directions.detach(), data[s]
         for start in range(0, len(todo), per_run):
@@ -254,8 +259,9 @@ def _exact(model, dictionaries, batch, data, m_clean, nodes, max_nodes):
                 for k, (p, j) in enumerate(group):
                     step = d.delta_err[:, p] if j is None else d.delta_f[:, p, j:j + 1] * D[j]
                     x[k * b:(k + 1) * b, p] -= step.to(x.dtype)
-                rows = batch.repeat(len(group))
-                m = rows.metric(model.run(rows.clean, {s: lambda _x, x=x: x}, last_only=True, start_at=_start(model, s)))
+                rows = narrow.repeat(len(group))
+                m = rows.metric(model.run(rows.clean, {s: lambda _x, x=x: x}, last_only=True, start_at=_start(model, s),
+                                          columns=columns))
             effect = (m_clean.repeat(len(group)) - m).view(len(group), b).mean(1)
             for k, (p, j) in enumerate(group):
                 if j is None:

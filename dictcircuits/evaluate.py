@@ -3,8 +3,8 @@
 Per batch of contexts: one trace harvests every site (stopping after the deepest) for the reconstruction
 statistics; then one clean trace, and per site one trace whose rows are [spliced (x̂ alone, no error term) |
 zero-ablated | mean-ablated] copies of the batch (and the same three without the position rule where it skips
-something). Definitions follow
-metrics.md: FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖²; CE recovered = (L_abl − L_spliced)/(L_abl − L_clean);
+something); at a resid site that trace starts from the clean trace's activation, skipping the blocks below it.
+Definitions follow metrics.md: FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖²; CE recovered = (L_abl − L_spliced)/(L_abl − L_clean);
 γ = E‖x̂‖² / E⟨x, x̂⟩; dead = never fired on the evaluated tokens; dense = fires on > 10% of them.
 A number that cannot be computed is None (JSON null, "n/a" in the table) with its reason in SiteEval.notes.
 
@@ -186,9 +186,12 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
             bar.close()
         bar = _bar(progress, tokens, f"{desc}: CE and KL")
         means = {s: (a.sum / max(a.n, 1)).float().to(model.device) for s, a in acc.items()}  # site -> [d]
-        # pass 2: clean, spliced and ablated logits, with the rule and (where it skips something) without
+        # pass 2: clean, spliced and ablated logits, with the rule and (where it skips something) without. A
+        # resid site's trace starts at the site from the clean run's activation (the blocks below it are skipped)
+        starts = [s for s in sites if model.site(s).kind == "resid"]
         for tok, skip_at in zip(batches, skips):
-            scorer = _Scorer(model.run(tok), tok)  # from the clean logits [b, p, V]
+            clean_x: dict[str, torch.Tensor] = {}  # site -> [b, p, d]
+            scorer = _Scorer(model.run(tok, {s: (lambda x, s=s: clean_x.__setitem__(s, x)) for s in starts}), tok)
             b = len(tok)
             for s, dic in dicts.items():
                 a, skip = acc[s], skip_at[s]
@@ -197,7 +200,7 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
                 groups = 6 if skip.any() else 3  # [spliced | zero | mean] with the rule, then the same without it
 
                 def variants(x, dic=dic, s=s, skip=skip, groups=groups):  # x [groups*b, p, d] -> the same
-                    x = x[:b]  # [b, p, d]: every row group starts from the clean activations
+                    x = clean_x[s] if s in clean_x else x[:b]  # [b, p, d]: every row group starts from the clean run
                     recon = dic.decode(dic.encode(x)).to(x.dtype)  # error term dropped
                     zero, mean = torch.zeros_like(x), means[s].to(x.dtype).expand_as(x)
                     keep = skip[..., None]  # [b, p, 1]: passed through by the rule
@@ -205,7 +208,7 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
                     return torch.cat(rows + ([recon, zero, mean] if groups == 6 else []))
 
                 rows = Tokens(torch.cat([tok.input_ids] * groups), torch.cat([tok.attention_mask] * groups))
-                logits = model.run(rows, {s: variants})  # [groups*b, p, V]: one trace per site and batch
+                logits = model.run(rows, {s: variants}, start_at=s if s in clean_x else None)  # [groups*b, p, V]
                 scores = [scorer.score(logits[g * b:(g + 1) * b]) for g in range(groups)]  # (CE, KL) per group
                 (ce_spliced, kl_spliced), (ce_zero, _), (ce_mean, _) = scores[:3]
                 a.ce["spliced"] += ce_spliced

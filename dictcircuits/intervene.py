@@ -331,12 +331,13 @@ def greedy_patch(
             break
         masks = chosen.repeat(len(cands), 1)  # [cands, F]
         masks[torch.arange(len(cands)), cands] = True
-        rows = batch.repeat(len(cands))
+        columns, narrow = batch.narrowed()
+        rows = narrow.repeat(len(cands))
         fc = f_clean.repeat(len(cands), 1, 1)
         masks = masks.repeat_interleave(len(batch), 0)[:, None, :]  # [cands*batch, 1, F]
         with torch.no_grad():
             res = splice(model, rows.corrupt, dicts, edit=lambda s, f, err: (torch.where(masks, fc, f), err),
-                         last_only=True)
+                         last_only=True, columns=columns)
         scores = rows.metric(res.logits, rows.corrupt).view(len(cands), len(batch)).mean(1)
         best = int((sign * scores).argmax())
         chosen[cands[best]] = True
@@ -371,9 +372,10 @@ def _first_order_gain(model, dicts, site, batch, f_clean, chosen) -> torch.Tenso
         captured["f"] = new
         return new, err
 
+    columns, narrow = batch.narrowed()
     with torch.enable_grad():
-        res = splice(model, batch.corrupt, dicts, edit=edit, last_only=True)
-        (g,) = torch.autograd.grad(batch.metric(res.logits, batch.corrupt).sum(), captured["f"])
+        res = splice(model, batch.corrupt, dicts, edit=edit, last_only=True, columns=columns)
+        (g,) = torch.autograd.grad(narrow.metric(res.logits, batch.corrupt).sum(), captured["f"])
     return ((f_clean - captured["f"].detach()) * g).sum((0, 1))
 
 

@@ -176,8 +176,11 @@ class Model:
         return self.hf.get_submodule(site.module)
 
     def _envoy(self, site: Site):
+        return self._envoy_at(site.module)
+
+    def _envoy_at(self, module: str):
         env = self.nn
-        for part in site.module.split("."):
+        for part in module.split("."):
             env = env[int(part)] if part.isdigit() else getattr(env, part)
         return env
 
@@ -217,6 +220,7 @@ class Model:
         stop_after: str | None = None,
         last_only: bool = False,
         start_at: str | None = None,
+        columns: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """One nnsight trace. edits[site](x) sees the site's activation [batch, pos, d] in forward order and
         may return a replacement. Returns logits [batch, pos, vocab], or None when stopping after a site.
@@ -224,6 +228,9 @@ class Model:
         last_only=True returns [batch, vocab] at each row's last real position, and the unembedding runs only at
         those positions: what every metric needs, and on a large vocabulary (Gemma-3: 262k tokens, whose
         unembedding costs more than all its blocks) most of the cost of a run.
+
+        columns: vocabulary ids [n]; with last_only, the unembedding computes only these columns and the logits are
+        [batch, n] (TaskBatch.narrowed gives the ids a metric reads: a logit difference reads two of 262k).
 
         start_at: a resid site whose edit replaces the activation whatever it was (integrated gradients, exact
         patching): blocks 0..L are skipped, block L's output taken from the edit, since all they compute would be
@@ -240,6 +247,8 @@ class Model:
         if start is not None and visit and visit[0].order < start.order:
             raise DictCircuitsError(f"start_at={start_at!r} skips the blocks below it, so no edit or stop may come "
                                     f"before it (got {visit[0].name})")
+        if columns is not None and not last_only:
+            raise DictCircuitsError("columns= narrows the last-position unembedding: pass last_only=True with it")
         tokens = tokens.to(self.device)
         kwargs = {}
         if last_only and stop_after is None:
@@ -263,10 +272,20 @@ class Model:
             if stop_after is not None:
                 tracer.stop()
             else:
+                if columns is not None:
+                    head = self._envoy_at(self.family.unembed)
+                    head.skip(self._unembed_columns(head.input, columns))
                 logits = self.nn.output.logits.save()
         if kwargs:
             logits = logits[torch.arange(logits.shape[0], device=logits.device), row_pos.to(logits.device)]
         return logits
+
+    def _unembed_columns(self, h: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """The unembedding of h [..., d] at vocabulary `columns` only -> [..., n] (any final softcap still follows)."""
+        head = self.hf.get_submodule(self.family.unembed)
+        cols = columns.to(head.weight.device)
+        bias = None if getattr(head, "bias", None) is None else head.bias[cols]
+        return torch.nn.functional.linear(h, head.weight[cols], bias)
 
     @contextlib.contextmanager
     def eager_attention(self):

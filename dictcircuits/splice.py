@@ -46,13 +46,15 @@ def splice(
     leaves: bool = False,
     stop_after: str | None = None,
     last_only: bool = False,
+    columns: torch.Tensor | None = None,
 ) -> SpliceResult:
     """One trace with every site in `dictionaries` spliced.
 
     leaves=True makes each site's (f, err) fresh leaf tensors that require grad, cut from upstream: the
     gradient of a downstream quantity with respect to them is then the *direct* effect (paths through other
     spliced sites are stopped), which is what edges need. `f_in` keeps the upstream-connected encoding.
-    last_only=True: logits [batch, vocab] at each row's last position only (see Model.run).
+    last_only=True: logits [batch, vocab] at each row's last position only (see Model.run); columns narrows them to
+    those vocabulary ids, [batch, n].
     """
     check_tokens(model, tokens)
     check_dictionaries(model, dictionaries, allow_empty=True)
@@ -79,15 +81,17 @@ def splice(
             out = dic.decode(f)
             if keep_error:
                 out = out + err
-            # the position rule (positions.py): where the dictionary was not trained, the output is x exactly
+            # the position rule (positions.py): where the dictionary was not trained, the output is x exactly. Such a
+            # position holds no node, so with leaves it is cut as well: a backward from a later site stops at this
+            # site's leaves instead of running on through every block below (its gradient there was 0 anyway)
             from .positions import skip_mask
             skip = skip_mask(dic, model, tokens.input_ids, x)  # [batch, pos]
-            return torch.where(skip[..., None], x, out.to(x.dtype))
+            return torch.where(skip[..., None], x.detach() if leaves else x, out.to(x.dtype))
 
         return run_site
 
     logits = model.run(tokens, {s: make_edit(s, d) for s, d in dictionaries.items()}, stop_after=stop_after,
-                       last_only=last_only)
+                       last_only=last_only, columns=columns)
     return SpliceResult(logits=logits, states=states)
 
 

@@ -273,6 +273,22 @@ class TaskBatch:
         """k copies stacked along the batch: row r is prompt r % batch (the layout of IG steps and exact nodes)."""
         return self[torch.arange(len(self)).repeat(k)]
 
+    def narrowed(self) -> tuple[torch.Tensor | None, "TaskBatch"]:
+        """(columns, batch): the vocabulary ids [n] this metric reads, and a copy whose metric reads them from
+        logits narrowed to those columns ([batch, n], Model.run(columns=...)). A logit difference reads its answer
+        and wrong ids (or sets); prob_diff and kl need the whole softmax: (None, self)."""
+        if self.metric_name != "logit_diff":
+            return None, self
+        used = [self.answer_ids.flatten(), self.wrong_ids.flatten()]
+        for sets in (self.answer_sets, self.wrong_sets):
+            if sets is not None:
+                used.append(torch.nonzero(sets.any(0)).flatten().to(self.answer_ids.device))
+        cols = torch.unique(torch.cat(used))  # [n] sorted
+        index = lambda ids: torch.searchsorted(cols, ids)  # noqa: E731
+        narrow = lambda sets: None if sets is None else sets[:, cols.to(sets.device)]  # noqa: E731
+        return cols, replace(self, answer_ids=index(self.answer_ids), wrong_ids=index(self.wrong_ids),
+                             answer_sets=narrow(self.answer_sets), wrong_sets=narrow(self.wrong_sets))
+
     def with_reference(self, model: Model) -> "TaskBatch":
         """A copy holding the clean run's last-position logits (needed by the kl metric)."""
         with torch.no_grad():

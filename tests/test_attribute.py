@@ -114,3 +114,26 @@ def test_kl_metric_ig_completeness_and_bad_input(tokenizer):
         node_effects(model, dicts, batch, method="exact", max_nodes=3)
     with pytest.raises(DictCircuitsError, match="out of range"):
         node_effects(model, dicts, batch, method="exact", nodes={"mlp.1": [(99, 0)]})
+
+
+@pytest.mark.parametrize("method", ["attrib", "ig", "exact"])
+def test_narrowed_unembedding_changes_no_effect(method, tokenizer, monkeypatch):
+    """Every method unembeds only the metric's columns (TaskBatch.narrowed); the effects, gradients and metrics
+    are those of the full-vocabulary runs."""
+    from dictcircuits.tasks import TaskBatch
+
+    model, dicts = make("gemma2", tokenizer, sites="mlp.0,resid.1")  # gemma2: a final logit softcap
+    batch = Task("toy-ioi", CLEAN, CORRUPT, [" Mary", " Alice"], [" John", " Bob"]).tokenize(model)
+    assert len(batch.narrowed()[0]) == 4
+    nodes = {"mlp.0": [(3, 0), (5, None)], "resid.1": [(7, 2)]} if method == "exact" else None
+    narrow = node_effects(model, dicts, batch, method=method, steps=4, nodes=nodes)
+    monkeypatch.setattr(TaskBatch, "narrowed", lambda self: (None, self))
+    full = node_effects(model, dicts, batch, method=method, steps=4, nodes=nodes)
+    for site in dicts:
+        torch.testing.assert_close(narrow.features[site], full.features[site], rtol=1e-9, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(narrow.errors[site], full.errors[site], rtol=1e-9, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(narrow.grads[site], full.grads[site], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(narrow.metric_clean, full.metric_clean)
+    torch.testing.assert_close(narrow.metric_corrupt, full.metric_corrupt)
+    assert sum(float(full.features[s].nan_to_num().abs().sum() + full.errors[s].nan_to_num().abs().sum())
+               for s in dicts) > 0  # there were effects to compare

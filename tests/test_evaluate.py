@@ -44,8 +44,8 @@ def _ce(logits, ids, mask):
     return total / n, n
 
 
-def test_eval_matches_hand_computation(model, tmp_path):
-    site = "resid.0"
+@pytest.mark.parametrize("site", ["resid.1", "mlp.1"])  # a resid site's ablation trace starts at the site
+def test_eval_matches_hand_computation(model, tmp_path, site):
     dic = random_dictionary("relu", 32, 64, seed=1)
     with torch.no_grad():
         dic.b_enc.sub_(0.3)  # make some features silent so dead/L0 are not trivial
@@ -95,7 +95,7 @@ def test_eval_matches_hand_computation(model, tmp_path):
                 p, q = clean[b, t].log_softmax(-1), spliced[b, t].log_softmax(-1)
                 kl += float((p.exp() * (p - q)).sum())
     assert res.kl == pytest.approx(kl / n, rel=1e-3)
-    assert (tmp_path / "resid.0.png").stat().st_size > 1000
+    assert (tmp_path / f"{site}.png").stat().st_size > 1000
 
 
 def test_eval_cli_json_and_errors(model, tmp_path, capsys):

@@ -38,6 +38,9 @@ class ToyBatch:
         last = logits if logits.dim() == 2 else logits[rows, tokens.last.to(logits.device)]
         return last[rows, self.answer_ids] - last[rows, self.wrong_ids]
 
+    def narrowed(self):  # the whole vocabulary (TaskBatch narrows to the metric's columns)
+        return None, self
+
 
 @dataclass
 class ToyEffects:
@@ -171,11 +174,31 @@ def test_batched_backward_modes_agree(toy):
     rows = compute_edges(model, dicts, batch, eff, nodes, mode="rows", per_pass=7, progress=False)
     vmap = compute_edges(model, dicts, batch, eff, nodes, mode="vmap", per_pass=5, progress=False)
     one = compute_edges(model, dicts, batch, eff, nodes, mode="rows", per_pass=1, progress=False)
-    assert set(rows) == set(one) and set(rows) <= set(vmap) | set(rows)
+    assert len({n.position for n in nodes if n.site != "embed"}) >= 3  # vmap's prefix groups are exercised
+    assert set(rows) == set(one) == set(vmap)
     for e, w in one.items():
         assert rows[e] == pytest.approx(w, rel=1e-4, abs=1e-7)
         assert vmap.get(e, 0.0) == pytest.approx(w, rel=1e-4, abs=1e-7)
     assert model.hf.config._attn_implementation == before  # restored
+
+
+def test_prefix_plan_covers_each_node_once_over_a_long_enough_prefix(toy):
+    from dictcircuits.circuit.edges import _prefix, _prefix_plan
+
+    model, dicts, batch, eff = toy
+    P = batch.clean.input_ids.shape[1]
+    nodes = [n for n in rank_nodes(eff, dicts).top(60) if n.site != LOGIT] + [Node("resid.1", None, 2)]
+    by_site: dict = {}
+    for n in nodes:
+        by_site.setdefault(n.site, []).append(n)
+    sites = sorted(by_site, key=lambda s: model.site(s).order)
+    plan = _prefix_plan(model, dicts, by_site, sites, 4, P)
+    planned = [n for _, chunk in plan for n in chunk]
+    assert sorted(planned, key=str) == sorted([n for s in sites[1:] for n in by_site[s]], key=str)
+    assert all(1 <= len(chunk) <= 4 and len({n.site for n in chunk}) == 1 for _, chunk in plan)
+    assert all(L >= _prefix(n, P) for L, chunk in plan for n in chunk)
+    assert [L for L, _ in plan] == sorted(L for L, _ in plan) and plan[-1][0] == P  # the summed node needs all P
+    assert len({L for L, _ in plan}) > 1  # earlier nodes got a shorter prefix
 
 
 def test_summed_nodes_edges_are_position_sums(toy):

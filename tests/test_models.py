@@ -88,6 +88,31 @@ def test_last_only_gives_each_rows_last_position_logits(toy_models, family):
 
 
 @pytest.mark.parametrize("family", TOY_FAMILIES)
+def test_columns_unembed_only_the_ids_asked_for(toy_models, family):
+    """columns= gives exactly the full run's logits at those ids, after any final softcap (gemma2's toy has one),
+    with edits and start_at; the head never computes the [rows, vocab] product."""
+    model = toy_models[family]
+    toks = model.tokenize(PROMPTS)
+    cols = torch.tensor([3, 7, len(model.tokenizer) - 1])
+    edits = {"resid.0": lambda x: 2 * x}
+    for kw in ({}, {"start_at": "resid.0"}):
+        full = model.run(toks, edits, last_only=True, **kw)  # [batch, vocab]
+        narrow = model.run(toks, edits, last_only=True, columns=cols, **kw)  # [batch, 3]
+        assert narrow.shape == (2, 3)
+        torch.testing.assert_close(narrow, full[:, cols])
+    seen = []
+    head = model.hf.get_submodule(model.family.unembed).register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:
+        model.run(toks, last_only=True, columns=cols)
+        model.run(toks, last_only=True)
+        assert [s[-1] for s in seen] == [3, len(model.tokenizer)]  # the head's output: 3 columns, not the vocabulary
+    finally:
+        head.remove()
+    with pytest.raises(DictCircuitsError, match="last_only"):
+        model.run(toks, columns=cols)
+
+
+@pytest.mark.parametrize("family", TOY_FAMILIES)
 def test_start_at_skips_the_blocks_below_a_replaced_resid_site_and_changes_nothing(toy_models, family):
     model = toy_models[family]
     toks = model.tokenize(PROMPTS)

@@ -136,6 +136,13 @@ def test_splice_passes_skipped_positions_through_exactly(sink, data):
     st = res.states["resid.0"]
     assert torch.count_nonzero(st.err.grad[:, 0]) == 0 and torch.count_nonzero(st.f.grad[:, 0]) == 0
     assert torch.count_nonzero(st.err.grad[:, 1:]) > 0
+    # with leaves a skipped position is cut from upstream too: a later site reaches nothing below this site's
+    # leaves (edges' backward stops there instead of running through every block below)
+    set_rule(dic, PositionRule((sink.tokenizer.bos_token_id,)), sink.tokenizer)
+    res = splice(sink, tok, {"embed": dic, "resid.0": dic, "resid.1": dic}, leaves=True, stop_after="resid.1")
+    x1 = res.states["resid.1"].x  # [b, p, d]: reaches below resid.0 only through its pass-through at BOS
+    assert res.states["resid.0"].x.requires_grad  # (it hangs off embed's leaves)
+    assert torch.autograd.grad(x1.sum(), res.states["embed"].err, allow_unused=True)[0] is None
 
 
 def test_eval_reports_the_rule_and_its_effect(sink, data, trained):

@@ -108,6 +108,24 @@ def test_metrics(model):
     assert len(batch.repeat(3)) == 6 and torch.equal(batch.repeat(3).answer_ids[2:4], batch.answer_ids)
 
 
+def test_narrowed_metric_reads_only_its_columns(model):
+    """A logit difference (ids or sets) gives the same metric from the logits narrowed to the columns it names;
+    prob_diff and kl need the whole vocabulary."""
+    task = Task("t", ["When Mary and John went to the store, John gave a drink to", "Bob gave a ring to"],
+                ["When Alice and Bob went to the store, Mary gave a drink to", "Bob gave a drink to"],
+                [" Mary", " Alice"], [" John", " Bob"])
+    logits = torch.randn(2, len(model.tokenizer))  # [batch, vocab] at the last position
+    for t in (task, Task(**{**task.__dict__, "answer_sets": [[" Mary", " Alice"], [" Alice"]]})):
+        batch = t.tokenize(model)
+        cols, narrow = batch.narrowed()
+        assert len(cols) < 5 and torch.equal(cols, cols.unique())
+        torch.testing.assert_close(narrow.metric(logits[:, cols]), batch.metric(logits))
+        torch.testing.assert_close(narrow.repeat(2).metric(logits.repeat(2, 1)[:, cols]), batch.repeat(2).metric(logits.repeat(2, 1)))
+    for metric in ("prob_diff", "kl"):
+        batch = Task(**{**task.__dict__, "metric": metric}).tokenize(model)
+        assert batch.narrowed() == (None, batch)
+
+
 def test_aligned(model):
     task = Task("t", ["Mary went", "Bob gave a ring to", "John gave a ring to"],
                 ["John went", "Bob gave a drink to", "Mary gave a drink to"], [" Mary"] * 3, [" John"] * 3)

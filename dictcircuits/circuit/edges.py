@@ -6,6 +6,7 @@ direct effect; only adjacent sites come out connected, with no edge list.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..dictionary import Dictionary
 from ..errors import DictCircuitsError
-from ..models import Model
+from ..models import Model, Tokens
 from ..splice import splice
 from .nodes import LOGIT, Node
 
@@ -52,14 +53,20 @@ def _downstream_gradient(nodes: list[Node], dic: Dictionary, state, grad: torch.
 
 
 def _position_mask(ups: list[Node], P: int, dtype) -> torch.Tensor:
-    """[P, len(ups)]: 1 at each node's position (every position for a node summed over positions)."""
+    """[P, len(ups)]: 1 at each node's position (every position for a node summed over positions); a node past the
+    first P positions (a prefix run) gets none."""
     mask = torch.zeros(P, len(ups), dtype=dtype)
     for j, u in enumerate(ups):
         if u.position is None:
             mask[:, j] = 1
-        else:
+        elif u.position < P:
             mask[u.position, j] = 1
     return mask
+
+
+def _prefix(node: Node, P: int) -> int:
+    """Positions a downstream node depends on in a causal model: 0..position (all P for a summed node)."""
+    return P if node.position is None else node.position + 1
 
 
 def _edge_weights(g_out: torch.Tensor, dic: Dictionary, delta_f: torch.Tensor, delta_err: torch.Tensor,
@@ -92,9 +99,11 @@ def compute_edges(model: Model, dictionaries: Mapping[str, Dictionary], batch, e
 
     One backward pass serves several downstream nodes: mode="rows" replicates the clean batch once per
     downstream node (prompts never interact, so one backward of the sum separates them; at most max_rows
-    rows per pass), mode="vmap" runs one forward and a batched backward (is_grads_batched) from the sites'
-    inputs, seeded with each node's gradient there (_downstream_gradient). Each pass serves up to per_pass
-    downstream nodes."""
+    rows per pass), mode="vmap" runs a batched backward (is_grads_batched) from a site's input, seeded with each
+    node's gradient there (_downstream_gradient). Each pass serves up to per_pass downstream nodes. In vmap mode a
+    node at position p depends on positions 0..p only, so nodes are grouped by position and each group's
+    forward and backward run over that prefix alone (one forward per prefix length): the same edges, less work
+    the earlier the nodes sit."""
     if mode not in ("rows", "vmap"):
         raise DictCircuitsError(f"edge mode {mode!r} is not rows or vmap")
     with model.eager_attention():
@@ -110,13 +119,17 @@ def _edges(model, dictionaries, batch, effects, nodes, mode, per_pass, max_rows,
     downs = [n for s in sites[1:] for n in by_site[s]]
     B = len(batch.clean)
     K = min(per_pass, max(1, max_rows // B)) if mode == "rows" else per_pass
-    edges: dict[tuple[Node, Node], float] = {}
-    shared = None
-    if mode == "vmap" and downs:
-        shared = splice(model, batch.clean, dictionaries, leaves=True, stop_after=sites[-1])
+    weights: dict[tuple[Node, Node], float] = {}
     bar = tqdm(total=len(downs), desc="edges", unit="node", disable=not progress, leave=False)
-    for start in range(0, len(downs), K):
-        chunk = downs[start : start + K]
+    n_pos = batch.clean.input_ids.shape[1]
+    in_order = [downs[i : i + K] for i in range(0, len(downs), K)]
+    plan = [(n_pos, c) for c in in_order] if mode == "rows" else _prefix_plan(model, dictionaries, by_site, sites, K,
+                                                                             n_pos)
+    stop = {}  # prefix length -> the deepest site a chunk needing it reaches
+    for P, chunk in plan:
+        stop[P] = max(stop.get(P, chunk[0].site), chunk[0].site, key=lambda s: _site_order(model, s))
+    graph, graph_len = None, None
+    for P, chunk in plan:
         deepest = max((n.site for n in chunk), key=lambda s: _site_order(model, s))
         ups = [s for s in sites if _site_order(model, s) < _site_order(model, deepest)]
         if mode == "rows":
@@ -126,37 +139,74 @@ def _edges(model, dictionaries, batch, effects, nodes, mode, per_pass, max_rows,
                                              slice(k * B, (k + 1) * B)) for k, n in enumerate(chunk))
             grads = torch.autograd.grad(total, [res.states[s].err for s in ups], allow_unused=True)
             grads = [None if g is None else g.view(len(chunk), B, *g.shape[1:]) for g in grads]
-        else:  # one batched backward from the chunk's sites' inputs x, seeded with each node's ∂q/∂x
-            at = sorted({n.site for n in chunk}, key=lambda s: _site_order(model, s))
-            seeds = []
-            for site in at:
-                mine = [k for k, n in enumerate(chunk) if n.site == site]
-                seed = torch.zeros(len(chunk), *shared.states[site].x.shape, dtype=shared.states[site].x.dtype,
-                                   device=shared.states[site].x.device)  # [K, batch, pos, d]
-                seed[mine] = _downstream_gradient([chunk[k] for k in mine], dictionaries[site], shared.states[site],
-                                                  effects.grads[site])
-                seeds.append(seed)
-            grads = torch.autograd.grad([shared.states[s].x for s in at], [shared.states[s].err for s in ups],
-                                        grad_outputs=seeds, is_grads_batched=True, retain_graph=True,
-                                        allow_unused=True)
-        for s, g in zip(ups, grads):  # g: [K, batch, pos, d] gradient w.r.t. the upstream site's output
+        else:  # one batched backward from the chunk's site's input x, seeded with each node's ∂q/∂x
+            if P != graph_len:  # one spliced forward per prefix length, up to the deepest site any chunk needs
+                graph = None
+                prefix = Tokens(batch.clean.input_ids[:, :P], batch.clean.attention_mask[:, :P])
+                graph, graph_len = splice(model, prefix, dictionaries, leaves=True, stop_after=stop[P]), P
+            state = graph.states[deepest]
+            seed = _downstream_gradient(chunk, dictionaries[deepest], state, effects.grads[deepest][:, :P])
+            grads = torch.autograd.grad([state.x], [graph.states[s].err for s in ups], grad_outputs=[seed],
+                                        is_grads_batched=True, retain_graph=True, allow_unused=True)
+        for s, g in zip(ups, grads):  # g: [K, batch, P, d] gradient w.r.t. the upstream site's output
             if g is None:
                 continue
-            w = _edge_weights(g.detach(), dictionaries[s], effects.deltas_f[s].detach(), effects.deltas_err[s].detach(),
-                              by_site[s]).tolist()  # [K][len(ups at s)]
+            w = _edge_weights(g.detach(), dictionaries[s], effects.deltas_f[s][:, :P].detach(),
+                              effects.deltas_err[s][:, :P].detach(), by_site[s]).tolist()  # [K][len(ups at s)]
             for k, d in enumerate(chunk):
                 for j, u in enumerate(by_site[s]):
-                    if _site_order(model, u.site) < _site_order(model, d.site) and w[k][j] != 0.0:
-                        edges[(u, d)] = w[k][j]
+                    weights[(u, d)] = w[k][j]
         bar.update(len(chunk))
     bar.close()
+    edges: dict[tuple[Node, Node], float] = {}  # nonzero weights, in one fixed order whatever the chunking
+    for chunk in in_order:
+        for s in sites:
+            for d in chunk:
+                for u in by_site[s]:
+                    if _site_order(model, u.site) < _site_order(model, d.site) and weights.get((u, d), 0.0) != 0.0:
+                        edges[(u, d)] = weights[(u, d)]
     return edges
+
+
+def _prefix_plan(model: Model, dictionaries: Mapping[str, Dictionary], by_site: dict[str, list[Node]],
+                 sites: list[str], K: int, n_pos: int) -> list[tuple[int, list[Node]]]:
+    """(prefix length, chunk of up to K downstream nodes of one site) in order of length: each chunk's forward and
+    backward run over that prefix. Nodes needing nearby lengths share one forward over the longest of them when
+    that costs less: the grouping minimises, over contiguous runs of the distinct lengths, an estimate of the
+    FLOPs per prompt (length x (one spliced forward + each node's backward over the blocks below its site))."""
+    need: dict[int, list[Node]] = {}
+    for s in sites[1:]:
+        for n in by_site[s]:
+            need.setdefault(_prefix(n, n_pos), []).append(n)
+    block = 2 * sum(p.numel() for p in model.hf.get_submodule(model.family.layers)[0].parameters())  # FLOP/token
+    layer = {s: model.site(s).layer for s in sites}
+    forward = (layer[sites[-1]] + 2) * block + sum(4 * d.d * d.F for d in dictionaries.values())  # per token
+    back = {s: max(1, layer[s] - layer[below]) * block for below, s in zip(sites, sites[1:])}  # per node, token
+    lengths = sorted(need)
+    work = [sum(back[n.site] for n in need[L]) for L in lengths]
+    best, cut = [0.0] + [math.inf] * len(lengths), [0] * (len(lengths) + 1)
+    for j in range(1, len(lengths) + 1):  # best[j]: the cheapest grouping of the j shortest lengths
+        for i in range(j):
+            cost = best[i] + lengths[j - 1] * (forward + sum(work[i:j]))
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(lengths)
+    while j:
+        groups.append((lengths[j - 1], [n for L in lengths[cut[j]:j] for n in need[L]]))
+        j = cut[j]
+    plan = []
+    for L, nodes in reversed(groups):
+        for s in sites[1:]:
+            mine = [n for n in nodes if n.site == s]
+            plan += [(L, mine[i : i + K]) for i in range(0, len(mine), K)]
+    return plan
 
 
 def metric_parents(model: Model, dictionaries: Mapping[str, Dictionary], batch) -> list[str]:
     """The sites whose nodes act on the metric directly (the last resid site when every site is traced)."""
-    res = splice(model, batch.clean, dictionaries, leaves=True, last_only=True)
-    m = batch.metric(res.logits).sum()
+    columns, narrow = batch.narrowed()
+    res = splice(model, batch.clean, dictionaries, leaves=True, last_only=True, columns=columns)
+    m = narrow.metric(res.logits).sum()
     sites = list(dictionaries)
     grads = torch.autograd.grad(m, [t for s in sites for t in (res.states[s].f, res.states[s].err)], allow_unused=True)
     return [s for i, s in enumerate(sites)

@@ -67,7 +67,9 @@ class Patcher:
             clean_logits = model.run(batch.clean, last_only=True)  # [batch, vocab]
             self.prompt_model = batch.metric(clean_logits).float().cpu()  # [batch]
             self.m_model = float(self.prompt_model.mean())
-            self.m_corrupt = float(batch.metric(model.run(batch.corrupt, last_only=True)).mean()) if paired else None
+            self.columns, self.narrow = batch.narrowed()  # the patched runs unembed only the columns the metric reads
+            self.m_corrupt = float(self.narrow.metric(model.run(batch.corrupt, last_only=True, columns=self.columns)
+                                                      ).mean()) if paired else None
             # the model's mean probability of each prompt's answer (the exported logit node's p)
             probs = torch.softmax(clean_logits.float(), -1)  # [batch, vocab]
             rows = torch.arange(len(batch.clean), device=probs.device)
@@ -109,8 +111,8 @@ class Patcher:
             rows = torch.arange(B).repeat(K)
             with torch.no_grad():
                 logits = splice(self.model, self.batch.clean[rows], self.dictionaries, edit=edit,
-                                last_only=True).logits  # [K*B, vocab]
-                out += [self.batch.metric(logits[k * B : (k + 1) * B], self.batch.clean).float().cpu()[None]
+                                last_only=True, columns=self.columns).logits  # [K*B, vocab or n]
+                out += [self.narrow.metric(logits[k * B : (k + 1) * B], self.batch.clean).float().cpu()[None]
                         for k in range(K)]
         return torch.cat(out) if out else torch.zeros(0, B)
 
