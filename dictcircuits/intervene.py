@@ -318,6 +318,7 @@ def greedy_patch(
     sign = 1.0 if m1 > m0 else -1.0  # which way is "toward clean"
     chosen = torch.zeros(dictionary.F, dtype=torch.bool)
     order, curve = [], [m0]
+    columns, narrow = batch.narrowed()  # the candidates' reruns unembed only the metric's columns
     moved = ((f_clean != f_corrupt) & batch.corrupt.attention_mask.bool()[..., None]).any(0).any(0)  # [F]
     bar = tqdm(range(min(max_steps, dictionary.F)), desc=f"greedy {basis or dictionary.arch} {site}", leave=False,
                disable=None)
@@ -331,7 +332,6 @@ def greedy_patch(
             break
         masks = chosen.repeat(len(cands), 1)  # [cands, F]
         masks[torch.arange(len(cands)), cands] = True
-        columns, narrow = batch.narrowed()
         rows = narrow.repeat(len(cands))
         fc = f_clean.repeat(len(cands), 1, 1)
         masks = masks.repeat_interleave(len(batch), 0)[:, None, :]  # [cands*batch, 1, F]

@@ -101,8 +101,8 @@ def compute_edges(model: Model, dictionaries: Mapping[str, Dictionary], batch, e
     downstream node (prompts never interact, so one backward of the sum separates them; at most max_rows
     rows per pass), mode="vmap" runs a batched backward (is_grads_batched) from a site's input, seeded with each
     node's gradient there (_downstream_gradient). Each pass serves up to per_pass downstream nodes. In vmap mode a
-    node at position p depends on positions 0..p only, so nodes are grouped by position and each group's
-    forward and backward run over that prefix alone (one forward per prefix length): the same edges, less work
+    node at position p depends on positions 0..p only, so nodes are grouped by the prefix they need
+    (_prefix_plan) and each group's forward and backward run over that prefix alone: the same edges, less work
     the earlier the nodes sit."""
     if mode not in ("rows", "vmap"):
         raise DictCircuitsError(f"edge mode {mode!r} is not rows or vmap")
