@@ -4,6 +4,7 @@ Per batch of contexts: one trace harvests every site (stopping after the deepest
 statistics; then one clean trace, and per site one trace whose rows are [spliced (x̂ alone, no error term) |
 zero-ablated | mean-ablated] copies of the batch (and the same three without the position rule where it skips
 something); at a resid site that trace starts from the clean trace's activation, skipping the blocks below it.
+The site traces return final hidden states, which scoring.Scorer unembeds a vocabulary slice at a time.
 Definitions follow metrics.md: FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖²; CE recovered = (L_abl − L_spliced)/(L_abl − L_clean);
 γ = E‖x̂‖² / E⟨x, x̂⟩; dead = never fired on the evaluated tokens; dense = fires on > 10% of them.
 A number that cannot be computed is None (JSON null, "n/a" in the table) with its reason in SiteEval.notes.
@@ -31,6 +32,7 @@ from .errors import DictCircuitsError
 from .harvest import ContextStream, check_ctx_len, default_dataset, token_mask
 from .models import Model, Tokens, load_model
 from .positions import rule_for, skip_mask
+from .scoring import Scorer
 
 DENSE_FREQ = 0.1
 HIST_EDGES = [round(-7 + 0.25 * i, 2) for i in range(29)]  # log10 firing frequency bins, 1e-7 .. 1
@@ -102,37 +104,16 @@ class _Acc:
         self.x_dot += float((x * x_hat).sum())
 
 
-class _Scorer:
-    """Next-token CE and KL(clean || other) over a batch's real positions, with the clean log-probabilities computed
-    once per batch (one log-softmax per variant scored: on a large vocabulary these dominate the evaluation)."""
-
-    def __init__(self, clean: torch.Tensor, tokens: Tokens):  # clean [b, p, V]
-        ids, mask = tokens.input_ids.to(clean.device), tokens.attention_mask.to(clean.device)
-        self.valid = (mask[:, 1:] * mask[:, :-1]).bool()  # [b, p-1]
-        self.targets = ids[:, 1:, None]  # [b, p-1, 1]
-        self.n = int(self.valid.sum())
-        lp = clean[:, :-1].float().log_softmax(-1)  # [b, p-1, V]
-        self.p = lp.exp()
-        self.neg_entropy = float((self.p * lp).sum(-1)[self.valid].sum())
-        self.ce_clean = float(-lp.gather(-1, self.targets).squeeze(-1)[self.valid].sum())
-
-    def score(self, logits: torch.Tensor) -> tuple[float, float]:
-        """(summed CE, summed KL(clean || logits)) over the real positions."""
-        lq = logits[:, :-1].float().log_softmax(-1)  # [b, p-1, V]
-        ce = float(-lq.gather(-1, self.targets).squeeze(-1)[self.valid].sum())
-        return ce, self.neg_entropy - float((self.p * lq).sum(-1)[self.valid].sum())
-
-
-LOGITS_BUDGET = 2 ** 29  # bytes of float32 logits per trace (several copies live at once while scoring a batch)
-ROWS_PER_CONTEXT = 6  # the largest site trace: [spliced | zero | mean] with the rule and without it
+LOGITS_BUDGET = 2 ** 29  # bytes of float32 [context, pos, vocab] tensors alive at once while scoring a batch
+COPIES_PER_CONTEXT = 4  # the clean logits, their log-probabilities, the probabilities and one product (Scorer)
 
 
 def auto_batch_size(model: Model, ctx_len: int, cap: int = 16) -> int:
-    """Contexts per batch such that the logits of one site trace (ROWS_PER_CONTEXT rows a context) stay within
-    LOGITS_BUDGET: 16 on dc-mini's 4k-token vocabulary, 1 on Gemma-3's 262k (where 16 contexts of 128 tokens took
-    20 GB and were killed for memory)."""
-    vocab = model.hf.get_output_embeddings().weight.shape[0]
-    return max(1, min(cap, LOGITS_BUDGET // (4 * ROWS_PER_CONTEXT * ctx_len * vocab)))
+    """Contexts per batch such that the clean run's vocabulary-wide tensors (COPIES_PER_CONTEXT a context; the
+    variants are scored a vocabulary slice at a time) stay within LOGITS_BUDGET: 16 on dc-mini's 4k-token
+    vocabulary, 1 on Gemma-3's 262k (where 16 contexts of 128 tokens took 20 GB and were killed for memory)."""
+    vocab = model.vocab_size
+    return max(1, min(cap, LOGITS_BUDGET // (4 * COPIES_PER_CONTEXT * ctx_len * vocab)))
 
 
 def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Tokens, batch_size: int | None = None,
@@ -191,7 +172,9 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
         starts = [s for s in sites if model.site(s).kind == "resid"]
         for tok, skip_at in zip(batches, skips):
             clean_x: dict[str, torch.Tensor] = {}  # site -> [b, p, d]
-            scorer = _Scorer(model.run(tok, {s: (lambda x, s=s: clean_x.__setitem__(s, x)) for s in starts}), tok)
+            clean = model.run(tok, {s: (lambda x, s=s: clean_x.__setitem__(s, x)) for s in starts})  # [b, p, V]
+            scorer = Scorer(model, clean, tok)
+            del clean
             b = len(tok)
             for s, dic in dicts.items():
                 a, skip = acc[s], skip_at[s]
@@ -208,8 +191,8 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
                     return torch.cat(rows + ([recon, zero, mean] if groups == 6 else []))
 
                 rows = Tokens(torch.cat([tok.input_ids] * groups), torch.cat([tok.attention_mask] * groups))
-                logits = model.run(rows, {s: variants}, start_at=s if s in clean_x else None)  # [groups*b, p, V]
-                scores = [scorer.score(logits[g * b:(g + 1) * b]) for g in range(groups)]  # (CE, KL) per group
+                hidden = model.run(rows, {s: variants}, start_at=s if s in clean_x else None, hidden=True)
+                scores = scorer.score(hidden, groups, kl=(0, 3) if groups == 6 else (0,))  # (CE, KL) per group
                 (ce_spliced, kl_spliced), (ce_zero, _), (ce_mean, _) = scores[:3]
                 a.ce["spliced"] += ce_spliced
                 a.kl += kl_spliced

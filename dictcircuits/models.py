@@ -221,6 +221,7 @@ class Model:
         last_only: bool = False,
         start_at: str | None = None,
         columns: torch.Tensor | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor | None:
         """One nnsight trace. edits[site](x) sees the site's activation [batch, pos, d] in forward order and
         may return a replacement. Returns logits [batch, pos, vocab], or None when stopping after a site.
@@ -231,6 +232,9 @@ class Model:
 
         columns: vocabulary ids [n]; with last_only, the unembedding computes only these columns and the logits are
         [batch, n] (TaskBatch.narrowed gives the ids a metric reads: a logit difference reads two of 262k).
+
+        hidden=True returns the unembedding's input [batch, pos, d] instead of logits and skips the unembedding:
+        `logits_at` turns it into logits a vocabulary slice at a time (evaluate scores 262k-wide rows that way).
 
         start_at: a resid site whose edit replaces the activation whatever it was (integrated gradients, exact
         patching): blocks 0..L are skipped, block L's output taken from the edit, since all they compute would be
@@ -249,6 +253,9 @@ class Model:
                                     f"before it (got {visit[0].name})")
         if columns is not None and not last_only:
             raise DictCircuitsError("columns= narrows the last-position unembedding: pass last_only=True with it")
+        if hidden and (last_only or stop_after is not None):
+            raise DictCircuitsError("hidden=True returns every position's final hidden state: drop last_only and "
+                                    "stop_after")
         tokens = tokens.to(self.device)
         kwargs = {}
         if last_only and stop_after is None:
@@ -271,6 +278,10 @@ class Model:
                     env.output = (new, *out[1:]) if is_tuple else new
             if stop_after is not None:
                 tracer.stop()
+            elif hidden:
+                head = self._envoy_at(self.family.unembed)
+                logits = head.input.save()  # [batch, pos, d]
+                head.skip(logits[..., :0])
             else:
                 if columns is not None:
                     head = self._envoy_at(self.family.unembed)
@@ -286,6 +297,21 @@ class Model:
         cols = columns.to(head.weight.device)
         bias = None if getattr(head, "bias", None) is None else head.bias[cols]
         return torch.nn.functional.linear(h, head.weight[cols], bias)
+
+    def logits_at(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The model's logits for vocabulary ids start..stop-1 from final hidden states h [..., d] (from
+        run(hidden=True)) -> [..., stop - start]: the unembedding's slice, then the final softcap where the
+        architecture has one (Gemma-2/3's final_logit_softcapping), in the order the model applies them."""
+        head = self.hf.get_submodule(self.family.unembed)
+        bias = None if getattr(head, "bias", None) is None else head.bias[start:stop]
+        z = torch.nn.functional.linear(h, head.weight[start:stop], bias)  # [..., stop - start]
+        cap = getattr(self.hf.config, "final_logit_softcapping", None)
+        return z if cap is None else torch.tanh(z / cap) * cap
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the unembedding: the width of every logits vector."""
+        return self.hf.get_submodule(self.family.unembed).weight.shape[0]
 
     @contextlib.contextmanager
     def eager_attention(self):

@@ -169,7 +169,7 @@ def check_batch(model: Model, batch) -> None:
                                 f"{tuple(batch.corrupt.input_ids.shape)}; pairs must match (use task.tokenize)")
     if batch.metric_name not in METRICS:
         raise DictCircuitsError(f"unknown metric {batch.metric_name!r}; use one of {', '.join(METRICS)}")
-    vocab = model.hf.get_output_embeddings().weight.shape[0]
+    vocab = model.vocab_size
     for name in ("answer_ids", "wrong_ids"):
         ids = getattr(batch, name)
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool or ids.shape != (n,):

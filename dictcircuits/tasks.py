@@ -150,7 +150,7 @@ class Task:
             )
         width = max(clean.input_ids.shape[1], corrupt.input_ids.shape[1])
         clean, corrupt = _pad_to(clean, width, model.pad_id), _pad_to(corrupt, width, model.pad_id)
-        vocab = model.hf.get_output_embeddings().weight.shape[0]
+        vocab = model.vocab_size
         masks = []
         for sets, singles in ((self.answer_sets, answer_ids), (self.wrong_sets, wrong_ids)):
             mask = torch.zeros(len(self), vocab, dtype=torch.bool)

@@ -113,6 +113,32 @@ def test_columns_unembed_only_the_ids_asked_for(toy_models, family):
 
 
 @pytest.mark.parametrize("family", TOY_FAMILIES)
+def test_hidden_and_logits_at_rebuild_the_full_logits(toy_models, family):
+    """run(hidden=True) gives the unembedding's input with the head skipped, and logits_at over vocabulary slices
+    (with gemma2's final softcap) gives back exactly the full run's logits, with edits and start_at."""
+    model = toy_models[family]
+    toks = model.tokenize(PROMPTS)
+    edits = {"resid.0": lambda x: 2 * x}
+    V = model.vocab_size
+    for kw in ({}, {"start_at": "resid.0"}):
+        full = model.run(toks, edits, **kw)  # [batch, pos, V]
+        h = model.run(toks, edits, hidden=True, **kw)  # [batch, pos, d]
+        assert h.shape == (*full.shape[:2], model.d_model)
+        cut = V // 3
+        rebuilt = torch.cat([model.logits_at(h, 0, cut), model.logits_at(h, cut, V)], -1)
+        torch.testing.assert_close(rebuilt, full)
+    seen = []
+    head = model.hf.get_submodule(model.family.unembed).register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:
+        model.run(toks, hidden=True)
+        assert [s[-1] for s in seen] == [0]  # the head was skipped: no [rows, vocab] product
+    finally:
+        head.remove()
+    with pytest.raises(DictCircuitsError, match="hidden"):
+        model.run(toks, hidden=True, last_only=True)
+
+
+@pytest.mark.parametrize("family", TOY_FAMILIES)
 def test_start_at_skips_the_blocks_below_a_replaced_resid_site_and_changes_nothing(toy_models, family):
     model = toy_models[family]
     toks = model.tokenize(PROMPTS)

@@ -1,0 +1,64 @@
+"""Next-token cross-entropy and KL(clean ‖ variant) over a batch of contexts, for `evaluate()`.
+
+Per site, evaluate() scores several variants of each context (spliced, zero- and mean-ablated, with and without
+the position rule). On a large vocabulary (Gemma-3: 262k) their logits are most of the evaluation's memory
+traffic: [rows, pos, vocab] floats written by the unembedding, then read and written again by a log-softmax. So
+the variants arrive here as final hidden states and are unembedded one vocabulary slice at a time, keeping per
+position only a running log-sum-exp, the target's logit and Σ_v p_v·logit_v: the same numbers, up to float
+summation order, with no [rows, pos, vocab] tensor (benchmarks/README.md measures the step).
+"""
+from __future__ import annotations
+
+import torch
+
+from .models import Model, Tokens
+
+CHUNK = 2048  # vocabulary ids per slice: [rows, CHUNK] floats stay near the cache (6 MB for 6 x 127 rows)
+
+
+class Scorer:
+    """CE and KL against one batch's clean run. The clean log-probabilities are computed once, from full logits:
+    KL(clean ‖ q) = Σ p·log p − Σ p·(z_q − lse_q), so each variant needs only Σ p·z_q and its log-sum-exp."""
+
+    def __init__(self, model: Model, clean: torch.Tensor, tokens: Tokens):  # clean logits [b, p, V]
+        ids, mask = tokens.input_ids.to(clean.device), tokens.attention_mask.to(clean.device)
+        self.model = model
+        self.valid = (mask[:, 1:] * mask[:, :-1]).bool()  # [b, p-1]: positions with a next token
+        self.targets = ids[:, 1:][self.valid]  # [n]
+        self.n = int(self.valid.sum())
+        lp = clean[:, :-1][self.valid].float().log_softmax(-1)  # [n, V]
+        self.p = lp.exp()  # [n, V]
+        self.p_sum = self.p.sum(-1)  # [n]: 1 up to rounding, kept so KL matches Σ p·(log p − log q) exactly
+        self.neg_entropy = float((self.p * lp).sum())
+        self.ce_clean = float(-lp.gather(-1, self.targets[:, None]).sum())
+
+    def score(self, hidden: torch.Tensor, groups: int, kl: tuple[int, ...] = (0,)) -> list[tuple[float, float | None]]:
+        """hidden [groups*b, p, d]: final hidden states of `groups` variants of the batch, stacked along rows.
+        Returns per variant (summed CE, summed KL(clean ‖ variant)) over the real positions; KL only for the
+        variants in `kl` (None elsewhere)."""
+        b, d = self.valid.shape[0], hidden.shape[-1]
+        h = hidden[:, :-1].reshape(groups, b, -1, d)[:, self.valid].reshape(-1, d)  # [groups*n, d]
+        rows = h.shape[0]
+        target = self.targets.repeat(groups)  # [groups*n]
+        top = torch.full((rows,), -torch.inf, device=h.device)  # running max of the logits
+        total = torch.zeros(rows, device=h.device)  # running Σ exp(z − top)
+        z_target = torch.zeros(rows, device=h.device)
+        pz = torch.zeros(len(kl), self.n, device=h.device)  # Σ_v p_v z_v for the KL variants
+        kl_rows = torch.tensor(kl, dtype=torch.long, device=h.device)
+        vocab = self.p.shape[1]
+        for start in range(0, vocab, CHUNK):
+            stop = min(start + CHUNK, vocab)
+            z = self.model.logits_at(h, start, stop).float()  # [groups*n, C]
+            new_top = torch.maximum(top, z.amax(-1))
+            total = total * (top - new_top).exp() + (z - new_top[:, None]).exp().sum(-1)
+            top = new_top
+            hit = (target >= start) & (target < stop)
+            z_target[hit] = z[hit, target[hit] - start]
+            if len(kl):
+                pz += (z.view(groups, self.n, -1)[kl_rows] * self.p[:, start:stop]).sum(-1)
+        lse = (top + total.log()).view(groups, self.n)  # [groups, n]
+        ce = (lse - z_target.view(groups, self.n)).sum(-1)  # [groups]
+        out: list[tuple[float, float | None]] = [(float(c), None) for c in ce]
+        for j, g in enumerate(kl):
+            out[g] = (out[g][0], self.neg_entropy - float((pz[j] - lse[g] * self.p_sum).sum()))
+        return out

@@ -1,0 +1,49 @@
+"""The streamed scorer against a plain log-softmax over full logits."""
+import pytest
+import torch
+
+from dictcircuits import scoring
+from dictcircuits.models import Tokens
+from dictcircuits.scoring import Scorer
+from dictcircuits.toy import TOY_FAMILIES
+
+
+def _plain(clean, other, ids, valid):
+    """(CE, KL(clean ‖ other)) summed over the valid positions, from full logits."""
+    lp, lq = clean[:, :-1].log_softmax(-1), other[:, :-1].log_softmax(-1)  # [b, p-1, V]
+    ce = -lq.gather(-1, ids[:, 1:, None]).squeeze(-1)[valid].sum()
+    kl = (lp.exp() * (lp - lq)).sum(-1)[valid].sum()
+    return float(ce), float(kl)
+
+
+@pytest.mark.parametrize("family", TOY_FAMILIES)
+def test_scorer_matches_full_log_softmax(toy_models, family, monkeypatch):
+    """Variants scored from hidden states, a vocabulary slice at a time (slices that do not divide the vocabulary,
+    padding in the batch, gemma2's softcap), give the CE and KL of a log-softmax over the full logits."""
+    monkeypatch.setattr(scoring, "CHUNK", 37)
+    model = toy_models[family]
+    toks = model.tokenize(["When Mary and John went to the store, John gave a drink to", "The keys"])
+    ids, mask = toks.input_ids, toks.attention_mask
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    edits = [{}, {"resid.0": lambda x: -3 * x}, {"resid.0": torch.zeros_like}]
+    with torch.no_grad():
+        clean = model.run(toks)
+        scorer = Scorer(model, clean, toks)
+        rows = Tokens(torch.cat([ids] * 3), torch.cat([mask] * 3))
+
+        def stacked(x):  # x [3b, p, d]: each row group gets its own edit
+            parts = x.chunk(3)
+            return torch.cat([parts[0], -3 * parts[1], torch.zeros_like(parts[2])])
+
+        hidden = model.run(rows, {"resid.0": stacked}, hidden=True)  # [3b, p, d]
+        got = scorer.score(hidden, 3, kl=(0, 1))
+        assert got[2][1] is None  # KL only where asked
+        for g, edit in enumerate(edits):
+            want = _plain(clean, model.run(toks, edit), ids, valid)
+            assert got[g][0] == pytest.approx(want[0], rel=1e-5)
+            if g in (0, 1):
+                assert got[g][1] == pytest.approx(want[1], rel=1e-4, abs=1e-4)  # fp32: Σp·log p − Σp·log q
+        assert got[0][1] == pytest.approx(0, abs=1e-4)  # the clean run against itself
+        assert abs(got[2][0] - got[0][0]) > 1e-3  # zeroing the stream changes the loss: the rows are told apart
+        assert scorer.ce_clean == pytest.approx(_plain(clean, clean, ids, valid)[0], rel=1e-6)
+        assert scorer.n == int(valid.sum())
