@@ -13,7 +13,7 @@ import torch
 
 from .models import Model, Tokens
 
-CHUNK = 2048  # vocabulary ids per slice: [rows, CHUNK] floats stay near the cache (6 MB for 6 x 127 rows)
+BLOCK = 2 ** 21  # floats per [rows, slice] block of logits (8 MB): near the cache, yet matmuls wide enough
 
 
 class Scorer:
@@ -29,7 +29,8 @@ class Scorer:
         lp = clean[:, :-1][self.valid].float().log_softmax(-1)  # [n, V]
         self.p = lp.exp()  # [n, V]
         self.p_sum = self.p.sum(-1)  # [n]: 1 up to rounding, kept so KL matches Σ p·(log p − log q) exactly
-        self.neg_entropy = float((self.p * lp).sum())
+        self.neg_entropy = (self.p * lp).nan_to_num_(nan=0.0, neginf=-torch.inf).sum(-1)  # [n] (0·log 0 = 0 at masked ids), per
+        # position so that KL is a sum of small differences
         self.ce_clean = float(-lp.gather(-1, self.targets[:, None]).sum())
 
     def score(self, hidden: torch.Tensor, groups: int, kl: tuple[int, ...] = (0,)) -> list[tuple[float, float | None]]:
@@ -39,6 +40,8 @@ class Scorer:
         b, d = self.valid.shape[0], hidden.shape[-1]
         h = hidden[:, :-1].reshape(groups, b, -1, d)[:, self.valid].reshape(-1, d)  # [groups*n, d]
         rows = h.shape[0]
+        if rows == 0:  # no position has a next token
+            return [(0.0, 0.0 if g in kl else None) for g in range(groups)]
         target = self.targets.repeat(groups)  # [groups*n]
         top = torch.full((rows,), -torch.inf, device=h.device)  # running max of the logits
         total = torch.zeros(rows, device=h.device)  # running Σ exp(z − top)
@@ -46,19 +49,21 @@ class Scorer:
         pz = torch.zeros(len(kl), self.n, device=h.device)  # Σ_v p_v z_v for the KL variants
         kl_rows = torch.tensor(kl, dtype=torch.long, device=h.device)
         vocab = self.p.shape[1]
-        for start in range(0, vocab, CHUNK):
-            stop = min(start + CHUNK, vocab)
+        chunk = max(64, BLOCK // rows)  # vocabulary ids per slice: 2752 on Gemma-3 (762 rows), 172 on dc-mini
+        for start in range(0, vocab, chunk):
+            stop = min(start + chunk, vocab)
             z = self.model.logits_at(h, start, stop).float()  # [groups*n, C]
-            new_top = torch.maximum(top, z.amax(-1))
+            new_top = torch.maximum(top, z.amax(-1)).clamp(min=torch.finfo(z.dtype).min)  # finite: -inf logits add 0
             total = total * (top - new_top).exp() + (z - new_top[:, None]).exp().sum(-1)
             top = new_top
             hit = (target >= start) & (target < stop)
             z_target[hit] = z[hit, target[hit] - start]
             if len(kl):
-                pz += (z.view(groups, self.n, -1)[kl_rows] * self.p[:, start:stop]).sum(-1)
+                pz += (z.view(groups, self.n, -1)[kl_rows] * self.p[:, start:stop]).nan_to_num_(
+                    nan=0.0, posinf=torch.inf, neginf=-torch.inf).sum(-1)  # 0·(−inf) = 0 where p and q mask an id
         lse = (top + total.log()).view(groups, self.n)  # [groups, n]
         ce = (lse - z_target.view(groups, self.n)).sum(-1)  # [groups]
         out: list[tuple[float, float | None]] = [(float(c), None) for c in ce]
         for j, g in enumerate(kl):
-            out[g] = (out[g][0], self.neg_entropy - float((pz[j] - lse[g] * self.p_sum).sum()))
+            out[g] = (out[g][0], float((self.neg_entropy - pz[j] + lse[g] * self.p_sum).sum()))
         return out

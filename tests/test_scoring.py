@@ -12,7 +12,8 @@ def _plain(clean, other, ids, valid):
     """(CE, KL(clean ‖ other)) summed over the valid positions, from full logits."""
     lp, lq = clean[:, :-1].log_softmax(-1), other[:, :-1].log_softmax(-1)  # [b, p-1, V]
     ce = -lq.gather(-1, ids[:, 1:, None]).squeeze(-1)[valid].sum()
-    kl = (lp.exp() * (lp - lq)).sum(-1)[valid].sum()
+    p = lp.exp()
+    kl = torch.where(p > 0, p * (lp - lq), 0).sum(-1)[valid].sum()  # 0·log 0 = 0 at ids both sides mask
     return float(ce), float(kl)
 
 
@@ -20,8 +21,9 @@ def _plain(clean, other, ids, valid):
 def test_scorer_matches_full_log_softmax(toy_models, family, monkeypatch):
     """Variants scored from hidden states, a vocabulary slice at a time (slices that do not divide the vocabulary,
     padding in the batch, gemma2's softcap), give the CE and KL of a log-softmax over the full logits."""
-    monkeypatch.setattr(scoring, "CHUNK", 37)
+    monkeypatch.setattr(scoring, "BLOCK", 1)  # the smallest slices: 64 ids
     model = toy_models[family]
+    assert model.vocab_size % 64  # so the last slice is a partial one
     toks = model.tokenize(["When Mary and John went to the store, John gave a drink to", "The keys"])
     ids, mask = toks.input_ids, toks.attention_mask
     valid = (mask[:, 1:] * mask[:, :-1]).bool()
@@ -47,3 +49,36 @@ def test_scorer_matches_full_log_softmax(toy_models, family, monkeypatch):
         assert abs(got[2][0] - got[0][0]) > 1e-3  # zeroing the stream changes the loss: the rows are told apart
         assert scorer.ce_clean == pytest.approx(_plain(clean, clean, ids, valid)[0], rel=1e-6)
         assert scorer.n == int(valid.sum())
+
+
+class _Masked:
+    """A stand-in model whose unembedding W sets ids below `masked` to −inf, as padded vocabularies do."""
+
+    def __init__(self, W, masked):
+        self.W, self.masked = W, masked
+
+    def logits_at(self, h, start, stop):
+        z = h @ self.W[start:stop].T  # [..., stop - start]
+        z[..., :max(0, self.masked - start)] = -torch.inf
+        return z
+
+
+def test_scorer_with_masked_ids_and_without_next_tokens(monkeypatch):
+    """Slices whose logits are all −inf add nothing (no NaN from −inf − −inf, 0·log 0 counts 0), and a batch with
+    no next token scores 0 rather than failing."""
+    monkeypatch.setattr(scoring, "BLOCK", 1)  # slices of 64 ids: the first two are wholly masked
+    g = torch.Generator().manual_seed(0)
+    head = _Masked(torch.randn(300, 8, generator=g), 150)
+    ids = torch.randint(150, 300, (2, 6), generator=g)
+    toks = Tokens(ids, torch.tensor([[1] * 6, [1] * 4 + [0] * 2]))
+    valid = (toks.attention_mask[:, 1:] * toks.attention_mask[:, :-1]).bool()
+    h_clean, h_other = torch.randn(2, 6, 8, generator=g), torch.randn(2, 6, 8, generator=g)
+    clean = head.logits_at(h_clean, 0, 300)
+    scorer = Scorer(head, clean, toks)
+    got = scorer.score(torch.cat([h_other, h_clean]), 2, kl=(0, 1))
+    want = _plain(clean, head.logits_at(h_other, 0, 300), ids, valid)
+    assert got[0][0] == pytest.approx(want[0], rel=1e-5) and got[0][1] == pytest.approx(want[1], rel=1e-4)
+    assert got[1][1] == pytest.approx(0, abs=1e-4) and scorer.ce_clean == pytest.approx(got[1][0], rel=1e-5)
+    one = Tokens(ids[:, :1], torch.ones(2, 1, dtype=torch.long))
+    empty = Scorer(head, head.logits_at(h_clean[:, :1], 0, 300), one)
+    assert empty.n == 0 and empty.score(h_other[:, :1], 1) == [(0.0, 0.0)]
