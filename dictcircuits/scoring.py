@@ -26,7 +26,13 @@ class Scorer:
         self.valid = (mask[:, 1:] * mask[:, :-1]).bool()  # [b, p-1]: positions with a next token
         self.targets = ids[:, 1:][self.valid]  # [n]
         self.n = int(self.valid.sum())
-        lp = clean[:, :-1][self.valid].float().log_softmax(-1)  # [n, V]
+        z = clean[:, :-1][self.valid].float()  # [n, V]
+        top = z.amax(-1, keepdim=True)  # [n, 1]
+        # the log-sum-exp accumulated in float64: a float32 log_softmax over 262k ids errs by up to 6e-5, which the
+        # probabilities then carry (their sum is off 1 by as much) into every KL
+        lse = top + (z - top).exp().sum(-1, keepdim=True, dtype=torch.float64).log().float()  # [n, 1]
+        lp = z - lse  # [n, V]
+        del z
         self.p = lp.exp()  # [n, V]
         self.p_sum = self.p.sum(-1)  # [n]: 1 up to rounding, kept so KL matches Σ p·(log p − log q) exactly
         self.neg_entropy = (self.p * lp).nan_to_num_(nan=0.0, neginf=-torch.inf).sum(-1)  # [n] (0·log 0 = 0 at masked ids), per
@@ -43,10 +49,11 @@ class Scorer:
         if rows == 0:  # no position has a next token
             return [(0.0, 0.0 if g in kl else None) for g in range(groups)]
         target = self.targets.repeat(groups)  # [groups*n]
+        # running sums over the slices, in float64: a float32 sum of ~100 slice totals of size ~30 would err by 1e-4
         top = torch.full((rows,), -torch.inf, device=h.device)  # running max of the logits
-        total = torch.zeros(rows, device=h.device)  # running Σ exp(z − top)
+        total = torch.zeros(rows, dtype=torch.float64, device=h.device)  # running Σ exp(z − top)
         z_target = torch.zeros(rows, device=h.device)
-        pz = torch.zeros(len(kl), self.n, device=h.device)  # Σ_v p_v z_v for the KL variants
+        pz = torch.zeros(len(kl), self.n, dtype=torch.float64, device=h.device)  # Σ_v p_v z_v, the KL variants
         kl_rows = torch.tensor(kl, dtype=torch.long, device=h.device)
         vocab = self.p.shape[1]
         chunk = max(64, BLOCK // rows)  # vocabulary ids per slice: 2752 on Gemma-3 (762 rows), 172 on dc-mini
@@ -54,14 +61,14 @@ class Scorer:
             stop = min(start + chunk, vocab)
             z = self.model.logits_at(h, start, stop).float()  # [groups*n, C]
             new_top = torch.maximum(top, z.amax(-1)).clamp(min=torch.finfo(z.dtype).min)  # finite: -inf logits add 0
-            total = total * (top - new_top).exp() + (z - new_top[:, None]).exp().sum(-1)
+            total = total * (top - new_top).double().exp() + (z - new_top[:, None]).exp().sum(-1)
             top = new_top
             hit = (target >= start) & (target < stop)
             z_target[hit] = z[hit, target[hit] - start]
             if len(kl):
                 pz += (z.view(groups, self.n, -1)[kl_rows] * self.p[:, start:stop]).nan_to_num_(
                     nan=0.0, posinf=torch.inf, neginf=-torch.inf).sum(-1)  # 0·(−inf) = 0 where p and q mask an id
-        lse = (top + total.log()).view(groups, self.n)  # [groups, n]
+        lse = (top + total.log()).view(groups, self.n)  # [groups, n], float64
         ce = (lse - z_target.view(groups, self.n)).sum(-1)  # [groups]
         out: list[tuple[float, float | None]] = [(float(c), None) for c in ce]
         for j, g in enumerate(kl):
