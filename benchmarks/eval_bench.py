@@ -70,7 +70,7 @@ def main(argv=None) -> None:
                 lambda: model.run(rows, {s: variants}, hidden=True), args.reps)
             times[f"{s}: streamed scoring"], got = _best(lambda: scorer.score(hidden, groups, kl=(0, 3)), args.reps)
 
-            def full(dtype=torch.float32, lp=lp):  # the full-logit way: [rows, pos, vocab] logits, a log-softmax a group
+            def full(dtype=torch.float32, lp=lp):  # as evaluate() did: [rows, pos, vocab] logits, log-softmax a group
                 logits = model.run(rows, {s: variants})
                 out = []
                 for g in range(groups):
@@ -92,7 +92,8 @@ def main(argv=None) -> None:
         print(f"  {name:<{width}}  {t:7.3f} s")
     streamed = sum(t for k, t in times.items() if "hidden" in k or "streamed" in k)
     full_s = sum(t for k, t in times.items() if "full-logit" in k)
-    print(f"  site traces and scoring: streamed {streamed:.2f} s, full logits {full_s:.2f} s ({full_s / streamed:.2f}x)")
+    print(f"  site traces and scoring: streamed {streamed:.2f} s, full logits {full_s:.2f} s "
+          f"({full_s / streamed:.2f}x)")
     for way, (ce, kl) in worst.items():
         print(f"  largest error a token against float64, {way}: CE {ce:.2e}, KL {kl:.2e}")
     print("RESULT " + json.dumps({"model": model.name, "ctx": args.ctx, "seconds": times, "streamed_s": streamed,

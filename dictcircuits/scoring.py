@@ -17,8 +17,8 @@ BLOCK = 2 ** 21  # floats per [rows, slice] block of logits (8 MB): near the cac
 
 
 class Scorer:
-    """CE and KL against one batch's clean run. The clean log-probabilities are computed once, from full logits:
-    KL(clean ‖ q) = Σ p·log p − Σ p·(z_q − lse_q), so each variant needs only Σ p·z_q and its log-sum-exp."""
+    """CE and KL against one batch's clean run. The clean log-probabilities are computed once, from full
+    logits: KL(clean ‖ q) = Σ p·log p − Σ p·(z_q − lse_q), so a variant needs only Σ p·z_q and its log-sum-exp."""
 
     def __init__(self, model: Model, clean: torch.Tensor, tokens: Tokens):  # clean logits [b, p, V]
         ids, mask = tokens.input_ids.to(clean.device), tokens.attention_mask.to(clean.device)
@@ -28,15 +28,18 @@ class Scorer:
         self.n = int(self.valid.sum())
         z = clean[:, :-1][self.valid].float()  # [n, V]
         top = z.amax(-1, keepdim=True)  # [n, 1]
-        # the log-sum-exp accumulated in float64: a float32 log_softmax over 262k ids errs by up to 6e-5, which the
-        # probabilities then carry (their sum is off 1 by as much) into every KL
-        lse = top + (z - top).exp().sum(-1, keepdim=True, dtype=torch.float64).log().float()  # [n, 1]
+        # the log-sum-exp from float32 sums of 2048 ids added in float64: a float32 log_softmax over 262k ids errs
+        # by up to 6e-5, which the probabilities then carry (their sum is off 1 by as much) into every KL
+        e = (z - top).exp()  # [n, V]
+        total = torch.stack([e[:, i:i + 2048].sum(-1) for i in range(0, e.shape[1], 2048)], -1)  # [n, V / 2048]
+        lse = top + total.double().sum(-1, keepdim=True).log().float()  # [n, 1]
+        del e
         lp = z - lse  # [n, V]
         del z
         self.p = lp.exp()  # [n, V]
         self.p_sum = self.p.sum(-1)  # [n]: 1 up to rounding, kept so KL matches Σ p·(log p − log q) exactly
-        self.neg_entropy = (self.p * lp).nan_to_num_(nan=0.0, neginf=-torch.inf).sum(-1)  # [n] (0·log 0 = 0 at masked ids), per
-        # position so that KL is a sum of small differences
+        # Σ p·log p per position (0·log 0 = 0 at masked ids), so that KL is a sum of small per-position differences
+        self.neg_entropy = (self.p * lp).nan_to_num_(nan=0.0, neginf=-torch.inf).sum(-1)  # [n]
         self.ce_clean = float(-lp.gather(-1, self.targets[:, None]).sum())
 
     def score(self, hidden: torch.Tensor, groups: int, kl: tuple[int, ...] = (0,)) -> list[tuple[float, float | None]]:

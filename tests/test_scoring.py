@@ -64,8 +64,8 @@ class _Masked:
 
 
 def test_scorer_with_masked_ids_and_without_next_tokens(monkeypatch):
-    """Slices whose logits are all −inf add nothing (no NaN from −inf − −inf, 0·log 0 counts 0), and a batch with
-    no next token scores 0 rather than failing."""
+    """Slices whose logits are all −inf add nothing (no NaN from −inf − −inf, 0·log 0 counts 0), and a batch
+    with no next token scores 0 rather than failing."""
     monkeypatch.setattr(scoring, "BLOCK", 1)  # slices of 64 ids: the first two are wholly masked
     g = torch.Generator().manual_seed(0)
     head = _Masked(torch.randn(300, 8, generator=g), 150)
