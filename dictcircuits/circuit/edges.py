@@ -125,8 +125,8 @@ def _edges(model, dictionaries, batch, effects, nodes, mode, per_pass, max_rows,
     in_order = [downs[i : i + K] for i in range(0, len(downs), K)]
     plan = [(n_pos, c) for c in in_order] if mode == "rows" else _prefix_plan(model, dictionaries, by_site, sites, K,
                                                                              n_pos)
-    stop = {}  # prefix length -> the deepest site a chunk needing it reaches
-    for P, chunk in plan:
+    stop = {}  # vmap: prefix length -> the deepest site a chunk needing it reaches (rows mode stops per chunk)
+    for P, chunk in plan if mode == "vmap" else []:
         stop[P] = max(stop.get(P, chunk[0].site), chunk[0].site, key=lambda s: _site_order(model, s))
     graph, graph_len = None, None
     for P, chunk in plan:
