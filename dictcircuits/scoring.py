@@ -4,8 +4,9 @@ Per site, evaluate() scores several variants of each context (spliced, zero- and
 the position rule). On a large vocabulary (Gemma-3: 262k) their logits are most of the evaluation's memory
 traffic: [rows, pos, vocab] floats written by the unembedding, then read and written again by a log-softmax. So
 the variants arrive here as final hidden states and are unembedded one vocabulary slice at a time, keeping per
-position only a running log-sum-exp, the target's logit and Σ_v p_v·logit_v: the same numbers, up to float
-summation order, with no [rows, pos, vocab] tensor (benchmarks/README.md measures the step).
+position only a running log-sum-exp, the target's logit and Σ_v p_v·logit_v: the same numbers up to float32
+rounding (closer to float64 than a float32 log-softmax), with no [rows, pos, vocab] tensor (benchmarks/README.md
+measures both).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class Scorer:
         if rows == 0:  # no position has a next token
             return [(0.0, 0.0 if g in kl else None) for g in range(groups)]
         target = self.targets.repeat(groups)  # [groups*n]
-        # running sums over the slices, in float64: a float32 sum of ~100 slice totals of size ~30 would err by 1e-4
+        # running sums over the slices (about 100 on Gemma-3) in float64, so that adding them rounds nothing more
         top = torch.full((rows,), -torch.inf, device=h.device)  # running max of the logits
         total = torch.zeros(rows, dtype=torch.float64, device=h.device)  # running Σ exp(z − top)
         z_target = torch.zeros(rows, device=h.device)
