@@ -4,7 +4,8 @@ Per batch of contexts: one trace harvests every site (stopping after the deepest
 statistics; then one clean trace, and per site one trace whose rows are [spliced (x̂ alone, no error term) |
 zero-ablated | mean-ablated] copies of the batch (and the same three without the position rule where it skips
 something); at a resid site that trace starts from the clean trace's activation, skipping the blocks below it.
-The site traces return final hidden states, which scoring.Scorer unembeds a vocabulary slice at a time.
+The site traces return final hidden states, which scoring.Scorer unembeds a vocabulary slice at a time. The
+ablated rows do not depend on the dictionary: the runs of a sweep share them through an AblationCache.
 Definitions follow metrics.md: FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖²; CE recovered = (L_abl − L_spliced)/(L_abl − L_clean);
 γ = E‖x̂‖² / E⟨x, x̂⟩; dead = never fired on the evaluated tokens; dense = fires on > 10% of them.
 A number that cannot be computed is None (JSON null, "n/a" in the table) with its reason in SiteEval.notes.
@@ -16,6 +17,7 @@ rule changes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -116,11 +118,30 @@ def auto_batch_size(model: Model, ctx_len: int, cap: int = 16) -> int:
     return max(1, min(cap, LOGITS_BUDGET // (4 * COPIES_PER_CONTEXT * ctx_len * vocab)))
 
 
+@dataclass
+class AblationCache:
+    """The zero- and mean-ablated CEs of each site and batch, shared by evaluations on the same tokens (the runs
+    of a sweep). They do not depend on the dictionary, only on the positions its rule skips and on the site's
+    mean over the evaluated activations, so the key holds those, the tokens and the model: a hit is the same
+    computation, and the site's trace then runs only its spliced rows (2 of 6, or 1 of 3)."""
+
+    entries: dict[tuple, dict[str, float]] = field(default_factory=dict)
+
+    @staticmethod
+    def key(model: Model, site: str, tokens: Tokens, skip: torch.Tensor, mean: torch.Tensor) -> tuple:
+        digest = hashlib.sha256()
+        for t in (tokens.input_ids, tokens.attention_mask, skip, mean):
+            digest.update(str(tuple(t.shape)).encode())
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return id(model.hf), site, digest.hexdigest()
+
+
 def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Tokens, batch_size: int | None = None,
              exclude_bos: bool = True, plots: str | Path | None = None, progress: bool = False,
-             desc: str = "eval") -> dict[str, SiteEval]:
+             desc: str = "eval", cache: AblationCache | None = None) -> dict[str, SiteEval]:
     """Evaluate each site's dictionary on `tokens` (right-padded, padding ignored); site -> SiteEval.
-    batch_size: contexts per trace (None: auto_batch_size, from the vocabulary size)."""
+    batch_size: contexts per trace (None: auto_batch_size, from the vocabulary size). cache: pass one
+    AblationCache to every evaluation of a sweep on the same tokens, so that the ablations run once."""
     if not dictionaries:
         raise DictCircuitsError("no dictionaries to evaluate")
     if batch_size is None:
@@ -162,7 +183,8 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
             if bar is not None:
                 bar.update(tok.input_ids.numel())
                 if i == 0:
-                    _announce(time.perf_counter() - start, len(batches), skips[0], desc)
+                    _announce(time.perf_counter() - start, len(batches), skips[0], desc,
+                              cached=cache is not None and bool(cache.entries))
         if bar is not None:
             bar.close()
         bar = _bar(progress, tokens, f"{desc}: CE and KL")
@@ -180,30 +202,36 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
                 a, skip = acc[s], skip_at[s]
                 a.ce_n += scorer.n
                 a.ce["clean"] += scorer.ce_clean
-                groups = 6 if skip.any() else 3  # [spliced | zero | mean] with the rule, then the same without it
+                key = None if cache is None else cache.key(model, s, tok, skip, means[s])
+                ablated = None if key is None else cache.entries.get(key)  # kind -> CE, from an earlier evaluation
+                # row groups: [spliced | zero | mean] with the rule, then the same without it where it skips
+                # something; the ablations only when not known yet
+                kinds = ["spliced"] + (["zero", "mean"] if ablated is None else [])
+                if skip.any():
+                    kinds += [k + "_all" for k in kinds]
 
-                def variants(x, dic=dic, s=s, skip=skip, groups=groups):  # x [groups*b, p, d] -> the same
+                def variants(x, dic=dic, s=s, skip=skip, kinds=kinds):  # x [groups*b, p, d] -> the same
                     x = clean_x[s] if s in clean_x else x[:b]  # [b, p, d]: every row group starts from the clean run
-                    recon = dic.decode(dic.encode(x)).to(x.dtype)  # error term dropped
-                    zero, mean = torch.zeros_like(x), means[s].to(x.dtype).expand_as(x)
+                    value = {"spliced": dic.decode(dic.encode(x)).to(x.dtype),  # error term dropped
+                             "zero": torch.zeros_like(x), "mean": means[s].to(x.dtype).expand_as(x)}
                     keep = skip[..., None]  # [b, p, 1]: passed through by the rule
-                    rows = [torch.where(keep, x, v) for v in (recon, zero, mean)]
-                    return torch.cat(rows + ([recon, zero, mean] if groups == 6 else []))
+                    return torch.cat([value[k[:-4]] if k.endswith("_all") else torch.where(keep, x, value[k])
+                                      for k in kinds])
 
-                rows = Tokens(torch.cat([tok.input_ids] * groups), torch.cat([tok.attention_mask] * groups))
+                rows = Tokens(torch.cat([tok.input_ids] * len(kinds)), torch.cat([tok.attention_mask] * len(kinds)))
                 hidden = model.run(rows, {s: variants}, start_at=s if s in clean_x else None, hidden=True)
-                scores = scorer.score(hidden, groups, kl=(0, 3) if groups == 6 else (0,))  # (CE, KL) per group
-                (ce_spliced, kl_spliced), (ce_zero, _), (ce_mean, _) = scores[:3]
-                a.ce["spliced"] += ce_spliced
-                a.kl += kl_spliced
-                a.ce["zero"] += ce_zero
-                a.ce["mean"] += ce_mean
-                if groups == 6:  # the rule skipped positions in this batch: the same numbers without it
-                    (ce_spliced, kl_spliced), (ce_zero, _), (ce_mean, _) = scores[3:]
-                a.ce["spliced_all"] += ce_spliced
-                a.kl_all += kl_spliced
-                a.ce["zero_all"] += ce_zero
-                a.ce["mean_all"] += ce_mean
+                scores = dict(zip(kinds, scorer.score(hidden, len(kinds), kl=tuple(
+                    i for i, k in enumerate(kinds) if k.startswith("spliced")))))  # kind -> (CE, KL or None)
+                if ablated is None:
+                    ablated = {k: ce for k, (ce, _) in scores.items() if not k.startswith("spliced")}
+                    if key is not None:
+                        cache.entries[key] = ablated
+                ce = {**{k: c for k, (c, _) in scores.items()}, **ablated}
+                for k in ("spliced", "zero", "mean"):
+                    a.ce[k] += ce[k]
+                    a.ce[k + "_all"] += ce.get(k + "_all", ce[k])  # the rule skipped nothing: the same numbers
+                a.kl += scores["spliced"][1]
+                a.kl_all += scores.get("spliced_all", scores["spliced"])[1]
             if bar is not None:
                 bar.update(tok.input_ids.numel())
     if bar is not None:
@@ -222,15 +250,17 @@ def _bar(progress: bool, tokens: Tokens, desc: str):
     return tqdm(total=tokens.input_ids.numel(), desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True)
 
 
-def _announce(first_batch_s: float, n_batches: int, skips: dict[str, torch.Tensor], desc: str) -> None:
+def _announce(first_batch_s: float, n_batches: int, skips: dict[str, torch.Tensor], desc: str,
+              cached: bool = False) -> None:
     """The expected duration from the first batch's harvest trace, counting each trace as long as it: per batch
     the harvest, the clean run and per site the splice and the [zero | mean] ablation rows (3 traces' worth), or
-    6 where the rule skips positions (the same without the rule too)."""
+    6 where the rule skips positions (the same without the rule too); a third of that where an earlier
+    evaluation of the sweep left its ablations in the cache."""
     from tqdm.auto import tqdm
 
     from .options import format_duration
 
-    traces = 2 + sum(6 if skip.any() else 3 for skip in skips.values())
+    traces = 2 + sum((6 if skip.any() else 3) // (3 if cached else 1) for skip in skips.values())
     tqdm.write(f"{desc}: expected about {format_duration(first_batch_s * n_batches * traces)} ({n_batches} batches of "
                f"contexts, {len(skips)} site(s))", file=sys.stderr)
 
@@ -518,11 +548,12 @@ def run(args) -> int:
     if not args.json:
         print(f"evaluating {root} on {model.name}", file=sys.stderr)
     tokens = eval_tokens(model, args.dataset, n_tokens, args.ctx_len, args.skip)
-    results = {}
+    results, cache = {}, AblationCache()  # a sweep's runs share their ablations
     for name, dicts in sets.items():
         plots = None if args.plots is None else (Path(args.plots) / name if name else args.plots)
         results[name] = evaluate(model, dicts, tokens, batch_size=args.batch_size, exclude_bos=args.exclude_bos,
-                                 plots=plots, progress=not args.json, desc=f"eval {name}" if name else "eval")
+                                 plots=plots, progress=not args.json, desc=f"eval {name}" if name else "eval",
+                                 cache=cache)
     if args.json:
         if None in results:
             print(results_json(results[None]))

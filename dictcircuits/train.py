@@ -654,15 +654,16 @@ def _heldout(model: Model, trainers: dict[str, list[Trainer]], stream: ContextSt
              exclude_bos: bool, progress: bool = False) -> dict[str, list[dict]]:
     """Evaluate every dictionary on the contexts that follow the training data (never trained on); numbers
     that cannot be computed are None, with the reason under "notes"."""
-    from .evaluate import evaluate
+    from .evaluate import AblationCache, evaluate
 
     ids = stream.take(max(1, math.ceil(n_tokens / stream.ctx_len)))  # [n, ctx_len]
     tokens = Tokens(ids, torch.ones_like(ids))
     out: dict[str, list[dict]] = {s: [] for s in trainers}
+    cache = AblationCache()  # the runs of a sweep share their ablations
     for i in range(len(next(iter(trainers.values())))):
         name = next(iter(trainers.values()))[i].cfg.run_name()
         results = evaluate(model, {s: ts[i].dic for s, ts in trainers.items()}, tokens, exclude_bos=exclude_bos,
-                           progress=progress, desc=f"held-out {name}")
+                           progress=progress, desc=f"held-out {name}", cache=cache)
         for s, r in results.items():
             row = {k: getattr(r, k) if k in ("tokens", "skipped") or getattr(r, k) is None else round(getattr(r, k), 5)
                    for k in HELDOUT_FIELDS}

@@ -116,3 +116,45 @@ def test_eval_cli_json_and_errors(model, tmp_path, capsys):
     err = capsys.readouterr().err
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "width 16" in errors[0]
+
+
+def test_ablation_cache_shares_a_sweeps_ablations_and_changes_no_number(model, monkeypatch):
+    """Runs of a sweep evaluated with one AblationCache report the same numbers as alone; from the second run
+    on, each site trace holds only its spliced rows. A dictionary with another position rule, or other tokens,
+    gets its own entries."""
+    from dictcircuits import scoring
+    from dictcircuits.evaluate import AblationCache
+    from dictcircuits.positions import PositionRule, set_rule
+
+    tokens = pad([[5, 17, 33, 8, 90, 12, 4], [44, 3, 19, 250], [7, 5, 100, 21, 60]], model.pad_id)
+    runs = []
+    for seed in (1, 2, 3):
+        dic = random_dictionary("relu", 32, 64, seed=seed)
+        with torch.no_grad():
+            dic.W_dec.mul_(0.05)
+        set_rule(dic, PositionRule((5,)) if seed < 3 else PositionRule((7,)))  # run 3 skips another token
+        runs.append({"resid.1": dic})
+    alone = [evaluate(model, r, tokens, batch_size=2)["resid.1"] for r in runs]
+    groups = []
+    real_score = scoring.Scorer.score
+
+    def counted(self, hidden, g, kl=(0,)):
+        groups.append(g)
+        return real_score(self, hidden, g, kl)
+
+    monkeypatch.setattr(scoring.Scorer, "score", counted)
+    cache = AblationCache()
+    shared = [evaluate(model, r, tokens, batch_size=2, cache=cache)["resid.1"] for r in runs]
+    # 2 batches a run; run 2 reuses run 1's ablations; run 3 skips another token (only in the second batch's
+    # context, so its first batch has nothing to leave out and no rule-off rows)
+    assert groups == [6, 6, 2, 2, 3, 6]
+    for a, b in zip(alone, shared):
+        for name in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "ce_recovered_zero", "ce_recovered_mean", "kl",
+                     "ce_spliced_all", "ce_zero_all", "ce_mean_all", "kl_all"):
+            assert getattr(b, name) == pytest.approx(getattr(a, name), rel=1e-6), name
+    assert alone[0].ce_spliced != pytest.approx(alone[1].ce_spliced, rel=1e-4)  # the runs do differ
+    assert alone[0].ce_zero != pytest.approx(alone[2].ce_zero, rel=1e-4)  # and so do the rules' ablations
+    groups.clear()
+    other = pad([[5, 17, 33, 8, 90, 12, 4], [44, 3, 19, 250], [7, 5, 100, 21, 61]], model.pad_id)
+    evaluate(model, runs[0], other, batch_size=2, cache=cache)
+    assert groups == [6, 6]  # one token changed in the second batch moves the site's mean: nothing is reused
