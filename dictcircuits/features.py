@@ -461,6 +461,7 @@ def check_args(args) -> tuple[int, Path | None]:
             raise DictCircuitsError(f"--dictionaries {root} holds no dictionaries in a known format: point it at the "
                                     "--out of dictcircuits train")
         args.sites = pick_sites(args.sites, available, str(root))
+        check_out(Path(args.out), args.sites)
     resolve_device(args.device)
     if args.dataset is not None:
         args.dataset = check_dataset(args.dataset)
