@@ -2,7 +2,8 @@
 
 Policy (`writable_target`): a path that does not exist is created; an existing one is replaced only when it is a
 regular file that dictcircuits wrote, recognised by the marker each of our formats carries near its start
-(`marker_html`, `marked` for JSON, a comment in GraphML, PNG `Software` text, safetensors metadata). A symbolic
+(`marker_html`, `marked` for JSON, a comment in GraphML, PNG `Software` text, safetensors metadata; a task
+JSONL file by Task.to_jsonl's exact first line, so the shipped task files need no marker). A symbolic
 link to such a file is written through (the target is replaced, the link kept). Anything else (a file of someone
 else's, a device, FIFO, socket or folder, a dangling link or a link loop) is refused with one DictCircuitsError
 line, before anything is written. Commands call it on all their outputs before any long computation.
@@ -39,7 +40,8 @@ _MARKERS = re.compile(
     rb'|"generator":\s*\{\s*"name":\s*"dictcircuits'  # the Neuronpedia export (metadata.info.generator)
     rb'|"format":\s*"dictcircuits'  # dictionary cfg.json, feature index and dashboard.json of earlier versions
     rb'|<!-- generator: dictcircuits'  # HTML and GraphML
-    rb'|Software\x00dictcircuits')  # PNG text chunk
+    rb'|Software\x00dictcircuits'  # PNG text chunk
+    rb'|\A\{"task": "(?:[^"\\]|\\.)*", "clean": "')  # Task.to_jsonl's first line, as json.dumps writes it
 _OLD_GRAPHML = re.compile(rb'<key id="(d\d+)" for="graph" attr\.name="generator"')  # our GraphML before the comment
 TEMP = re.compile(r"\.(?P<name>.+)\.dictcircuits-(?P<pid>\d+)-[0-9a-f]{8}\.tmp(?:\.[A-Za-z0-9]+)?")
 _OLD_TEMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")

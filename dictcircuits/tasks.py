@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_text, marked
+from .atomic import atomic_write_text
 from .errors import DictCircuitsError
 from .models import Model, Tokens
 from .wordlists import (EVENTS, EXTRA_EVENTS, EXTRA_HELDOUT_NAMES, EXTRA_NAMES, EXTRA_NOUNS, EXTRA_OBJECTS,
@@ -183,7 +183,7 @@ class Task:
                 row["wrong_set"] = self.wrong_sets[i]
             if self.meta:
                 row["meta"] = self.meta[i]
-            lines.append(json.dumps(marked(row)))  # the marker lets a later to_jsonl replace the file
+            lines.append(json.dumps(row))
         return atomic_write_text(Path(path), "\n".join(lines) + "\n")
 
 
