@@ -17,8 +17,10 @@ from pathlib import Path
 import matplotlib
 import networkx as nx
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from dictcircuits.atomic import (atomic_write_text, clean_stale_temporaries, is_ours, marker_html, save_png,
+from dictcircuits.atomic import (atomic_write, atomic_write_text, clean_stale_temporaries, is_ours, marker_html, save_png,
                                  writable_target)
 from dictcircuits.circuit import CircuitGraph, Verification
 from dictcircuits.cli import main
@@ -354,15 +356,10 @@ def test_files_and_folders_follow_the_umask(mask, tmp_path):
         save_dictionary(random_dictionary("relu", 8, 16), tmp_path / "dic")
         graph().save_json(tmp_path / "g.json")
         _plot(tmp_path / "p.png")
-        from dictcircuits.atomic import atomic_write
-        from safetensors.torch import save_file
-        import torch
-
         atomic_write(tmp_path / "f.safetensors", lambda tmp: save_file({"x": torch.zeros(2)}, tmp))
     finally:
         os.umask(old)
-    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
-    assert mode(tmp_path / "dic") == 0o777 & ~mask
+    assert stat.S_IMODE((tmp_path / "dic").stat().st_mode) == 0o777 & ~mask
     for p in [tmp_path / "dic" / "cfg.json", tmp_path / "dic" / "weights.safetensors", tmp_path / "g.json",
               tmp_path / "p.png", tmp_path / "f.safetensors"]:
-        assert mode(p) == 0o666 & ~mask, p
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p
