@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
+import json
 import os
 import re
 import time
@@ -19,6 +21,7 @@ from typing import Mapping
 
 from tqdm.auto import tqdm
 
+from .atomic import writable_target
 from .attribute import METHODS, node_effects
 from .circuit import (RANKINGS, CircuitGraph, Patcher, build_graph, choose_nodes, compute_edges, format_metric,
                       metric_parents, node_activations, rank_nodes, shown_curve)
@@ -457,6 +460,47 @@ def check_out(out: Path) -> None:
         raise DictCircuitsError(f"--out {out}: cannot write in {probe}; give a folder you can write to")
 
 
+OUTPUT_SUFFIXES = (".html", ".json", ".graphml", ".neuronpedia.json")
+
+
+def output_stem(task: str | None, prompt: str | None) -> tuple[str, str]:
+    """(stem, source) of trace's files OUT/<stem>{OUTPUT_SUFFIXES}, known before tracing. The stem is a built-in
+    task's name, a task file's own name without its extension (never the name written inside it), or for a prompt
+    prompt-<its words>-<8 hex digits of its SHA-256>, so prompts that differ only in punctuation get their own
+    files. `source` says what was traced (recorded in the JSON, settings.source): a rerun of the same source replaces
+    its own files, while files of another source under the same stem are refused (check_outputs)."""
+    def clean(text: str, n: int) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:n].strip("_.")
+
+    if prompt is not None:
+        digest = hashlib.sha256(prompt.encode()).hexdigest()[:8]
+        return f"prompt-{clean(prompt, 40) or 'text'}-{digest}", f"prompt {prompt!r}"
+    if str(task) in GENERATORS:
+        return clean(str(task), 60), f"task {task}"
+    path = Path(str(task))
+    return clean(path.stem, 60) or "circuit", f"task file {path.resolve()}"
+
+
+def check_outputs(out: Path, stem: str, source: str) -> list[Path]:
+    """The four output paths, after refusing any that dictcircuits may not replace (atomic.writable_target) or
+    that holds the circuit of another source."""
+    paths = [out / f"{stem}{suffix}" for suffix in OUTPUT_SUFFIXES]
+    for path in paths:
+        try:
+            writable_target(path)
+        except DictCircuitsError as exc:
+            raise DictCircuitsError(f"--out {out}: {exc}") from None
+    if paths[1].is_file():
+        try:
+            other = json.loads(paths[1].read_text(encoding="utf-8"))["metadata"]["settings"].get("source")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            other = None  # ours (checked above) but from a version that did not record its source
+        if other is not None and other != source:
+            raise DictCircuitsError(f"--out {out}: {paths[1]} holds the circuit of {other}, not of {source}; choose "
+                                    "another --out or move those files away")
+    return paths
+
+
 def run(args: argparse.Namespace) -> int:
     if (args.task is None) == (args.prompt is None):
         raise DictCircuitsError("give --task NAME or --prompt TEXT" if args.task is None else
@@ -479,6 +523,8 @@ def run(args: argparse.Namespace) -> int:
     check_settings(**settings)
     out = Path(args.out)
     check_out(out)
+    stem, source = output_stem(args.task, args.prompt)
+    paths = check_outputs(out, stem, source)
     contexts = None
     if args.contexts:
         try:
@@ -490,12 +536,13 @@ def run(args: argparse.Namespace) -> int:
     cg = trace(args.task, args.model, args.dictionaries, **settings, sites=args.sites,
                positions=args.aggregate == "none", contexts=contexts, device=args.device, strict=args.strict,
                dashboard=check_dashboard(args.dashboard), run=args.run, **single)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", cg.task)[:60].strip("_.") or "circuit"
-    if args.prompt is not None:
-        stem = f"prompt-{stem}"
+    cg.settings["source"] = source
     t = time.perf_counter()
-    paths = [write_html(cg, out / f"{stem}.html"), cg.save_json(out / f"{stem}.json"), cg.save_graphml(out / f"{stem}.graphml"),
-             cg.save_neuronpedia(out / f"{stem}.neuronpedia.json", slug=stem)]
+    check_outputs(out, stem, source)  # again: another run may have written there meanwhile
+    write_html(cg, paths[0])
+    cg.save_json(paths[1])
+    cg.save_graphml(paths[2])
+    cg.save_neuronpedia(paths[3], slug=stem)
     cg.timings["write"] = round(time.perf_counter() - t, 3)
     print(summary(cg))
     print("  wrote " + ", ".join(str(p) for p in paths))

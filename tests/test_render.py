@@ -153,7 +153,7 @@ def test_cli_writes_html_json_graphml(toy_setup, tmp_path, capsys, monkeypatch):
     assert "no dictionaries for m" in capsys.readouterr().err
     (tmp_path / "dictionaries").mkdir()
     (tmp_path / "d").rename(tmp_path / "dictionaries" / "m")
-    assert main(default) == 0 and (tmp_path / "o" / "toy-ioi.html").is_file()
+    assert main(default) == 0 and (tmp_path / "o" / "t.html").is_file()  # named for the task file
     (tmp_path / "dictionaries" / "m").rename(tmp_path / "d")
     task_file = task.to_jsonl(tmp_path / "toy-ioi.jsonl")
     out = tmp_path / "out"

@@ -18,7 +18,6 @@ Links carry our edge weights (direct effects; into the logit node, node effects)
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +25,8 @@ from typing import Mapping, Sequence
 
 import networkx as nx
 
+from ..atomic import GENERATOR, json_safe, marked, marker_html
 from ..atomic import atomic_write_text as atomic_write
-from ..atomic import json_safe
 from ..errors import DictCircuitsError
 from ..models import Model
 from .effects import node_effect
@@ -35,6 +34,7 @@ from .nodes import LOGIT, Node
 from .verify import Verification
 
 SCHEMA_VERSION = 1
+XML_DECLARATION = "<?xml version='1.0' encoding='utf-8'?>\n"
 
 
 @dataclass
@@ -96,7 +96,7 @@ class CircuitGraph:
 
     def save_json(self, path: str | Path) -> Path:
         """Strict JSON (a NaN, e.g. faithfulness with m(M) = m(∅), is written as null)."""
-        return atomic_write(path, json.dumps(json_safe(self.to_dict()), indent=1, allow_nan=False))
+        return atomic_write(path, json.dumps(json_safe(marked(self.to_dict())), indent=1, allow_nan=False))
 
     @classmethod
     def load_json(cls, path: str | Path) -> "CircuitGraph":
@@ -149,7 +149,8 @@ class CircuitGraph:
             nodes.append(node)
         links = [{"source": ids[u], "target": ids[v], "weight": float(w)} for u, v, w in g.edges(data="weight")]
         slug = slug or re.sub(r"[^A-Za-z0-9_.-]+", "_", self.task)[:60].strip("_.") or "circuit"
-        metadata = {"slug": slug, "scan": self.model, "transcoder_list": names, "prompt_tokens": list(self.tokens),
+        name, version = GENERATOR.split(" ")
+        metadata = {"info": {"generator": {"name": name, "version": version}}, "slug": slug, "scan": self.model, "transcoder_list": names, "prompt_tokens": list(self.tokens),
                     "prompt": str(st.get("prompt") or ""), "node_threshold": None, "schema_version": 1}
         qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
         return json_safe({"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links})
@@ -159,18 +160,14 @@ class CircuitGraph:
         return atomic_write(path, json.dumps(self.to_neuronpedia(slug), allow_nan=False))
 
     def save_graphml(self, path: str | Path) -> Path:
-        """GraphML with the scalar attributes (missing position/feature left out); metadata as graph attributes."""
+        """GraphML with the scalar attributes (missing position/feature left out); metadata as graph attributes;
+        our marker as a comment after the XML declaration."""
         g = nx.DiGraph()
         g.graph.update({k: v for k, v in self.metadata().items() if isinstance(v, (str, int, float)) and v is not None})
         for n, a in self.graph.nodes(data=True):
             g.add_node(n, **{k: v for k, v in a.items() if v is not None})
         g.add_edges_from(self.graph.edges(data=True))
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        nx.write_graphml(g, tmp)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, marker_html(XML_DECLARATION + "\n".join(nx.generate_graphml(g))))
 
 
 def build_graph(model: Model, nodes: Sequence[Node], effects, edges: Mapping[tuple[Node, Node], float],
