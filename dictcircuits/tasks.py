@@ -1058,12 +1058,12 @@ def _csv_answers(tokenizer, row: dict, cols: tuple, label: str, clean: str, wher
     if text is not None:  # corrupted_hard puts the answer where clean has the wrong answer (IOI's S2)
         native = [_token_id(tokenizer, t, clean) for t in (text[1], text[0])] == ids
         return [text[1]], [text[0]], ids, "text" if native else "foreign"
-    vocab = len(tokenizer)
+    vocab, named = len(tokenizer), f"{where}: token id {{}} in {' / '.join(cols)}"
     if not all(0 <= i < vocab for i in ids):
         bad = next(i for i in ids if not 0 <= i < vocab)
-        raise DictCircuitsError(f"{where}: token id {bad} is outside this tokenizer's vocabulary (0..{vocab - 1}); "
-                                "the file was made for another tokenizer: give ids of this model's tokenizer")
-    a, w = (_decode_id(tokenizer, i, where, clean) for i in ids)
+        raise DictCircuitsError(f"{named.format(bad)} is outside this tokenizer's vocabulary (0..{vocab - 1}); the file "
+                                "was made for another tokenizer: give ids of this model's tokenizer")
+    a, w = (_decode_id(tokenizer, i, named.format(i), clean) for i in ids)
     return [a], [w], ids, "unchecked"
 
 
@@ -1113,12 +1113,13 @@ def _holds_year(prompt: str, yy: int) -> bool:
     return any(prompt.rstrip().endswith(century) for century in re.findall(rf"\b(\d\d){yy:02d}\b", prompt))
 
 
-def _decode_id(tokenizer, token: int, where: str, prompt: str) -> str:
+def _decode_id(tokenizer, token: int, what: str, prompt: str) -> str:
     """The text of a token id from a file, refusing ids that do not come back as themselves when the text is
-    encoded again (special tokens, partial characters)."""
+    encoded again (special tokens, partial characters, another tokenizer's ids). what: "x.csv line 2: token id 5
+    in correct_idx / incorrect_idx"."""
     text = tokenizer.decode([token])
     back = tokenizer(text, add_special_tokens=False)["input_ids"]
     if back != [token] and (not text or _token_id(tokenizer, text, prompt) != token):
-        raise DictCircuitsError(f"{where}: token id {token} decodes to {text!r}, which encodes back to {back}, not "
-                                f"[{token}]; give ids of whole, non-special tokens of this model's tokenizer")
+        raise DictCircuitsError(f"{what} decodes to {text!r}, which encodes back to {back}, not [{token}]; give ids "
+                                "of whole, non-special tokens of this model's tokenizer, or the answers as text")
     return text

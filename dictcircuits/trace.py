@@ -410,7 +410,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "since each traced site multiplies what the circuit must carry; all sites if no "
                              "resid site has a dictionary)")
     parser.add_argument("--n", type=int, default=64,
-                        help="prompts to trace, all of one token length (default 64; task files are capped at n)")
+                        help="prompts to trace, all of one token length (default 64; of a task file, the first n "
+                             "of its rows of the commonest token length)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--method", choices=METHODS, default="ig", help="node effects (default ig)")
     parser.add_argument("--steps", type=int, default=10, help="IG steps (default 10)")

@@ -92,7 +92,7 @@ def test_ioi_ids_are_checked_against_the_text(tmp_path, request, capsys, reader,
 @pytest.mark.parametrize("reader,writer,says", [
     ("gpt2", "dc_mini", r"line 2: the token ids \d+ and \d+ in correct_idx / incorrect_idx read as .* with this "
                         r"tokenizer, not words of the prompt"),
-    ("dc_mini", "gpt2", r"line 2: token id \d+ is outside this tokenizer's vocabulary"),
+    ("dc_mini", "gpt2", r"line 2: token id \d+ in correct_idx / incorrect_idx is outside this tokenizer's vocabulary"),
 ])
 def test_ids_without_text_are_refused_unless_they_are_words_of_the_prompt(tmp_path, request, reader, writer, says):
     model = request.getfixturevalue(reader)
@@ -107,13 +107,15 @@ def test_ids_without_text_are_refused_unless_they_are_words_of_the_prompt(tmp_pa
 @pytest.mark.parametrize("reader", READERS)
 def test_bare_token_ids_with_nothing_to_check_them_are_refused(tmp_path, request, gpt2, reader):  # noqa: F811
     """EAP-IG's gender-bias layout: the ids are pronouns, never words of the prompt, so even GPT-2's own are refused."""
-    model = request.getfixturevalue(reader)
-    she, he = token(gpt2.tokenizer, " she"), token(gpt2.tokenizer, " he")
-    path = write_csv(tmp_path / "gender.csv", ["clean", "corrupted", "clean_answer_idx", "corrupted_answer_idx", "label"],
-                     [["The nurse was late because", "The man was late because", she, he, 0]])
     with pytest.raises(DictCircuitsError, match="in clean_answer_idx / corrupted_answer_idx read as") as err:
-        load_task(str(path), model=model)
+        load_task(str(gender_csv(tmp_path, gpt2.tokenizer)), model=request.getfixturevalue(reader))
     assert "\n" not in str(err.value) and "Give the answers as text" in str(err.value)
+
+
+def gender_csv(tmp_path, writer):
+    she, he = token(writer, " she"), token(writer, " he")
+    return write_csv(tmp_path / "gender.csv", ["clean", "corrupted", "clean_answer_idx", "corrupted_answer_idx", "label"],
+                     [["The nurse was late because", "The man was late because", she, he, 0]])
 
 
 FACTS = (("France", "Germany"), ("China", "Japan"), ("Russia", "Mexico"), ("America", "Spain"))
@@ -280,8 +282,10 @@ def test_gpt2_ids_on_gemma3_are_never_misread(tmp_path, gemma, gpt2, capsys):  #
     for i, got in enumerate(decoded(gemma, task)):
         assert got == ioi_text_answers(rows[line_of(task, i)]["clean"])
     assert "not this tokenizer's" in capsys.readouterr().err
-    with pytest.raises(DictCircuitsError, match="not words of the prompt"):
+    with pytest.raises(DictCircuitsError, match="in correct_idx / incorrect_idx"):
         load_task(str(ioi_csv(tmp_path / "bare.csv", gpt2.tokenizer, hard=False)), model=gemma)
+    with pytest.raises(DictCircuitsError, match="in clean_answer_idx / corrupted_answer_idx"):
+        load_task(str(gender_csv(tmp_path, gpt2.tokenizer)), model=gemma)
     gt = write_csv(tmp_path / "gt.csv", ["clean", "corrupted", "label"],
                    [[f"The war lasted from the year 17{yy} to the year 17", "The war lasted from the year 1701 to the "
                      "year 17", yy] for yy in GT_YEARS])

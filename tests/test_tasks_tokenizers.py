@@ -176,9 +176,9 @@ BAD_FILES = [
     ("float_ids.csv", 'clean,corrupted,label\nJohn gave it to,Bob gave it to,"[1.5, 2]"\n', True,
      "cannot read label (token id 1.5 is not an integer)", "line 2"),
     ("vocab.csv", "clean,corrupted,correct_idx,incorrect_idx\nJohn gave it to,Bob gave it to,5,99999\n", True,
-     "token id 99999 is outside this tokenizer's vocabulary", "line 2"),
+     "token id 99999 in correct_idx / incorrect_idx is outside this tokenizer's vocabulary", "line 2"),
     ("negative.csv", "clean,corrupted,correct_idx,incorrect_idx\nJohn gave it to,Bob gave it to,-4,5\n", True,
-     "token id -4 is outside", "line 2"),
+     "token id -4 in correct_idx / incorrect_idx is outside", "line 2"),
     ("long.jsonl", f'{LINE}\n{row(clean=LONG, corrupt=LONG.replace("Mary", "John"))}\n', True,
      "reads at most 64", "line 2"),
 ]
@@ -204,7 +204,7 @@ def test_token_ids_must_round_trip(tmp_path, toy):
     # a token whose text encodes to other ids (a lone byte of a multi-byte character, say)
     partial = next(i for i in range(len(tok)) if tok(tok.decode([i]), add_special_tokens=False)["input_ids"] != [i])
     bad = write(tmp_path, "bad.csv", f"clean,corrupted,correct_idx,incorrect_idx\n{ioi},{mary},{john}\n{ioi},{mary},{partial}\n")
-    with pytest.raises(DictCircuitsError, match=rf"bad.csv line 3: token id {partial} decodes to .* encodes back"):
+    with pytest.raises(DictCircuitsError, match=rf"bad.csv line 3: token id {partial} in correct_idx / incorrect_idx decodes to .* encodes back"):
         load_task(str(bad), model=toy)
 
 
