@@ -52,6 +52,8 @@ class CircuitGraph:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     settings: dict = field(default_factory=dict)  # thresholds, sites, ablation, ...
     features: dict[str, dict] = field(default_factory=dict)  # node id -> hover details (contexts, logits)
+    prompts: list[dict] = field(default_factory=list)  # every prompt traced: clean, corrupt, answer, wrong (+ sets)
+    task_file: dict | None = None  # a task file's path and rows read / skipped / left out / used, by reason
 
     @property
     def faithfulness(self) -> float | None:
@@ -66,7 +68,8 @@ class CircuitGraph:
                 "n_prompts": self.n_prompts, "method": self.method, "prompt_tokens": self.tokens,
                 "faithfulness": self.faithfulness, "completeness": self.completeness,
                 "verification": None if self.verification is None else asdict(self.verification),
-                "timings": self.timings, "settings": self.settings}
+                "timings": self.timings, "settings": self.settings, "task_file": self.task_file,
+                "prompts": self.prompts}
 
     def to_dict(self) -> dict:
         """circuit-tracer / Neuronpedia-like: metadata, nodes (id, with circuit-tracer's node_id, ctx_idx and
@@ -90,7 +93,8 @@ class CircuitGraph:
             if ver is not None:
                 ver = Verification(**{**ver, "curve": [tuple(c) for c in ver.get("curve", [])]})
             return cls(g, meta["task"], meta["model"], meta["n_prompts"], meta["method"], meta.get("prompt_tokens", []),
-                       ver, meta.get("timings", {}), meta.get("settings", {}), data.get("features", {}))
+                       ver, meta.get("timings", {}), meta.get("settings", {}), data.get("features", {}),
+                       meta.get("prompts", []), meta.get("task_file"))  # both absent from files written before them
         except (KeyError, TypeError) as exc:
             raise DictCircuitsError(f"not a dictcircuits graph JSON (missing or bad field {exc}); write it with CircuitGraph.save_json") from exc
 
