@@ -432,7 +432,7 @@ def check_args(args) -> tuple[int, Path | None]:
     """Refuse every bad option in one line before the model is loaded; returns (token count, dictionary folder or
     None for the default one, found once the model's name is known). Sets args.sites to a list when given."""
     from .formats import _dictionary_folders
-    from .options import parse_count, resolve_device
+    from .options import out_path, parse_count, resolve_device
 
     n_tokens = parse_count(args.tokens, "--tokens")
     for flag, value, low in (("--ctx-len", args.ctx_len, 2), ("--batch-size", args.batch_size, 1),
@@ -442,7 +442,10 @@ def check_args(args) -> tuple[int, Path | None]:
             raise DictCircuitsError(f"{flag} {value} is out of range: give a whole number >= {low}")
     if args.top + args.bins * args.per_bin == 0:
         raise DictCircuitsError("--top 0 with no quantile samples shows no contexts: raise --top or --per-bin")
-    check_out(Path(args.out))
+    check_out(out_path(args.out))
+    if not args.model.strip():
+        raise DictCircuitsError("--model is empty: give a model name, folder or .gguf, or leave --model out for "
+                                "dc-mini")
     root = None
     if args.dictionaries is not None:
         root = Path(args.dictionaries)

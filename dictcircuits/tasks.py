@@ -11,11 +11,13 @@ skipped with one line (or refused with strict=True). `Task.tokenize(model)` turn
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import random
 import re
+import stat
 import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -579,6 +581,7 @@ def _task(name: str, rows: list[tuple], metric: str) -> Task:
     return Task(name, clean, corrupt, answers, wrong, metric=metric, meta=meta)
 
 
+MAX_GENERATED = 100_000  # prompts a built-in task generates at most (20k took 11-30 s with dc-mini's tokenizer)
 GENERATORS = {
     "ioi": lambda n, seed, **kw: ioi(n, seed, corruption="abc", **kw),
     "ioi-s2": lambda n, seed, **kw: ioi(n, seed, corruption="s2", **kw),
@@ -609,9 +612,10 @@ def load_task(spec: str, n: int | None = None, seed: int = 0, model: Model | Non
     their count and the first reason, or refused when strict; prompts longer than its context are refused
     (Task.check_fits). EAP-IG CSVs that give token ids need the model to decode them."""
     _check_n(n)
-    if not isinstance(spec, (str, os.PathLike)):
-        raise DictCircuitsError(f"task {spec!r}: give a built-in task name ({', '.join(GENERATORS)}) or a file path")
+    check_task_spec(spec)
     if spec in GENERATORS:
+        if n is not None and n > MAX_GENERATED:
+            raise DictCircuitsError(f"n={n}: a built-in task generates at most {MAX_GENERATED} prompts; lower n")
         tokenizer = model.tokenizer if model is not None else None
         try:
             task = GENERATORS[spec](64 if n is None else n, seed, tokenizer=tokenizer, **options)
@@ -621,8 +625,6 @@ def load_task(spec: str, n: int | None = None, seed: int = 0, model: Model | Non
             raise DictCircuitsError(f"task {spec!r} does not take the options {sorted(options)} ({exc})") from exc
     else:
         path = Path(spec)
-        if not path.is_file():
-            raise DictCircuitsError(f"unknown task {spec!r}: use one of {', '.join(GENERATORS)} or a path to a task file")
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
         if path.suffix not in readers:
             raise DictCircuitsError(f"{path}: unknown task file type {path.suffix!r}; use .jsonl, .json (auto-circuit "
@@ -636,6 +638,30 @@ def load_task(spec: str, n: int | None = None, seed: int = 0, model: Model | Non
         task.check_fits(model)
         task.tokenize(model)
     return task
+
+
+def check_task_spec(spec) -> None:
+    """Refuse, in one line saying what it is, a task that is neither a built-in name nor a regular file."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise DictCircuitsError(f"task {spec!r}: give a built-in task name ({', '.join(GENERATORS)}) or a file path")
+    if str(spec) in GENERATORS:
+        return
+    path = Path(spec)
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DictCircuitsError(f"task {spec}: the symbolic link loops back on itself; point it at a task file") \
+                from None
+        if path.is_symlink():
+            raise DictCircuitsError(f"task {spec}: a link to {os.readlink(path)}, which does not exist; point it at "
+                                    "a task file") from None
+        raise DictCircuitsError(f"unknown task {str(spec)!r}: use one of {', '.join(GENERATORS)} or a path to a task "
+                                "file") from None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None)
+    if kind:
+        raise DictCircuitsError(f"task {spec} is {kind}, not a task file: give a .jsonl, .json or .csv file")
 
 
 def _check_n(n) -> None:

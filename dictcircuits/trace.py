@@ -29,9 +29,10 @@ from .errors import DictCircuitsError, check_int, check_real
 from .formats import _dictionary_folders, load_dictionaries, load_dictionary, sweep_runs
 from .harvest import check_dataset
 from .models import Model, load_model
+from .options import out_path, resolve_device
 from .paths import default_dictionaries
 from .render import check_dashboard, feature_details, write_html
-from .tasks import GENERATORS, Task, load_task
+from .tasks import GENERATORS, MAX_GENERATED, Task, check_task_spec, load_task
 
 PHASES = ("load", "effects", "verify", "edges", "details")
 ABLATIONS = ("corrupt", "mean", "zero")
@@ -129,8 +130,8 @@ def check_settings(*, n, steps, faithfulness, nodes, per_prompt, max_nodes, node
         check_real(edge_threshold, "edge_threshold", lo=0.0)
     if keep_edge_influence is not None:
         check_real(keep_edge_influence, "keep_edge_influence", lo=0.0, hi=1.0, above=True)
-    if refine is not None:
-        check_real(refine, "refine", lo=0.0)
+    if refine is not None:  # a faithfulness drop: at 1 or more every node goes
+        check_real(refine, "refine", lo=0.0, hi=1.0)
     sizing = [name for name, v in (("nodes", nodes), ("node_threshold", node_threshold),
                                    ("keep_influence", keep_influence)) if v is not None]
     if len(sizing) > 1:
@@ -191,8 +192,17 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
                    max_nodes=max_nodes, node_threshold=node_threshold, keep_influence=keep_influence,
                    edge_threshold=edge_threshold, keep_edge_influence=keep_edge_influence, method=method,
                    ablation=ablation, rank=rank, refine=refine, seed=seed)
-    if prompt is None and not isinstance(task, Task) and str(task) not in GENERATORS and not Path(str(task)).is_file():
-        raise DictCircuitsError(f"unknown task {task!r}: use one of {', '.join(GENERATORS)} or a path to a task file")
+    if prompt is None and not isinstance(task, Task):
+        check_task_spec(task)
+        if str(task) in GENERATORS and n > MAX_GENERATED // OVERSAMPLE:
+            raise DictCircuitsError(f"n={n} is more prompts than trace draws from a built-in task: at most "
+                                    f"{MAX_GENERATED // OVERSAMPLE} (it generates {OVERSAMPLE} candidates per prompt, at "
+                                    f"most {MAX_GENERATED}); lower n")
+    if sites is not None and not isinstance(sites, str):
+        if not isinstance(sites, (list, tuple)) or not sites or not all(isinstance(x, str) for x in sites):
+            raise DictCircuitsError(f"sites={sites!r}: give site names as a string ('resid.1,mlp.2', 'resid.*', "
+                                    "'all') or a list of them")
+        sites = ",".join(sites)
     if isinstance(dictionaries, Mapping) and run is not None:
         raise DictCircuitsError(f"run {run!r} picks a run of a sweep folder; drop it when passing the dictionaries "
                                 "themselves")
@@ -267,6 +277,11 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
                               per_prompt=per_prompt, node_threshold=node_threshold, keep_influence=keep_influence,
                               max_nodes=max_nodes, rank=rank, refine=refine, progress=progress)
         chosen_nodes, verification = chosen.nodes, chosen.verification
+        if not chosen_nodes:
+            why = (f"no node scores node_threshold={node_threshold:g} or more" if node_threshold is not None else
+                   f"refine={refine:g} removed every node" if refine is not None else "no node has any effect")
+            raise DictCircuitsError(f"the circuit is empty: {why}; lower node_threshold or refine, or size the "
+                                    "circuit with faithfulness or nodes")
         lap("verify")
 
         edges = compute_edges(model, dictionaries, batch, effects, chosen_nodes, mode=edge_mode, progress=progress)
@@ -477,7 +492,8 @@ def run(args: argparse.Namespace) -> int:
                     edge_threshold=args.edge_threshold, keep_edge_influence=args.keep_edge_influence,
                     method=args.method, ablation=args.ablation or ("corrupt" if args.prompt is None else "mean"), rank=args.rank, refine=args.refine, seed=args.seed)
     check_settings(**settings)
-    out = Path(args.out)
+    resolve_device(args.device)
+    out = out_path(args.out)
     check_out(out)
     contexts = None
     if args.contexts:
