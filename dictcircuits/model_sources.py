@@ -64,8 +64,10 @@ def check_gguf(path: Path) -> None:
     import mmap
     import struct
 
-    import gguf
-
+    try:
+        import gguf
+    except ImportError:
+        raise DictCircuitsError(f"reading {path} needs the gguf package: pip install 'dictcircuits[gguf]'") from None
     size = path.stat().st_size
     with open(path, "rb") as fh:
         if fh.read(4) != b"GGUF":

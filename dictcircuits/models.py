@@ -414,13 +414,17 @@ def _check_model_folder(path: Path) -> None:
 
 def _from_pretrained(source: ModelSource, spec: str, device, dtype) -> Model:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    quiet = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report on missing weights becomes _check_weights_cover's one line
     try:
         hf, loading = AutoModelForCausalLM.from_pretrained(source.folder, use_safetensors=source.local or None,
                                                            output_loading_info=True, **kwargs)
+        hf_logging.set_verbosity(quiet)
         tokenizer = AutoTokenizer.from_pretrained(
             source.folder, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
     except DictCircuitsError:
@@ -433,6 +437,8 @@ def _from_pretrained(source: ModelSource, spec: str, device, dtype) -> Model:
             f"could not load model {spec!r}: not a local folder, .gguf file or installed model package, and the hub "
             f"did not answer ({first}); download it first or pass a local path"
         ) from exc
+    finally:
+        hf_logging.set_verbosity(quiet)
     if not source.gguf_file:
         _check_weights_cover(hf, loading, spec)
     if not tokenizer("the cat")["input_ids"]:
