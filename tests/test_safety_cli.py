@@ -324,7 +324,7 @@ CLI_CASES = [
     ("ctx-len-0", lambda r: ["compare", str(r / "a"), str(r / "b"), "--model", "not-loaded", "--ctx-len", "0"],
      r"--ctx-len=0 is out of range"),
     ("tokens-word", lambda r: ["compare", str(r / "a"), str(r / "b"), "--model", "not-loaded", "--tokens", "many"],
-     r"cannot read 'many' as a count"),
+     r"cannot read --tokens 'many' as a count"),
     ("bad-site", lambda r: ["compare", str(r / "a"), str(r / "b"), "--site", "layer3"], r"bad site name 'layer3'"),
     ("different-widths", lambda r: ["compare", str(r / "a" / "resid.1"), str(r / "narrow" / "resid.1")],
      r"different widths"),
