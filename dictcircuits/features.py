@@ -30,7 +30,7 @@ from .atomic import atomic_write, atomic_write_text
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
 from .harvest import ContextStream, check_ctx_len, check_dataset, token_mask
-from .models import Model, Tokens
+from .models import Model, Tokens, parse_site
 
 SCHEMA_VERSION = 1
 FORMAT = "dictcircuits-features"
@@ -416,6 +416,7 @@ def pick_sites(spec: str | None, available: Sequence[str], where: str) -> list[s
                 raise DictCircuitsError(f"site pattern {raw!r} matches none of the sites with dictionaries in {where}: "
                                         f"{', '.join(available) or 'none'}")
         elif raw:
+            parse_site(raw)  # refuses misspellings (resid.01, layer3) with the valid ones
             if raw not in available:
                 raise DictCircuitsError(f"no dictionary for site {raw} in {where}; sites with dictionaries: "
                                         f"{', '.join(available) or 'none'}")
@@ -467,7 +468,7 @@ def run(args) -> int:
     from .formats import _dictionary_folders, load_dictionaries
     from .models import load_model
     from .paths import default_dictionaries
-    from .options import resolve_device
+    from .options import check_memory, resolve_device
 
     n_tokens, root = check_args(args)
     model = load_model(args.model, device=resolve_device(args.device))
@@ -476,6 +477,10 @@ def run(args) -> int:
         root = default_dictionaries(model.name)
         args.sites = pick_sites(args.sites, list(_dictionary_folders(root)), str(root))
     dicts = load_dictionaries(root, model=model, sites=[s.name for s in model.resolve_sites(args.sites)])
+    shown = args.top + args.bins * args.per_bin  # contexts kept per feature: an index and a value each
+    check_memory(16 * shown * sum(d.F for d in dicts.values()), f"--top {args.top} and {args.bins} x --per-bin "
+                 f"{args.per_bin} contexts for each of {sum(d.F for d in dicts.values())} features",
+                 "lower --top or --per-bin", model.device)
     dataset = args.dataset or training_dataset(dicts) or check_dataset(None)
     stream = ContextStream(model.tokenizer, dataset, args.ctx_len, split=args.split, text_field=args.text_field,
                            loop=False)  # a short dataset gives fewer tokens, never the same contexts twice

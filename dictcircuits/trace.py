@@ -41,6 +41,8 @@ EFFECTS_ROWS = 320  # prompts x IG steps per trace for node effects: bigger trac
 OVERSAMPLE = 32  # built-in tasks generate n * OVERSAMPLE prompts; the first n of the commonest length and template are kept
 FAITHFULNESS = 0.8  # default auto-sizing target
 MAX_NODES = 1000  # default cap on the circuit's nodes (per prompt for per-prompt circuits)
+MAX_STEPS = 1000  # IG steps at most: each is one more row per prompt in the effect traces (default 10)
+MAX_MEAN_TOKENS = 1_000_000  # --prompt mean ablation: corpus positions at most (dc-mini reads ~7k a second)
 # sites traced when none are given: residual-stream sites with dictionaries, at most DEFAULT_SERIES of them (every
 # site with one if none is a resid site). A circuit must carry the effect through every site it ablates: measured
 # faithfulness at several sites is about the product of each site's own (README, "On a real model"), so every
@@ -107,7 +109,7 @@ def check_settings(*, n, steps, faithfulness, nodes, per_prompt, max_nodes, node
                    edge_threshold, keep_edge_influence, method, ablation, rank, refine, seed) -> None:
     """Refuse settings that cannot work, before anything is loaded or computed."""
     check_int(n, "n", lo=1)
-    check_int(steps, "steps", lo=1)
+    check_int(steps, "steps", lo=1, hi=MAX_STEPS)
     check_int(seed, "seed")
     check_int(max_nodes, "max_nodes", lo=1)
     if method not in METHODS:
@@ -184,7 +186,7 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
     check_dashboard(dashboard)
     if prompt is not None:
         check_prompt_args(prompt, answer, wrong, ablation)
-        check_int(mean_tokens, "mean_tokens", lo=1)
+        check_int(mean_tokens, "mean_tokens", lo=1, hi=MAX_MEAN_TOKENS)
         if method == "exact":
             raise DictCircuitsError("method exact is for tasks; use ig or attrib for a single prompt")
         dataset = check_dataset(dataset) if ablation == "mean" else None
@@ -497,6 +499,9 @@ def run(args: argparse.Namespace) -> int:
     check_out(out)
     contexts = None
     if args.contexts:
+        if not Path(args.contexts).is_file():
+            raise DictCircuitsError(f"--contexts {args.contexts} is not a file (missing, a folder, a pipe?): give a "
+                                    "text file with one context per line")
         try:
             contexts = [line for line in Path(args.contexts).read_text().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:
