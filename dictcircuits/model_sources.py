@@ -109,7 +109,7 @@ def check_gguf(path: Path) -> None:
                 alignment = int(value)
         end = 0
         for _ in range(n_tensors):
-            name = bytes(skip_value(8) or b"").decode("utf-8", "replace")
+            skip_value(8)  # the tensor's name
             dims = [take("Q") for _ in range(take("I"))]
             block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(take("I"))]
             n_elements = 1
@@ -119,7 +119,7 @@ def check_gguf(path: Path) -> None:
             if pos > size:
                 break
         data_start = -(-pos // alignment) * alignment
-    except (struct.error, KeyError, ValueError, OverflowError) as exc:
+    except (struct.error, KeyError, ValueError, OverflowError):
         raise DictCircuitsError(f"{path} is truncated or corrupt (its header cannot be read); download it "
                                 "again") from None
     finally:

@@ -201,11 +201,11 @@ class Model:
         tokenizer does by default, see `adds_bos`)."""
         if self.tokenizer is None:
             raise DictCircuitsError(f"{self.name} has no tokenizer: pass token ids instead of text")
-        if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
             what = "one string" if isinstance(texts, str) else f"{type(texts).__name__} {str(texts)[:40]!r}"
-            raise DictCircuitsError(f"tokenize takes a list of strings, got {what}: pass e.g. ['The cat sat'] "
-                                    "(token ids go into Tokens / pad directly)")
-        rows = list(self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]) if len(texts) else []
+            raise DictCircuitsError(f"tokenize takes a non-empty list of strings, got {what}: pass e.g. "
+                                    "['The cat sat'] (token ids go into Tokens / pad directly)")
+        rows = list(self.tokenizer(list(texts), add_special_tokens=False)["input_ids"])
         if add_bos is None:
             add_bos = self.adds_bos
         if add_bos and self.tokenizer.bos_token_id is not None:

@@ -251,8 +251,10 @@ API_CASES = [
     ("baseline-train-identity-width", lambda s: train_baselines(s.model, ["resid.0"], "identity", "unused", 100,
                                                                 "unused-out", {}, width=16), r"drop --width"),
     # models: tokenize, edits, site names
-    ("tokenize-none", lambda s: s.model.tokenize(None), r"tokenize takes a list of strings, got NoneType"),
-    ("tokenize-ids", lambda s: s.model.tokenize([1, 2, 3]), r"tokenize takes a list of strings, got list"),
+    ("tokenize-none", lambda s: s.model.tokenize(None), r"tokenize takes a non-empty list of strings, got NoneType"),
+    ("tokenize-ids", lambda s: s.model.tokenize([1, 2, 3]),
+     r"tokenize takes a non-empty list of strings, got list '\[1, 2, 3\]'"),
+    ("tokenize-empty-list", lambda s: s.model.tokenize([]), r"non-empty list of strings, got list '\[\]'"),
     ("tokenize-one-string", lambda s: s.model.tokenize("When Mary"), r"got one string: pass e.g. \['The cat sat'\]"),
     ("run-edit-wrong-shape", lambda s: s.model.run(s.tokens, edits={"resid.0": lambda x: x[:, :1]}),
      r"the edit at resid.0 returned \(2, 1, 32\), not a tensor of the activation's shape \(2, \d+, 32\)"),
