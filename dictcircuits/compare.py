@@ -301,6 +301,9 @@ def run(args) -> int:
     for path in (args.a, args.b):
         if not Path(path).exists():
             raise DictCircuitsError(f"{path} does not exist; give a dictionary file or folder")
+        if not Path(path).is_file() and not Path(path).is_dir():
+            raise DictCircuitsError(f"{path} is neither a file nor a folder (a pipe or device?); give a dictionary "
+                                    "file or folder")
     pairs = _pairs(args.a, args.b, args.site)
     if args.model is not None:  # activation correlation holds every token's features of both dictionaries, twice
         widest = max(da.F + db.F for da, db in pairs.values())

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write_text
-from .errors import DictCircuitsError
+from .errors import DictCircuitsError, check_int
 from .models import Model, Tokens
 from .wordlists import (EVENTS, EXTRA_EVENTS, EXTRA_HELDOUT_NAMES, EXTRA_NAMES, EXTRA_NOUNS, EXTRA_OBJECTS,
                         EXTRA_PLACES, EXTRA_PREP_NOUNS, EXTRA_RC_VERBS, HELDOUT_NAMES, NAMES, NOUNS, OBJECTS, PLACES,
@@ -612,6 +612,7 @@ def load_task(spec: str, n: int | None = None, seed: int = 0, model: Model | Non
     their count and the first reason, or refused when strict; prompts longer than its context are refused
     (Task.check_fits). EAP-IG CSVs that give token ids need the model to decode them."""
     _check_n(n)
+    check_int(seed, "seed")
     check_task_spec(spec)
     if spec in GENERATORS:
         if n is not None and n > MAX_GENERATED:

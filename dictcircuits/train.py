@@ -152,9 +152,10 @@ class TrainConfig:
                 out.append(cfg)
         return out
 
-    def check_memory(self, d: int, n_sites: int, device: torch.device) -> None:
+    def check_memory(self, d: int, n_sites: int, vocab: int, device: torch.device) -> None:
         """Refuse, before anything is written, dictionaries and a buffer that cannot fit in the device's memory:
-        per feature 2d weights with their gradients and two Adam moments (32d bytes), per buffered token d floats."""
+        per feature 2d weights with their gradients and two Adam moments (32d bytes), per buffered token d floats,
+        per end-to-end KL context its ids and two rows of logits per position."""
         widths = [parse_width(w, d) for w in _split(self.width)] or [8 * d]
         sweep = {"topk": "k", "batchtopk": "k", "jumprelu": "l0_coef"}.get(self.arch, "l1")
         points = max(1, len(_split(getattr(self, sweep))))
@@ -162,6 +163,10 @@ class TrainConfig:
                      f"d={d}, {n_sites} site(s))", "use a narrower --width or fewer --sites", device)
         check_memory(n_sites * self.buffer_tokens * d * 4, f"--buffer-tokens {self.buffer_tokens} ({n_sites} "
                      f"site(s) of d={d})", "lower --buffer-tokens", device)
+        if self.e2e_kl > 0:
+            check_memory(self.e2e_contexts * self.ctx_len * (8 + 8 * vocab), f"--e2e-contexts {self.e2e_contexts} "
+                         f"(logits over {vocab} tokens at {self.ctx_len} positions each)", "lower --e2e-contexts",
+                         device)
 
     def validate(self) -> "_Checked":
         """Refuse every option outside its domain in one line, before the model is loaded or anything is
@@ -861,7 +866,7 @@ def _train(cfg: TrainConfig, checked: _Checked, model: Model | None, on_step, fo
     model = model or load_model(cfg.model, device=device)
     sites = [s.name for s in model.resolve_sites(cfg.sites)]
     check_ctx_len(model, cfg.ctx_len)
-    cfg.check_memory(model.d_model, len(sites), checked.device)
+    cfg.check_memory(model.d_model, len(sites), model.vocab_size, checked.device)
     dataset = checked.dataset
     out = Path(cfg.out) if cfg.out else train_output(model.name)
     opened_here = folder is None and rank == 0  # the default --out is known once the model is loaded

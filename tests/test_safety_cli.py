@@ -273,6 +273,8 @@ API_CASES = [
     ("trace-device-meta", lambda s: trace("ioi", device="meta"), r"device meta holds no values"),
     ("trace-task-a-number", lambda s: trace(7, model=s.model), r"task 7: give a built-in task name"),
     ("load-task-n-huge", lambda s: load_task("ioi", n=10 ** 8), r"n=100000000: .* at most 100000 prompts"),
+    ("load-task-seed-string", lambda s: load_task("ioi", n=3, seed="abc"), r"seed='abc' is not an integer"),
+    ("load-task-seed-float", lambda s: load_task("ioi", n=3, seed=1.5), r"seed=1.5 is not an integer"),
 ]
 
 
@@ -599,6 +601,7 @@ COMMAND_CASES = [
      r"--tokens '1e30' is more than"),
     ("compare-tokens-beyond-memory", lambda t: ["compare", SHIPPED, SHIPPED, "--model", "dc-mini", "--tokens", "500G"],
      r"activation correlation on --tokens 500000000000 .* more than the"),
+    ("compare-fifo", lambda t: ["compare", _special("fifo")(t), SHIPPED], r"task.jsonl is neither a file nor a folder"),
     ("compare-model-empty", lambda t: ["compare", SHIPPED, SHIPPED, "--model", ""], r"--model is empty"),
     ("features-tokens-1e30", lambda t: ["features", "--out", "o", "--tokens", "1e30"], r"--tokens '1e30' is more"),
     ("features-out-empty", lambda t: ["features", "--out", ""], r"--out is empty"),

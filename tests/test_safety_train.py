@@ -192,6 +192,8 @@ CASES = [
     ("buffer-beyond-memory", lambda e, w: train_argv(e, w, buffer_tokens="1000G"),
      r"--buffer-tokens 1000000000000 .* needs .*: lower --buffer-tokens"),
     ("device-meta", lambda e, w: train_argv(e, w, device="meta"), r"--device meta holds no values"),
+    ("e2e-contexts-beyond-memory", lambda e, w: train_argv(e, w, e2e_kl="1", e2e_contexts="100000000"),
+     r"--e2e-contexts 100000000 \(logits over \d+ tokens at 32 positions each\) needs .*: lower --e2e-contexts"),
     ("dataset-binary", lambda e, w: train_argv(e, w, dataset=_binary(w)), r"bytes.txt is not UTF-8 text"),
     ("dataset-undecodable", lambda e, w: train_argv(e, w, dataset=_binary(w, nul=False)), r"is not UTF-8 text"),
     ("dataset-fifo", lambda e, w: train_argv(e, w, dataset=_fifo(w)), r"pipe.txt is neither a file nor a folder"),
