@@ -279,7 +279,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def run(args) -> int:
     from .evaluate import eval_tokens
     from .models import load_model, parse_site
-    from .options import parse_count
+    from .options import check_memory, parse_count
 
     if args.model is None:
         given = [flag for flag, v in (("--model-b", args.model_b), ("--dataset", args.dataset),
@@ -287,7 +287,10 @@ def run(args) -> int:
         if given:
             raise DictCircuitsError(f"{', '.join(given)} only apply to activation correlation, which needs --model; "
                                     "add --model or drop them")
-    n_tokens = parse_count(args.tokens or "16k")
+    n_tokens = parse_count(args.tokens or "16k", "--tokens")
+    for flag, value in (("--model", args.model), ("--model-b", args.model_b)):
+        if value is not None and not value.strip():
+            raise DictCircuitsError(f"{flag} is empty: give a model name, folder or .gguf (or leave it out)")
     ctx_len = check_int(args.ctx_len if args.ctx_len is not None else 128, "--ctx-len", 2)
     if args.site is not None:
         parse_site(args.site)
@@ -295,9 +298,16 @@ def run(args) -> int:
     for path in (args.a, args.b):
         if not Path(path).exists():
             raise DictCircuitsError(f"{path} does not exist; give a dictionary file or folder")
+        if not Path(path).is_file() and not Path(path).is_dir():
+            raise DictCircuitsError(f"{path} is neither a file nor a folder (a pipe or device?); give a dictionary "
+                                    "file or folder")
     pairs = _pairs(args.a, args.b, args.site)
-    model = load_model(args.model) if args.model else None
-    model_b = load_model(args.model_b) if args.model_b else None
+    if args.model is not None:  # activation correlation holds every token's features of both dictionaries, twice
+        widest = max(da.F + db.F for da, db in pairs.values())
+        check_memory(n_tokens * (16 + 8 * widest), f"activation correlation on --tokens {n_tokens} ({widest} "
+                     "features per token)", "lower --tokens")
+    model = load_model(args.model) if args.model is not None else None
+    model_b = load_model(args.model_b) if args.model_b is not None else None
     tokens = eval_tokens(model, args.dataset, n_tokens, ctx_len) if model else None
     results = {s: compare(da, db, model, tokens, site=s if s != "?" else args.site, model_b=model_b)
                for s, (da, db) in pairs.items()}

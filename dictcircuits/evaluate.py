@@ -445,9 +445,14 @@ def add_arguments(p) -> None:
 def check_args(args) -> int:
     """Refuse every bad option in one line before the model is loaded; returns the token count."""
     from .harvest import check_dataset
-    from .options import check_folder, parse_count, resolve_device
+    from .formats import _dictionary_folders, sweep_runs
+    from .options import check_folder, check_memory, out_path, parse_count, resolve_device
 
     n_tokens = parse_count(args.tokens, "--tokens")
+    check_memory(16 * n_tokens, f"--tokens {args.tokens} (the token ids are held in memory)", "lower --tokens")
+    if args.model is not None and not args.model.strip():
+        raise DictCircuitsError("--model is empty: give a model name, folder or .gguf, or leave --model out to use "
+                                "the model the dictionaries name")
     if args.ctx_len < 2:
         raise DictCircuitsError(f"--ctx-len {args.ctx_len} is too short: use at least 2 tokens per context")
     if args.batch_size is not None and args.batch_size < 1:
@@ -457,10 +462,14 @@ def check_args(args) -> int:
     if args.dictionaries is not None and not Path(args.dictionaries).is_dir():
         raise DictCircuitsError(f"--dictionaries {args.dictionaries} is not a folder: point it at a folder of "
                                 "per-site dictionaries (e.g. the --out of dictcircuits train)")
+    if args.dictionaries is not None and not _dictionary_folders(Path(args.dictionaries)) \
+            and sweep_runs(Path(args.dictionaries)) is None:
+        raise DictCircuitsError(f"--dictionaries {args.dictionaries} holds no dictionaries in a known format: point "
+                                "it at a folder of per-site dictionaries (e.g. the --out of dictcircuits train)")
     if args.run is not None and not str(args.run).strip():
         raise DictCircuitsError("--run is empty: give the name of a run folder of the sweep (e.g. topk_F512_k16)")
     if args.plots is not None:
-        check_folder(Path(args.plots), "--plots")
+        check_folder(out_path(args.plots, "--plots"), "--plots")
     resolve_device(args.device)
     args.dataset = check_dataset(args.dataset)
     return n_tokens
@@ -537,7 +546,7 @@ def run(args) -> int:
 
     n_tokens = check_args(args)
     root = Path(args.dictionaries) if args.dictionaries is not None else None
-    spec = args.model or (model_of(root) if root is not None else DEFAULT_MODEL)
+    spec = args.model if args.model is not None else (model_of(root) if root is not None else DEFAULT_MODEL)
     if root is None and spec == DEFAULT_MODEL:  # known before the model is loaded
         root = default_dictionaries(DEFAULT_MODEL)
     model = load_model(spec, device=resolve_device(args.device))

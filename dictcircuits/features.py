@@ -30,7 +30,7 @@ from .atomic import GENERATOR, atomic_write, atomic_write_text, marked, writable
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
 from .harvest import ContextStream, check_ctx_len, check_dataset, token_mask
-from .models import Model, Tokens
+from .models import Model, Tokens, parse_site
 
 SCHEMA_VERSION = 1
 FORMAT = "dictcircuits-features"
@@ -423,6 +423,7 @@ def pick_sites(spec: str | None, available: Sequence[str], where: str) -> list[s
                 raise DictCircuitsError(f"site pattern {raw!r} matches none of the sites with dictionaries in {where}: "
                                         f"{', '.join(available) or 'none'}")
         elif raw:
+            parse_site(raw)  # refuses misspellings (resid.01, layer3) with the valid ones
             if raw not in available:
                 raise DictCircuitsError(f"no dictionary for site {raw} in {where}; sites with dictionaries: "
                                         f"{', '.join(available) or 'none'}")
@@ -439,7 +440,7 @@ def check_args(args) -> tuple[int, Path | None]:
     """Refuse every bad option in one line before the model is loaded; returns (token count, dictionary folder or
     None for the default one, found once the model's name is known). Sets args.sites to a list when given."""
     from .formats import _dictionary_folders
-    from .options import parse_count, resolve_device
+    from .options import out_path, parse_count, resolve_device
 
     n_tokens = parse_count(args.tokens, "--tokens")
     for flag, value, low in (("--ctx-len", args.ctx_len, 2), ("--batch-size", args.batch_size, 1),
@@ -449,7 +450,10 @@ def check_args(args) -> tuple[int, Path | None]:
             raise DictCircuitsError(f"{flag} {value} is out of range: give a whole number >= {low}")
     if args.top + args.bins * args.per_bin == 0:
         raise DictCircuitsError("--top 0 with no quantile samples shows no contexts: raise --top or --per-bin")
-    check_out(Path(args.out))
+    check_out(out_path(args.out))
+    if not args.model.strip():
+        raise DictCircuitsError("--model is empty: give a model name, folder or .gguf, or leave --model out for "
+                                "dc-mini")
     root = None
     if args.dictionaries is not None:
         root = Path(args.dictionaries)
@@ -472,7 +476,7 @@ def run(args) -> int:
     from .formats import _dictionary_folders, load_dictionaries
     from .models import load_model
     from .paths import default_dictionaries
-    from .options import resolve_device
+    from .options import check_memory, resolve_device
 
     n_tokens, root = check_args(args)
     model = load_model(args.model, device=resolve_device(args.device))
@@ -483,6 +487,10 @@ def run(args) -> int:
     sites = [s.name for s in model.resolve_sites(args.sites)]
     check_out(Path(args.out), sites)
     dicts = load_dictionaries(root, model=model, sites=sites)
+    shown = args.top + args.bins * args.per_bin  # contexts kept per feature: an index and a value each
+    check_memory(16 * shown * sum(d.F for d in dicts.values()), f"--top {args.top} and {args.bins} x --per-bin "
+                 f"{args.per_bin} contexts for each of {sum(d.F for d in dicts.values())} features",
+                 "lower --top or --per-bin", model.device)
     dataset = args.dataset or training_dataset(dicts) or check_dataset(None)
     stream = ContextStream(model.tokenizer, dataset, args.ctx_len, split=args.split, text_field=args.text_field,
                            loop=False)  # a short dataset gives fewer tokens, never the same contexts twice

@@ -43,7 +43,8 @@ def check_dataset(dataset: str | None) -> str:
         raise DictCircuitsError("--dataset is empty: give a hub dataset name, a .txt/.jsonl file or a folder")
     path = Path(dataset).expanduser()
     if path.exists():
-        _text_files(path)
+        for file in _text_files(path):
+            _check_text(file)
         return str(path)
     if path.suffix in TEXT_SUFFIXES or str(dataset).startswith(("/", "./", "../", "~")):
         raise DictCircuitsError(f"--dataset {dataset} does not exist: give an existing .txt/.jsonl file or "
@@ -51,7 +52,23 @@ def check_dataset(dataset: str | None) -> str:
     return str(dataset)
 
 
+def _check_text(file: Path, head: int = 8192) -> None:
+    """Refuse a file whose start is not UTF-8 text (NUL bytes, or more than 10% undecodable; random bytes are about
+    half): binary data, not a corpus. Stray bytes (Latin-1 accents) pass; they read as U+FFFD."""
+    with file.open("rb") as fh:
+        start = fh.read(head)
+    text = start.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - (3 if len(start) == head else 0)  # a character cut at the end of the head
+    if b"\x00" in start or bad > 0.1 * len(text):
+        raise DictCircuitsError(f"--dataset file {file} is not UTF-8 text (its first {len(start)} bytes hold NUL "
+                                "or undecodable bytes: binary data?); give text files (.txt, or .jsonl with a text "
+                                "field)")
+
+
 def _text_files(path: Path) -> list[Path]:
+    if not path.is_file() and not path.is_dir():
+        raise DictCircuitsError(f"--dataset {path} is neither a file nor a folder (a pipe or device?): give a .txt/"
+                                ".jsonl file or a folder of them")
     if path.is_file():
         if path.suffix not in TEXT_SUFFIXES:
             raise DictCircuitsError(f"{path} is neither .txt nor .jsonl: give text files or a folder of them")

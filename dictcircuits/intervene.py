@@ -271,7 +271,12 @@ def steer(
         fm = _mask(idx, (P, F), positions, f"steered features at {site}")
         rules[site] = lambda f, err, fm=fm, vec=vec: (
             torch.where(fm.to(f.device), f + vec.to(f) if add else vec.to(f).expand_as(f), f), err)
-    return _apply(model, dictionaries, tokens, rules, batch)
+    result = _apply(model, dictionaries, tokens, rules, batch)
+    if not torch.isfinite(result.logits).all():
+        largest = max(abs(float(v)) for feats in values.values() for v in feats.values())
+        raise DictCircuitsError(f"steering with values up to {largest:g} overflows the model (its logits hold "
+                                "NaN/Inf): use smaller steering values")
+    return result
 
 
 # --- how many features does it take? ----------------------------------------------------------------

@@ -49,6 +49,81 @@ def gguf_name(path: Path) -> str:
     return _safe_name(path.stem)
 
 
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a .gguf file that is not one, or is truncated or corrupt (its header or tensors reach past its end),
+    in one line naming it, before transformers fails on it deep inside dequantisation. Reads the header only
+    (gguf's own reader takes a minute on a 262k-token vocabulary)."""
+    import mmap
+    import struct
+
+    try:
+        import gguf
+    except ImportError:
+        raise DictCircuitsError(f"reading {path} needs the gguf package: pip install 'dictcircuits[gguf]'") from None
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise DictCircuitsError(f"{path} is not a GGUF file (it does not start with 'GGUF'): give a .gguf model "
+                                    "file")
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    pos = 4
+
+    def take(fmt: str):
+        nonlocal pos
+        value = struct.unpack_from("<" + fmt, buf, pos)[0]
+        pos += struct.calcsize(fmt)
+        return value
+
+    def skip_value(kind: int) -> object:
+        nonlocal pos
+        if kind == 8:
+            n = take("Q")
+            pos += n
+            return buf[pos - n:pos] if pos <= size else None
+        if kind == 9:
+            inner, n = take("I"), take("Q")
+            if inner in _GGUF_SCALARS:
+                pos += n * struct.calcsize(_GGUF_SCALARS[inner])
+            else:
+                for _ in range(n):
+                    skip_value(inner)
+            return None
+        return take(_GGUF_SCALARS[kind])
+
+    try:
+        take("I")  # version
+        n_tensors, n_kv = take("Q"), take("Q")
+        alignment = 32
+        for _ in range(n_kv):
+            key = skip_value(8)
+            value = skip_value(take("I"))
+            if key == b"general.alignment":
+                alignment = int(value)
+        end = 0
+        for _ in range(n_tensors):
+            skip_value(8)  # the tensor's name
+            dims = [take("Q") for _ in range(take("I"))]
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(take("I"))]
+            n_elements = 1
+            for dim in dims:
+                n_elements *= dim
+            end = max(end, take("Q") + n_elements // block * type_size)
+            if pos > size:
+                break
+        data_start = -(-pos // alignment) * alignment
+    except (struct.error, KeyError, ValueError, OverflowError):
+        raise DictCircuitsError(f"{path} is truncated or corrupt (its header cannot be read); download it "
+                                "again") from None
+    finally:
+        buf.close()
+    if pos > size or data_start + end > size:
+        raise DictCircuitsError(f"{path} is truncated or corrupt: its tensors need {data_start + end} bytes but the "
+                                f"file has {size}; download it again")
+
+
 def _distribution_files(dist_name: str) -> list[Path]:
     try:
         dist = metadata.distribution(dist_name)

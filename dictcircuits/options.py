@@ -10,9 +10,12 @@ import torch
 
 from .errors import DictCircuitsError
 
+MAX_COUNT = 10 ** 12  # a trillion tokens: beyond any dictionary run; larger counts are typos (1e30), refused at once
+
 
 def parse_count(text: str | int, flag: str = "") -> int:
-    """'10M' -> 10_000_000, '64k' -> 64_000, '1e6' -> 1_000_000; refuses zero, negative and non-finite counts."""
+    """'10M' -> 10_000_000, '64k' -> 64_000, '1e6' -> 1_000_000; refuses zero, negative and non-finite counts, and
+    counts above MAX_COUNT."""
     if isinstance(text, int) and not isinstance(text, bool):
         value = float(text)
     else:
@@ -26,11 +29,50 @@ def parse_count(text: str | int, flag: str = "") -> int:
     if not math.isfinite(value) or value < 1:
         raise DictCircuitsError(f"{flag or 'count'} {text!r} must be a count of at least 1: write e.g. 10M, 500k "
                                 "or 20000")
+    if value > MAX_COUNT:
+        raise DictCircuitsError(f"{flag or 'count'} {text!r} is more than dictcircuits can handle (at most "
+                                f"{MAX_COUNT // 10 ** 9}G): give a smaller count, e.g. 10M")
     return int(value)
 
 
-def resolve_device(spec: str) -> torch.device:
-    """auto, cpu, cuda, cuda:N or mps as a torch.device; refused in one line when unknown or not present."""
+def memory_bytes(device: torch.device | str = "cpu") -> int:
+    """The memory of the device that holds a run's tensors: the GPU's for cuda, else this machine's RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(need: float, what: str, fix: str, device: torch.device | str = "cpu") -> None:
+    """Refuse, before any work, a request whose tensors alone (`need` bytes) exceed the device's whole memory."""
+    have = memory_bytes(device)
+    if need > have:
+        raise DictCircuitsError(f"{what} needs {_size(need)}, more than the {_size(have)} of memory "
+                                f"{'on ' + str(device) if torch.device(device).type == 'cuda' else 'of this machine'}: "
+                                f"{fix}")
+
+
+def _size(n: float) -> str:
+    """Bytes in the largest unit below it: '512 MB', '1.9e+09 TB'."""
+    units = ("B", "KB", "MB", "GB", "TB")
+    power = min(len(units) - 1, max(0, int(math.log(max(n, 1), 1024))))
+    return f"{n / 1024 ** power:.3g} {units[power]}"
+
+
+def out_path(text: str | os.PathLike, flag: str = "--out") -> Path:
+    """An output path as given; an empty one is refused (Path('') would mean the current folder)."""
+    if not str(text).strip():
+        raise DictCircuitsError(f"{flag} is empty: give the folder to write into (e.g. {flag} out)")
+    return Path(text)
+
+
+def resolve_device(spec: str | torch.device, flag: str = "--device") -> torch.device:
+    """auto, cpu, cuda, cuda:N or mps as a torch.device; refused in one line when unknown, not present, or a device
+    that holds no values (meta)."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    if not isinstance(spec, str):
+        raise DictCircuitsError(f"{flag} {spec!r} is not a device: use auto, cpu, cuda or cuda:N")
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -38,20 +80,22 @@ def resolve_device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError, TypeError):
-        raise DictCircuitsError(f"--device {spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        raise DictCircuitsError(f"{flag} {spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cpu":
         return device
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DictCircuitsError(f"--device {spec}: CUDA is not available here (no GPU, or torch "
+            raise DictCircuitsError(f"{flag} {spec}: CUDA is not available here (no GPU, or torch "
                                     f"{torch.__version__} built without CUDA); use --device cpu or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DictCircuitsError(f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s) "
+            raise DictCircuitsError(f"{flag} {spec}: this machine has {torch.cuda.device_count()} GPU(s) "
                                     f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of those")
         return device
     if device.type == "mps" and torch.backends.mps.is_available():
         return device
-    raise DictCircuitsError(f"--device {spec}: dictcircuits runs on cpu, cuda or mps (when present); use one of those")
+    if device.type == "meta":
+        raise DictCircuitsError(f"{flag} meta holds no values, so nothing could be computed: use cpu, cuda or auto")
+    raise DictCircuitsError(f"{flag} {spec}: dictcircuits runs on cpu, cuda or mps (when present); use one of those")
 
 
 def nearest_existing(path: Path) -> Path:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import ast
 import csv
+import errno
 import io
 import json
 import os
 import random
 import re
+import stat
 import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write_text
-from .errors import DictCircuitsError
+from .errors import DictCircuitsError, check_int
 from .models import Model, Tokens
 from .wordlists import (EVENTS, EXTRA_EVENTS, EXTRA_HELDOUT_NAMES, EXTRA_NAMES, EXTRA_NOUNS, EXTRA_OBJECTS,
                         EXTRA_PLACES, EXTRA_PREP_NOUNS, EXTRA_RC_VERBS, HELDOUT_NAMES, NAMES, NOUNS, OBJECTS, PLACES,
@@ -628,6 +630,7 @@ def _task(name: str, rows: list[tuple], metric: str) -> Task:
     return Task(name, clean, corrupt, answers, wrong, metric=metric, meta=meta)
 
 
+MAX_GENERATED = 100_000  # prompts a built-in task generates at most (20k took 11-30 s with dc-mini's tokenizer)
 GENERATORS = {
     "ioi": lambda n, seed, **kw: ioi(n, seed, corruption="abc", **kw),
     "ioi-s2": lambda n, seed, **kw: ioi(n, seed, corruption="s2", **kw),
@@ -660,9 +663,11 @@ def load_task(spec: str, n: int | None = None, seed: int = 0, model: Model | Non
     by digit, as in the built-in task. CSV answers given as token ids or other columns need the model, and one
     stderr line shows how it reads the first rows' answers."""
     _check_n(n)
-    if not isinstance(spec, (str, os.PathLike)):
-        raise DictCircuitsError(f"task {spec!r}: give a built-in task name ({', '.join(GENERATORS)}) or a file path")
+    check_int(seed, "seed")
+    check_task_spec(spec)
     if spec in GENERATORS:
+        if n is not None and n > MAX_GENERATED:
+            raise DictCircuitsError(f"n={n}: a built-in task generates at most {MAX_GENERATED} prompts; lower n")
         tokenizer = model.tokenizer if model is not None else None
         try:
             task = GENERATORS[spec](64 if n is None else n, seed, tokenizer=tokenizer, **options)
@@ -692,6 +697,30 @@ def load_task(spec: str, n: int | None = None, seed: int = 0, model: Model | Non
     if model is not None:
         task.check_fits(model)
     return task
+
+
+def check_task_spec(spec) -> None:
+    """Refuse, in one line saying what it is, a task that is neither a built-in name nor a regular file."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise DictCircuitsError(f"task {spec!r}: give a built-in task name ({', '.join(GENERATORS)}) or a file path")
+    if str(spec) in GENERATORS:
+        return
+    path = Path(spec)
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DictCircuitsError(f"task {spec}: the symbolic link loops back on itself; point it at a task file") \
+                from None
+        if path.is_symlink():
+            raise DictCircuitsError(f"task {spec}: a link to {os.readlink(path)}, which does not exist; point it at "
+                                    "a task file") from None
+        raise DictCircuitsError(f"unknown task {str(spec)!r}: use one of {', '.join(GENERATORS)} or a path to a task "
+                                "file") from None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None)
+    if kind:
+        raise DictCircuitsError(f"task {spec} is {kind}, not a task file: give a .jsonl, .json or .csv file")
 
 
 def _check_n(n) -> None:

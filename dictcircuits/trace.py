@@ -32,9 +32,10 @@ from .errors import DictCircuitsError, check_int, check_real
 from .formats import _dictionary_folders, load_dictionaries, load_dictionary, sweep_runs
 from .harvest import check_dataset
 from .models import Model, load_model
+from .options import out_path, resolve_device
 from .paths import default_dictionaries
 from .render import check_dashboard, feature_details, write_html
-from .tasks import GENERATORS, Task, load_task
+from .tasks import GENERATORS, MAX_GENERATED, Task, check_task_spec, load_task
 
 PHASES = ("load", "effects", "verify", "edges", "details")
 ABLATIONS = ("corrupt", "mean", "zero")
@@ -43,6 +44,8 @@ EFFECTS_ROWS = 320  # prompts x IG steps per trace for node effects: bigger trac
 OVERSAMPLE = 32  # built-in tasks generate n * OVERSAMPLE prompts; the first n of the commonest length and template are kept
 FAITHFULNESS = 0.8  # default auto-sizing target
 MAX_NODES = 1000  # default cap on the circuit's nodes (per prompt for per-prompt circuits)
+MAX_STEPS = 1000  # IG steps at most: each is one more row per prompt in the effect traces (default 10)
+MAX_MEAN_TOKENS = 1_000_000  # --prompt mean ablation: corpus positions at most (dc-mini reads ~7k a second)
 # sites traced when none are given: residual-stream sites with dictionaries, at most DEFAULT_SERIES of them (every
 # site with one if none is a resid site). A circuit must carry the effect through every site it ablates: measured
 # faithfulness at several sites is about the product of each site's own (README, "On a real model"), so every
@@ -109,7 +112,7 @@ def check_settings(*, n, steps, faithfulness, nodes, per_prompt, max_nodes, node
                    edge_threshold, keep_edge_influence, method, ablation, rank, refine, seed) -> None:
     """Refuse settings that cannot work, before anything is loaded or computed."""
     check_int(n, "n", lo=1)
-    check_int(steps, "steps", lo=1)
+    check_int(steps, "steps", lo=1, hi=MAX_STEPS)
     check_int(seed, "seed")
     check_int(max_nodes, "max_nodes", lo=1)
     if method not in METHODS:
@@ -132,8 +135,8 @@ def check_settings(*, n, steps, faithfulness, nodes, per_prompt, max_nodes, node
         check_real(edge_threshold, "edge_threshold", lo=0.0)
     if keep_edge_influence is not None:
         check_real(keep_edge_influence, "keep_edge_influence", lo=0.0, hi=1.0, above=True)
-    if refine is not None:
-        check_real(refine, "refine", lo=0.0)
+    if refine is not None:  # a faithfulness drop: at 1 or more every node goes
+        check_real(refine, "refine", lo=0.0, hi=1.0)
     sizing = [name for name, v in (("nodes", nodes), ("node_threshold", node_threshold),
                                    ("keep_influence", keep_influence)) if v is not None]
     if len(sizing) > 1:
@@ -186,7 +189,7 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
     check_dashboard(dashboard)
     if prompt is not None:
         check_prompt_args(prompt, answer, wrong, ablation)
-        check_int(mean_tokens, "mean_tokens", lo=1)
+        check_int(mean_tokens, "mean_tokens", lo=1, hi=MAX_MEAN_TOKENS)
         if method == "exact":
             raise DictCircuitsError("method exact is for tasks; use ig or attrib for a single prompt")
         dataset = check_dataset(dataset) if ablation == "mean" else None
@@ -194,8 +197,17 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
                    max_nodes=max_nodes, node_threshold=node_threshold, keep_influence=keep_influence,
                    edge_threshold=edge_threshold, keep_edge_influence=keep_edge_influence, method=method,
                    ablation=ablation, rank=rank, refine=refine, seed=seed)
-    if prompt is None and not isinstance(task, Task) and str(task) not in GENERATORS and not Path(str(task)).is_file():
-        raise DictCircuitsError(f"unknown task {task!r}: use one of {', '.join(GENERATORS)} or a path to a task file")
+    if prompt is None and not isinstance(task, Task):
+        check_task_spec(task)
+        if str(task) in GENERATORS and n > MAX_GENERATED // OVERSAMPLE:
+            raise DictCircuitsError(f"n={n} is more prompts than trace draws from a built-in task: at most "
+                                    f"{MAX_GENERATED // OVERSAMPLE} (it generates {OVERSAMPLE} candidates per prompt, at "
+                                    f"most {MAX_GENERATED}); lower n")
+    if sites is not None and not isinstance(sites, str):
+        if not isinstance(sites, (list, tuple)) or not sites or not all(isinstance(x, str) for x in sites):
+            raise DictCircuitsError(f"sites={sites!r}: give site names as a string ('resid.1,mlp.2', 'resid.*', "
+                                    "'all') or a list of them")
+        sites = ",".join(sites)
     if isinstance(dictionaries, Mapping) and run is not None:
         raise DictCircuitsError(f"run {run!r} picks a run of a sweep folder; drop it when passing the dictionaries "
                                 "themselves")
@@ -269,6 +281,11 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
                               per_prompt=per_prompt, node_threshold=node_threshold, keep_influence=keep_influence,
                               max_nodes=max_nodes, rank=rank, refine=refine, progress=progress)
         chosen_nodes, verification = chosen.nodes, chosen.verification
+        if not chosen_nodes:
+            why = (f"no node scores node_threshold={node_threshold:g} or more" if node_threshold is not None else
+                   f"refine={refine:g} removed every node" if refine is not None else "no node has any effect")
+            raise DictCircuitsError(f"the circuit is empty: {why}; lower node_threshold or refine, or size the "
+                                    "circuit with faithfulness or nodes")
         lap("verify")
 
         edges = compute_edges(model, dictionaries, batch, effects, chosen_nodes, mode=edge_mode, progress=progress)
@@ -526,12 +543,16 @@ def run(args: argparse.Namespace) -> int:
                     edge_threshold=args.edge_threshold, keep_edge_influence=args.keep_edge_influence,
                     method=args.method, ablation=args.ablation or ("corrupt" if args.prompt is None else "mean"), rank=args.rank, refine=args.refine, seed=args.seed)
     check_settings(**settings)
-    out = Path(args.out)
+    resolve_device(args.device)
+    out = out_path(args.out)
     check_out(out)
     stem, source = output_stem(args.task, args.prompt)
     paths = check_outputs(out, stem, source)
     contexts = None
     if args.contexts:
+        if not Path(args.contexts).is_file():
+            raise DictCircuitsError(f"--contexts {args.contexts} is not a file (missing, a folder, a pipe?): give a "
+                                    "text file with one context per line")
         try:
             contexts = [line for line in Path(args.contexts).read_text().splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as exc:

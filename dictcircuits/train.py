@@ -32,7 +32,7 @@ from . import __version__
 from .dictionary import CFG_NAME, WEIGHTS_NAME, Dictionary, is_dictcircuits_folder, save_dictionary
 from .atomic import save_png
 from .errors import DictCircuitsError
-from .options import check_folder, format_duration, parse_count, resolve_device
+from .options import check_folder, check_memory, format_duration, out_path, parse_count, resolve_device
 from .harvest import ActivationBuffer, ContextStream, TensorSource, check_ctx_len, check_dataset
 from .models import Model, Tokens, load_model
 from .paths import train_output
@@ -161,6 +161,22 @@ class TrainConfig:
                                     "twice (one folder for two runs): give each value once")
         return out
 
+    def check_memory(self, d: int, n_sites: int, vocab: int, device: torch.device) -> None:
+        """Refuse, before anything is written, dictionaries and a buffer that cannot fit in the device's memory:
+        per feature 2d weights with their gradients and two Adam moments (32d bytes), per buffered token d floats,
+        per end-to-end KL context its ids and two rows of logits per position."""
+        widths = [parse_width(w, d) for w in _split(self.width)] or [8 * d]
+        sweep = {"topk": "k", "batchtopk": "k", "jumprelu": "l0_coef"}.get(self.arch, "l1")
+        points = max(1, len(_split(getattr(self, sweep))))
+        check_memory(n_sites * points * sum(widths) * 32 * d, f"--width {self.width} ({max(widths)} features at "
+                     f"d={d}, {n_sites} site(s))", "use a narrower --width or fewer --sites", device)
+        check_memory(n_sites * self.buffer_tokens * d * 4, f"--buffer-tokens {self.buffer_tokens} ({n_sites} "
+                     f"site(s) of d={d})", "lower --buffer-tokens", device)
+        if self.e2e_kl > 0:
+            check_memory(self.e2e_contexts * self.ctx_len * (8 + 8 * vocab), f"--e2e-contexts {self.e2e_contexts} "
+                         f"(logits over {vocab} tokens at {self.ctx_len} positions each)", "lower --e2e-contexts",
+                         device)
+
     def validate(self) -> "_Checked":
         """Refuse every option outside its domain in one line, before the model is loaded or anything is
         written; returns the parsed token count, device and dataset."""
@@ -210,7 +226,7 @@ class TrainConfig:
             raise DictCircuitsError(f"--skip-tokens does not apply to --arch {self.arch}: baselines skip the BOS "
                                     "only; drop --skip-tokens")
         if self.out is not None:
-            check_folder(Path(self.out), "--out")
+            check_folder(out_path(self.out), "--out")
         device = resolve_device(self.device)
         return _Checked(tokens=tokens, device=device, dataset=check_dataset(self.dataset), skip_tokens=skip)
 
@@ -864,6 +880,7 @@ def _train(cfg: TrainConfig, checked: _Checked, model: Model | None, on_step, fo
     model = model or load_model(cfg.model, device=device)
     sites = [s.name for s in model.resolve_sites(cfg.sites)]
     check_ctx_len(model, cfg.ctx_len)
+    cfg.check_memory(model.d_model, len(sites), model.vocab_size, checked.device)
     dataset = checked.dataset
     out = Path(cfg.out) if cfg.out else train_output(model.name)
     opened_here = folder is None and rank == 0  # the default --out is known once the model is loaded

@@ -4,8 +4,11 @@ any computation; the CLI turns every failure into one `error:` line and an exit 
 import errno
 import json
 import math
+import os
 import re
+import shutil
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +23,8 @@ from dictcircuits.dictionary import save_dictionary
 from dictcircuits.intervene import ablate, compare_bases, fit_pca, greedy_patch, patch, steer
 from dictcircuits.models import Tokens, pad
 from dictcircuits.splice import splice
-from dictcircuits.tasks import Task
+from dictcircuits.tasks import Task, load_task
+from dictcircuits.trace import trace
 from dictcircuits.toy import random_dictionaries, random_dictionary
 
 CLEAN = ["When Mary and John went to the store, John gave a drink to",
@@ -246,6 +250,31 @@ API_CASES = [
     ("baseline-kind", lambda s: fit_baseline("svd", s.x), r"unknown baseline 'svd'"),
     ("baseline-train-identity-width", lambda s: train_baselines(s.model, ["resid.0"], "identity", "unused", 100,
                                                                 "unused-out", {}, width=16), r"drop --width"),
+    # models: tokenize, edits, site names
+    ("tokenize-none", lambda s: s.model.tokenize(None), r"tokenize takes a non-empty list of strings, got NoneType"),
+    ("tokenize-ids", lambda s: s.model.tokenize([1, 2, 3]),
+     r"tokenize takes a non-empty list of strings, got list '\[1, 2, 3\]'"),
+    ("tokenize-empty-list", lambda s: s.model.tokenize([]), r"non-empty list of strings, got list '\[\]'"),
+    ("tokenize-one-string", lambda s: s.model.tokenize("When Mary"), r"got one string: pass e.g. \['The cat sat'\]"),
+    ("run-edit-wrong-shape", lambda s: s.model.run(s.tokens, edits={"resid.0": lambda x: x[:, :1]}),
+     r"the edit at resid.0 returned \(2, 1, 32\), not a tensor of the activation's shape \(2, \d+, 32\)"),
+    ("run-edit-not-a-tensor", lambda s: s.model.run(s.tokens, edits={"mlp.1": lambda x: 3}),
+     r"the edit at mlp.1 returned int"),
+    ("site-leading-zero", lambda s: s.model.resolve_sites("resid.01"), r"without leading zeros \(resid.1\)"),
+    ("steer-overflow", lambda s: steer(s.model, s.dicts, s.tokens, {"resid.0": {3: 1e30}}),
+     r"steering with values up to 1e\+30 overflows the model .*use smaller"),
+    # trace and load_task: arguments refused before anything is loaded
+    ("trace-model-a-number", lambda s: trace("ioi", model=3.14), r"model 3.14 is not a model"),
+    ("trace-model-empty", lambda s: trace("ioi", model=""), r"model '' is not a model"),
+    ("trace-sites-numbers", lambda s: trace("ioi", model=s.model, dictionaries=s.dicts, sites=[1]),
+     r"sites=\[1\]: give site names as a string"),
+    ("trace-n-huge", lambda s: trace("ioi", model=s.model, n=10 ** 7), r"n=10000000 .* at most 3125"),
+    ("trace-refine-huge", lambda s: trace("ioi", model=s.model, refine=1e308), r"refine=1e\+308 is out of range"),
+    ("trace-device-meta", lambda s: trace("ioi", device="meta"), r"device meta holds no values"),
+    ("trace-task-a-number", lambda s: trace(7, model=s.model), r"task 7: give a built-in task name"),
+    ("load-task-n-huge", lambda s: load_task("ioi", n=10 ** 8), r"n=100000000: .* at most 100000 prompts"),
+    ("load-task-seed-string", lambda s: load_task("ioi", n=3, seed="abc"), r"seed='abc' is not an integer"),
+    ("load-task-seed-float", lambda s: load_task("ioi", n=3, seed=1.5), r"seed=1.5 is not an integer"),
 ]
 
 
@@ -299,7 +328,7 @@ CLI_CASES = [
     ("ctx-len-0", lambda r: ["compare", str(r / "a"), str(r / "b"), "--model", "not-loaded", "--ctx-len", "0"],
      r"--ctx-len=0 is out of range"),
     ("tokens-word", lambda r: ["compare", str(r / "a"), str(r / "b"), "--model", "not-loaded", "--tokens", "many"],
-     r"cannot read 'many' as a count"),
+     r"cannot read --tokens 'many' as a count"),
     ("bad-site", lambda r: ["compare", str(r / "a"), str(r / "b"), "--site", "layer3"], r"bad site name 'layer3'"),
     ("different-widths", lambda r: ["compare", str(r / "a" / "resid.1"), str(r / "narrow" / "resid.1")],
      r"different widths"),
@@ -460,3 +489,147 @@ def test_usage_errors_exit_2_with_one_error_line(capsys, argv):
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("dictcircuits") and "error:" in line]
     assert err.startswith("usage: dictcircuits") and len(errors) == 1 and "Traceback" not in err
+
+
+# --- every command, run as a user would (the embedded dc-mini): one line, exit 2, nothing written -----------------
+PACKAGE = Path(dictcircuits.__file__).parent
+DC_MINI, SHIPPED = PACKAGE / "default" / "dc-mini", str(PACKAGE / "default" / "dictionaries" / "dc-mini")
+NOISE = re.compile(r"\d+%\||\x1b\[[0-9;]*[A-Za-z]")  # progress bars and their cursor moves
+
+
+def _model_copy(t, tokenizer=True, **config):
+    """dc-mini saved into t/model, without its tokenizer files or with config.json changed."""
+    folder = t / "model"
+    folder.mkdir()
+    for f in DC_MINI.iterdir():
+        if tokenizer or not f.name.startswith("tokenizer"):
+            shutil.copy(f, folder / f.name)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **config}))
+    return str(folder)
+
+
+def _gguf(t, cut):
+    """A small GGUF written by the gguf package, the last `cut` bytes cut off."""
+    gguf = pytest.importorskip("gguf")
+    path = t / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", torch.ones(64, 16).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    path.write_bytes(path.read_bytes()[:-cut])
+    return str(path)
+
+
+def _special(kind):
+    """A --task path that is not a regular file."""
+    def make(t):
+        path = t / "task.jsonl"
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "folder":
+            path.mkdir()
+        elif kind == "loop":
+            path.symlink_to(path)
+        else:
+            path.symlink_to(t / "nowhere.jsonl")
+        return str(path)
+    return make
+
+
+def _trace(*extra):
+    return lambda t: ["trace", "--task", "ioi", "--out", "o", *extra]
+
+
+COMMAND_CASES = [
+    # trace
+    ("trace-empty-circuit", _trace("--n", "2", "--steps", "1", "--sites", "resid.1", "--node-threshold", "1e30"),
+     r"the circuit is empty: no node scores node_threshold=1e\+30 or more; lower node_threshold"),
+    ("trace-refine-huge", _trace("--refine", "1e308"), r"refine=1e\+308 is out of range; give a finite number >= 0 "
+                                                       r"and <= 1"),
+    ("trace-device-meta", _trace("--device", "meta"), r"--device meta holds no values"),
+    ("trace-device-tpu", _trace("--device", "tpu"), r"--device 'tpu' is not a device"),
+    *([("trace-device-cuda-on-cpu-torch", _trace("--device", "cuda"), r"--device cuda: CUDA is not available here")]
+      if not torch.cuda.is_available() else []),
+    ("trace-n-huge", _trace("--n", "100000000"), r"n=100000000 is more prompts .* at most 3125"),
+    ("trace-out-empty", lambda t: ["trace", "--task", "ioi", "--out", ""], r"--out is empty"),
+    ("trace-model-empty", _trace("--model", ""), r"model '' is not a model"),
+    ("trace-task-fifo", lambda t: ["trace", "--task", _special("fifo")(t), "--out", "o"],
+     r"task .*task.jsonl is a named pipe \(FIFO\), not a task file"),
+    ("trace-task-folder", lambda t: ["trace", "--task", _special("folder")(t), "--out", "o"],
+     r"task .*task.jsonl is a folder, not a task file"),
+    ("trace-task-link-loop", lambda t: ["trace", "--task", _special("loop")(t), "--out", "o"],
+     r"the symbolic link loops back on itself"),
+    ("trace-task-broken-link", lambda t: ["trace", "--task", _special("broken")(t), "--out", "o"],
+     r"a link to .*nowhere.jsonl, which does not exist"),
+    ("trace-sites-leading-zero", _trace("--sites", "resid.01"), r"without leading zeros \(resid.1\)"),
+    ("trace-model-without-tokenizer", lambda t: _trace("--model", _model_copy(t, tokenizer=False))(t),
+     r"model has no tokenizer .*tokenizer.save_pretrained"),
+    ("trace-config-more-layers", lambda t: _trace("--model", _model_copy(t, n_layer=5))(t),
+     r"its config says 5 layers but its weights hold 3"),
+    ("trace-config-fewer-layers", lambda t: _trace("--model", _model_copy(t, n_layer=2))(t),
+     r"its config says 2 layers but its weights hold 3"),
+    ("trace-truncated-gguf", lambda t: _trace("--model", _gguf(t, 100))(t),
+     r"tiny.gguf is truncated or corrupt: its tensors need \d+ bytes but the file has \d+; download it again"),
+    ("trace-gguf-header-cut", lambda t: _trace("--model", _gguf(t, 4000))(t),
+     r"tiny.gguf is truncated or corrupt"),
+    ("trace-steps-huge", _trace("--steps", "100000000"), r"steps=100000000 is out of range; give a whole number "
+                                                         r"in 1\.\.1000"),
+    ("trace-mean-tokens-huge", lambda t: ["trace", "--prompt", "The cat", "--mean-tokens", "1000000000000", "--out",
+                                          "o"], r"mean_tokens=1000000000000 is out of range; .* in 1\.\.1000000"),
+    ("trace-contexts-fifo", lambda t: _trace("--contexts", _special("fifo")(t))(t),
+     r"--contexts .*task.jsonl is not a file"),
+    ("trace-contexts-folder", lambda t: _trace("--contexts", _special("folder")(t))(t), r"is not a file"),
+    # eval, compare, features
+    ("eval-sites-leading-zero", lambda t: ["eval", "--sites", "mlp.02"], r"without leading zeros \(mlp.2\)"),
+    ("compare-site-leading-zero", lambda t: ["compare", SHIPPED, SHIPPED, "--site", "attn.00"],
+     r"without leading zeros \(attn.0\)"),
+    ("features-sites-leading-zero", lambda t: ["features", "--out", "o", "--dictionaries", SHIPPED, "--sites",
+                                               "resid.01"], r"without leading zeros \(resid.1\)"),
+    ("features-top-beyond-memory", lambda t: ["features", "--out", "o", "--top", "1000000000", "--tokens", "1k"],
+     r"--top 1000000000 .* features needs .* more than the .*: lower --top"),
+    ("eval-tokens-1e30", lambda t: ["eval", "--tokens", "1e30"], r"--tokens '1e30' is more than .*\(at most 1000G\)"),
+    ("eval-tokens-beyond-memory", lambda t: ["eval", "--tokens", "900G"],
+     r"--tokens 900G .* needs .* TB, more than the .* of memory"),
+    ("eval-model-empty", lambda t: ["eval", "--model", ""], r"--model is empty"),
+    ("eval-device-meta", lambda t: ["eval", "--device", "meta"], r"--device meta holds no values"),
+    ("eval-dictionaries-empty-folder", lambda t: (t / "empty").mkdir() or ["eval", "--dictionaries", "empty"],
+     r"--dictionaries empty holds no dictionaries"),
+    ("compare-tokens-1e30", lambda t: ["compare", SHIPPED, SHIPPED, "--model", "dc-mini", "--tokens", "1e30"],
+     r"--tokens '1e30' is more than"),
+    ("compare-tokens-beyond-memory", lambda t: ["compare", SHIPPED, SHIPPED, "--model", "dc-mini", "--tokens", "500G"],
+     r"activation correlation on --tokens 500000000000 .* more than the"),
+    ("compare-fifo", lambda t: ["compare", _special("fifo")(t), SHIPPED], r"task.jsonl is neither a file nor a folder"),
+    ("compare-model-empty", lambda t: ["compare", SHIPPED, SHIPPED, "--model", ""], r"--model is empty"),
+    ("features-tokens-1e30", lambda t: ["features", "--out", "o", "--tokens", "1e30"], r"--tokens '1e30' is more"),
+    ("features-out-empty", lambda t: ["features", "--out", ""], r"--out is empty"),
+    ("features-model-empty", lambda t: ["features", "--out", "o", "--model", ""], r"--model is empty"),
+    ("features-device-meta", lambda t: ["features", "--out", "o", "--device", "meta"], r"--device meta"),
+]
+
+
+def _tree(root):
+    """Every path under root with what it is (lstat: links, loops and pipes are not followed or opened)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            out[os.path.join(dirpath, name)] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.mark.parametrize("argv,match", [c[1:] for c in COMMAND_CASES], ids=[c[0] for c in COMMAND_CASES])
+def test_bad_command_input(tmp_path, capsys, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
+    args = argv(tmp_path)
+    before = _tree(tmp_path)
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    out, err = capsys.readouterr()
+    lines = [line.strip() for line in re.split(r"[\r\n]", NOISE.sub("", err)) if line.strip()]
+    lines = [line for line in lines if not line.startswith(("trace:", "Loading weights"))]
+    assert out == "" and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(match, lines[0]), lines[0]
+    assert _tree(tmp_path) == before  # nothing written in the folder it ran in (--out '' would mean here)

@@ -20,10 +20,13 @@ from dictcircuits import dictionary as dictionary_module
 from dictcircuits.cli import main
 from dictcircuits.dictionary import clean_stale_temporaries
 from dictcircuits.formats import DictCircuitsWarning
+from dictcircuits.models import DEFAULT_MODELS_DIR, load_model
+from dictcircuits.tasks import load_task
 from dictcircuits.toy import random_dictionary
 
 d, F = 8, 24
 REPO = Path(__file__).resolve().parents[1]
+DC_MINI = DEFAULT_MODELS_DIR / "dc-mini"
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -37,6 +40,8 @@ def snapshot(root: Path) -> dict[str, str]:
                 out[rel] = f"link -> {os.readlink(p)}"
             elif p.is_dir():
                 out[rel] = "dir"
+            elif not p.is_file():
+                out[rel] = f"special {p.lstat().st_mode:o}"  # a pipe is never opened
             else:
                 out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -459,6 +464,44 @@ def _bad_marker(t):
     (t / "r" / "dictcircuits.json").write_text('{"format": "dictcircuits-set", "sites": 3}')
 
 
+def _model(tokenizer=True, drop=None, **config):
+    """The embedded dc-mini saved into t/model: without its tokenizer files, without weight `drop`, or with
+    config.json changed."""
+    def setup(t):
+        (t / "model").mkdir()
+        for f in DC_MINI.iterdir():
+            if tokenizer or not f.name.startswith("tokenizer"):
+                shutil.copy(f, t / "model" / f.name)
+        cfg = json.loads((t / "model" / "config.json").read_text())
+        (t / "model" / "config.json").write_text(json.dumps({**cfg, **config}))
+        if drop:
+            edit_weights(t / "model", "model.safetensors", **{drop: None})
+    return setup
+
+
+def _gguf(keep):
+    """A small GGUF (4 kB of tensor data) written by the gguf package, cut to its first `keep` bytes (< 0: all but
+    the last -keep)."""
+    def setup(t):
+        gguf = pytest.importorskip("gguf")
+        writer = gguf.GGUFWriter(str(t / "tiny.gguf"), "llama")
+        writer.add_tensor("token_embd.weight", torch.ones(64, 16).numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        truncate(t / "tiny.gguf", keep)
+    return setup
+
+
+def _task_path(kind):
+    def setup(t):
+        path = t / "task.jsonl"
+        {"fifo": lambda: os.mkfifo(path), "folder": path.mkdir, "loop": lambda: path.symlink_to(path),
+         "broken": lambda: path.symlink_to(t / "gone.jsonl")}[kind]()
+    return setup
+
+
 API_CASES = {
     "save as int8": (None, _save(dtype=torch.int8), "floating-point dtype"),
     "save as a string dtype": (None, _save(dtype="float16"), "floating-point dtype"),
@@ -481,6 +524,27 @@ API_CASES = {
     "load_dictionaries hostile site": (lambda t: edit_cfg(ours(t / "r" / "resid.0"), site="../v"),
                                        lambda t: load_dictionaries(t / "r"), "not a valid site name"),
     "load_dictionaries bad marker": (_bad_marker, lambda t: load_dictionaries(t / "r"), "'sites' must be a list"),
+    # models: what load_model is given, folders whose config, weights or tokenizer disagree, damaged .gguf files
+    "load_model a number": (None, lambda t: load_model(123), "model 123 is not a model"),
+    "load_model an empty name": (None, lambda t: load_model(""), "model '' is not a model"),
+    "load_model on meta": (None, lambda t: load_model("dc-mini", device="meta"), "device meta holds no values"),
+    "load_model on cuda:99": (None, lambda t: load_model("dc-mini", device="cuda:99"), "device cuda:99"),
+    "config with more layers than the weights": (_model(n_layer=5), lambda t: load_model(t / "model"),
+                                                 "its config says 5 layers but its weights hold 3"),
+    "config with fewer layers than the weights": (_model(n_layer=2), lambda t: load_model(t / "model"),
+                                                  "its config says 2 layers but its weights hold 3"),
+    "weights lack the final norm": (_model(drop="transformer.ln_f.weight"), lambda t: load_model(t / "model"),
+                                    "its weights lack 1 tensor(s) of the model its config describes"),
+    "folder without a tokenizer": (_model(tokenizer=False), lambda t: load_model(t / "model"), "has no tokenizer"),
+    "truncated gguf": (_gguf(-100), lambda t: load_model(t / "tiny.gguf"), "tiny.gguf is truncated or corrupt"),
+    "gguf cut in its header": (_gguf(40), lambda t: load_model(t / "tiny.gguf"), "its header cannot be read"),
+    "gguf that is text": (lambda t: (t / "x.gguf").write_text("hello"), lambda t: load_model(t / "x.gguf"),
+                          "is not a GGUF file"),
+    # task files that are not files
+    "task a FIFO": (_task_path("fifo"), lambda t: load_task(t / "task.jsonl"), "is a named pipe (FIFO)"),
+    "task a folder": (_task_path("folder"), lambda t: load_task(t / "task.jsonl"), "is a folder, not a task file"),
+    "task a link loop": (_task_path("loop"), lambda t: load_task(t / "task.jsonl"), "loops back on itself"),
+    "task a broken link": (_task_path("broken"), lambda t: load_task(t / "task.jsonl"), "which does not exist"),
 }
 
 

@@ -4,6 +4,7 @@ and locks its output folder."""
 import hashlib
 import json
 import os
+import random
 import re
 import shlex
 import signal
@@ -59,7 +60,8 @@ def snapshot(*roots) -> dict:
     state = {}
     for root in roots:
         for p in sorted(Path(root).rglob("*")):
-            state[str(p)] = "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
+            state[str(p)] = ("dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file()
+                             else f"special {p.lstat().st_mode:o}")  # a pipe is never opened
     return state
 
 
@@ -110,6 +112,18 @@ def _nan_dictionaries(ws):
     tensors["W_dec"][3, 5] = float("nan")
     save_file(tensors, str(path))
     return str(ws / "nan")
+
+
+def _binary(ws, nul=True):
+    """A .txt file of bytes that are not text: with NULs, or without (undecodable as UTF-8)."""
+    data = random.Random(0).randbytes(20_000)
+    (ws / "bytes.txt").write_bytes(data if nul else data.replace(b"\x00", b"\x01"))
+    return str(ws / "bytes.txt")
+
+
+def _fifo(ws):
+    os.mkfifo(ws / "pipe.txt")
+    return str(ws / "pipe.txt")
 
 
 # (id, argv builder (env, ws) -> argv, what the one error line must mention)
@@ -170,7 +184,35 @@ CASES = [
     ("eval-dictionaries-file", lambda e, w: eval_argv(e, w, dictionaries=str(w / "afile.txt")), r"is not a folder"),
     ("eval-dataset-missing", lambda e, w: eval_argv(e, w, dataset=str(w / "nope.jsonl")), r"nope.jsonl does not"),
     ("eval-nan-weights", lambda e, w: eval_argv(e, w, dictionaries=_nan_dictionaries(w)), r"NaN|non-finite"),
+    # counts beyond any run or beyond memory, empty paths, devices, datasets that are not text
+    ("tokens-1e30", lambda e, w: train_argv(e, w, tokens="1e30"), r"--tokens '1e30' is more than .*at most 1000G"),
+    ("out-empty", lambda e, w: train_argv(e, w, out=""), r"--out is empty"),
+    ("width-beyond-memory", lambda e, w: train_argv(e, w, width="1e12"),
+     r"--width 1e12 \(1000000000000 features at d=32, 1 site\(s\)\) needs .* more than the .* of memory"),
+    ("buffer-beyond-memory", lambda e, w: train_argv(e, w, buffer_tokens="1000G"),
+     r"--buffer-tokens 1000000000000 .* needs .*: lower --buffer-tokens"),
+    ("device-meta", lambda e, w: train_argv(e, w, device="meta"), r"--device meta holds no values"),
+    ("e2e-contexts-beyond-memory", lambda e, w: train_argv(e, w, e2e_kl="1", e2e_contexts="100000000"),
+     r"--e2e-contexts 100000000 \(logits over \d+ tokens at 32 positions each\) needs .*: lower --e2e-contexts"),
+    ("dataset-binary", lambda e, w: train_argv(e, w, dataset=_binary(w)), r"bytes.txt is not UTF-8 text"),
+    ("dataset-undecodable", lambda e, w: train_argv(e, w, dataset=_binary(w, nul=False)), r"is not UTF-8 text"),
+    ("dataset-fifo", lambda e, w: train_argv(e, w, dataset=_fifo(w)), r"pipe.txt is neither a file nor a folder"),
+    ("eval-model-empty", lambda e, w: eval_argv(e, w, model=""), r"--model is empty"),
+    ("eval-dictionaries-empty", lambda e, w: eval_argv(e, w, dictionaries=_empty_folder(w)),
+     r"empty holds no dictionaries in a known format"),
+    ("eval-tokens-1e30", lambda e, w: eval_argv(e, w, tokens="1e30"), r"--tokens '1e30' is more than"),
+    ("eval-plots-empty", lambda e, w: eval_argv(e, w, plots=""), r"--plots is empty"),
+    ("eval-device-meta", lambda e, w: eval_argv(e, w, device="meta"), r"--device meta"),
+    ("eval-dataset-binary", lambda e, w: eval_argv(e, w, dataset=_binary(w)), r"is not UTF-8 text"),
 ]
+
+
+def test_text_with_a_few_stray_bytes_is_still_a_dataset(tmp_path):
+    """The binary check refuses data, not text: Latin-1 accents in English text pass (they read as U+FFFD)."""
+    from dictcircuits.harvest import check_dataset
+
+    (tmp_path / "latin1.txt").write_bytes("the café on the corner of the street, ".encode("latin-1") * 300)
+    assert check_dataset(str(tmp_path / "latin1.txt")) == str(tmp_path / "latin1.txt")
 
 
 @pytest.mark.parametrize("build,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
