@@ -26,6 +26,7 @@ import torch
 from .atomic import atomic_write_text
 from .errors import DictCircuitsError
 from .models import Model, Tokens
+from .terminal import printable
 from .wordlists import (EVENTS, EXTRA_EVENTS, EXTRA_HELDOUT_NAMES, EXTRA_NAMES, EXTRA_NOUNS, EXTRA_OBJECTS,
                         EXTRA_PLACES, EXTRA_PREP_NOUNS, EXTRA_RC_VERBS, HELDOUT_NAMES, NAMES, NOUNS, OBJECTS, PLACES,
                         PREP_NOUNS, RC_VERBS, VERBS)
@@ -661,8 +662,8 @@ def _drop_unusable(task: Task, path: Path, tokenizer, strict: bool) -> Task:
         raise DictCircuitsError(f"{path}: none of its {len(task)} rows can be used with this tokenizer (first: "
                                 f"{task.where(i)}: {reason}); answers must be single tokens and clean and corrupt "
                                 "must have equal token lengths")
-    print(f"{path}: skipped {count} that this tokenizer cannot use (first: {task.where(i)}: {reason}); "
-          "--strict refuses them instead", file=sys.stderr)
+    print(printable(f"{path}: skipped {count} that this tokenizer cannot use (first: {task.where(i)}: {reason}); "
+                    "--strict refuses them instead"), file=sys.stderr)
     bad = {j for j, _ in problems}
     kept = task.subset([j for j in range(len(task)) if j not in bad])
     kept.skipped = len(problems)
