@@ -32,6 +32,7 @@ from . import __version__
 from .dictionary import CFG_NAME, WEIGHTS_NAME, Dictionary, is_dictcircuits_folder, save_dictionary
 from .atomic import save_png
 from .errors import DictCircuitsError
+from .evaluate import DEFAULT_TOKENS as EVAL_TOKENS
 from .options import check_folder, format_duration, parse_count, resolve_device
 from .harvest import ActivationBuffer, ContextStream, TensorSource, check_ctx_len, check_dataset
 from .models import Model, Tokens, load_model
@@ -122,7 +123,7 @@ class TrainConfig:
     resume: bool = False  # continue the run whose checkpoint is in `out`
     overwrite: bool = False  # start over in an `out` that holds an earlier run (removes only what train wrote)
     log_every: int | None = None  # steps between metric lines / progress updates; None: about 20 points, at most 25
-    eval_tokens: int = 16_384  # after training, evaluate on this many unseen tokens (0: skip)
+    eval_tokens: int = EVAL_TOKENS  # after training, evaluate on this many unseen tokens (0: skip)
     progress: bool = True
     save_dtype: str | None = None  # e.g. bfloat16 for smaller files
 

@@ -21,6 +21,7 @@ from dictcircuits.options import parse_count
 from dictcircuits.positions import PositionRule, set_rule
 from dictcircuits.terminal import printable
 from dictcircuits.toy import TOY_TEXT, random_dictionary, toy_model
+from dictcircuits.train import TrainConfig
 
 SMALL = ["--ctx-len", "16", "--batch-size", "64", "--buffer-tokens", "256", "--harvest-batch", "8", "--tokens", "256",
          "--eval-tokens", "0", "--no-progress", "--width", "2x", "--k", "4", "--sites", "resid.0"]
@@ -155,7 +156,8 @@ def test_eval_defaults_are_small_and_held_out():
     add_arguments(p)
     args = p.parse_args([])
     assert args.skip is None and args.dataset is None  # chosen from the dictionaries' training record
-    assert args.tokens == DEFAULT_TOKENS and parse_count(DEFAULT_TOKENS) <= 2048  # ~2 min, four Gemma sites, CPU
+    assert parse_count(args.tokens) == DEFAULT_TOKENS <= 2048  # ~2 min for four Gemma-3-270M sites on a CPU
+    assert TrainConfig().eval_tokens == DEFAULT_TOKENS  # train's held-out evaluation: the same size
 
 
 # --- CE recovered both ways -----------------------------------------------------------------------------------
