@@ -13,8 +13,8 @@ A number that cannot be computed is None (JSON null, "n/a" in the table) with it
 The position rule (positions.py) holds here as everywhere: positions a dictionary skips are passed through by the
 splice and by the ablations, and left out of the reconstruction statistics. The same CE / KL with the rule off
 (every position replaced or ablated) are reported beside them (the *_all fields), with the share of positions the
-rule passed through (skipped_frac): on Gemma-3-270M a dictionary can recover 0.97 of the CE with its 1-3% outlier
-positions passed through and 0.56 with them replaced, so neither number alone is the dictionary's quality.
+rule passed through (skipped_frac): on Gemma-3-270M a dictionary recovered 0.965 of the CE with its 1-3% outlier
+positions passed through and 0.555 with them replaced (issue #24), so neither number alone is its quality.
 
 `dictcircuits eval` reads held-out text by default: the contexts after those training read (the dictionaries record
 where it stopped, training.data_read), see heldout_text and docs/evaluation.md.
@@ -36,7 +36,7 @@ import torch
 
 from .dictionary import Dictionary
 from .errors import DictCircuitsError, DictCircuitsWarning
-from .harvest import ContextStream, check_ctx_len, default_dataset, token_mask
+from .harvest import ContextStream, check_ctx_len, check_dataset, default_dataset, token_mask
 from .models import Model, Tokens, load_model
 from .positions import rule_for, skip_mask
 from .scoring import Scorer
@@ -446,8 +446,6 @@ def training_summaries(sets: Mapping[str | None, Mapping[str, Dictionary]]) -> l
 def default_eval_dataset(trained: list[dict]) -> str:
     """The dataset the dictionaries were trained on when they agree on one that is here on disk (its held-out
     part is the text most like their training data), else the default (sotu)."""
-    from .harvest import check_dataset
-
     names = {t.get("dataset") for t in trained}
     if len(names) == 1:
         name = names.pop()
@@ -535,8 +533,9 @@ def add_arguments(p) -> None:
     p.add_argument("--sites", default=None, help="evaluate only these sites (comma list); default all found")
     p.add_argument("--dataset", default=None, help="hub dataset, .txt/.jsonl file or folder (default: the one the "
                    "dictionaries were trained on when it is here, else sotu)")
-    p.add_argument("--tokens", default=str(DEFAULT_TOKENS), help=f"tokens to evaluate on, e.g. 32k (default {DEFAULT_TOKENS}: "
-                   "about 2 minutes for four Gemma-3-270M sites on a laptop CPU; more for steadier numbers)")
+    p.add_argument("--tokens", default=str(DEFAULT_TOKENS), help=f"tokens to evaluate on, e.g. 32k (default "
+                   f"{DEFAULT_TOKENS}: minutes, not hours, for four Gemma-3-270M sites on a CPU; more for steadier "
+                   "numbers)")
     p.add_argument("--ctx-len", type=int, default=128, help="tokens per context (BOS included)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="contexts per trace (default: up to 16, fewer for large vocabularies so the logits fit)")
@@ -552,7 +551,6 @@ def add_arguments(p) -> None:
 
 def check_args(args) -> int:
     """Refuse every bad option in one line before the model is loaded; returns the token count."""
-    from .harvest import check_dataset
     from .options import check_folder, parse_count, resolve_device
 
     n_tokens = parse_count(args.tokens, "--tokens")

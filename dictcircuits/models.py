@@ -373,7 +373,7 @@ def load_model(spec: str | None = None, device: str | torch.device = "cpu", dtyp
         gguf_path = model_sources.package_gguf(spec)
     if gguf_path is not None:
         cached = model_sources.float_cache_folder(gguf_path)
-        name = model_sources.gguf_name(gguf_path)  # from the file, not the cache: caches of older versions keep theirs
+        name = model_sources.gguf_name(gguf_path)  # from the file: a cache written by an older version holds an older name
         if (cached / "config.json").is_file():
             return _from_pretrained(ModelSource(str(cached), name, local=True), spec, device, dtype)
         source = ModelSource(str(gguf_path.parent), name, gguf_path.name)
