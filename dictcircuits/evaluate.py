@@ -43,7 +43,9 @@ from .scoring import Scorer
 from .terminal import printable
 
 DENSE_FREQ = 0.1
-DEFAULT_TOKENS = 1536  # eval --tokens and train --eval-tokens: 12 contexts of 128, ~2 min for 4 Gemma-3-270M sites
+# eval --tokens and train --eval-tokens: 4 contexts of 128. Four Gemma-3-270M resid sites took 2m45s for 512 tokens on
+# this project's shared 2-core VM (load ~9), and 13m49s for 1536 (docs/evaluation.md)
+DEFAULT_TOKENS = 512
 HIST_EDGES = [round(-7 + 0.25 * i, 2) for i in range(29)]  # log10 firing frequency bins, 1e-7 .. 1
 
 
