@@ -13,6 +13,7 @@ import warnings
 
 from . import __version__
 from .errors import DictCircuitsError, DictCircuitsWarning
+from .terminal import printable
 
 COMMANDS = {
     "train": ("dictcircuits.train", "train dictionaries on every requested site in one pass over the model"),
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         message, code = describe(exc, out)
         if message:
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {printable(message)}", file=sys.stderr)
         return code
 
 
@@ -97,7 +98,7 @@ def _show_warnings_as_lines() -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, DictCircuitsWarning):
-            print(f"warning: {message}", file=sys.stderr)
+            print(f"warning: {printable(message)}", file=sys.stderr)
         else:
             original(message, category, filename, lineno, file, line)
 

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import DictCircuitsError
-from .models import Model, Tokens
+from .models import Model, Tokens, tokenizer_adds_bos
 from .positions import PositionRule, max_norm_from
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -120,7 +120,8 @@ def iter_documents(dataset: str, split: str = "train", text_field: str = "text",
 
 
 class ContextStream:
-    """Token ids packed into contexts of `ctx_len` (BOS first when add_bos), documents separated by EOS.
+    """Token ids packed into contexts of `ctx_len` (BOS first when add_bos; None: when the tokenizer itself
+    starts a text with BOS, models.tokenizer_adds_bos), documents separated by EOS.
 
     Context i of the packed stream belongs to rank i % world. `position` counts this rank's contexts served;
     the data loops over the dataset again when it ends (`epochs` counts the passes), or with loop=False stops
@@ -128,11 +129,13 @@ class ContextStream:
     (epoch, document, token offset, context index) of the next context: `seek` restarts the stream there
     without re-tokenizing the documents before it."""
 
-    def __init__(self, tokenizer, dataset: str, ctx_len: int, add_bos: bool = True, rank: int = 0,
+    def __init__(self, tokenizer, dataset: str, ctx_len: int, add_bos: bool | None = None, rank: int = 0,
                  world: int = 1, split: str = "train", text_field: str = "text", loop: bool = True):
         if ctx_len < 2:
             raise DictCircuitsError(f"context length {ctx_len} is too short: use at least 2 tokens")
         self.tokenizer, self.dataset, self.ctx_len = tokenizer, dataset, int(ctx_len)
+        if add_bos is None:
+            add_bos = tokenizer_adds_bos(tokenizer)
         self.bos = tokenizer.bos_token_id if add_bos else None
         self.eos = tokenizer.eos_token_id
         self.rank, self.world, self.split, self.text_field = rank, world, split, text_field
@@ -150,8 +153,13 @@ class ContextStream:
         ids = [t for chunk in doc for t in self.tokenizer(chunk, add_special_tokens=False)["input_ids"]]
         return ids + ([self.eos] if self.eos is not None else [])
 
+    @property
+    def body(self) -> int:
+        """Dataset tokens per context: ctx_len, less one for the BOS."""
+        return self.ctx_len - (self.bos is not None)
+
     def _contexts(self, epoch: int, doc0: int, off0: int, index: int) -> Iterator[list[int]]:
-        body = self.ctx_len - (self.bos is not None)
+        body = self.body
         while True:
             pending: list[int] = []
             lens: deque[int] = deque()  # tokens of each document still in `pending`
@@ -410,7 +418,7 @@ class TensorSource(_Blocks):
 
 
 def collect(model: Model, sites: Sequence[str], dataset: str, n_tokens: int, ctx_len: int = 128,
-            harvest_batch: int = 32, exclude_bos: bool = True, add_bos: bool = True) -> dict[str, torch.Tensor]:
+            harvest_batch: int = 32, exclude_bos: bool = True, add_bos: bool | None = None) -> dict[str, torch.Tensor]:
     """About n_tokens activations per site (site -> [n, d]) from the start of a dataset, unshuffled."""
     check_ctx_len(model, ctx_len)
     stream = ContextStream(model.tokenizer, dataset, ctx_len, add_bos=add_bos)

@@ -34,16 +34,24 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.").lower() or "model"
 
 
+# words that name a variant of a base model (its dictionaries are not the base model's), kept in the name
+VARIANT_WORDS = ("instruct", "it", "chat", "sft", "dpo", "rlhf", "orpo", "thinking", "reasoning")
+
+
 def gguf_name(path: Path) -> str:
-    """A model name from a GGUF's metadata (basename + size label, e.g. 'gemma-3-270m'), else the file's stem."""
+    """A model name from a GGUF's metadata, else the file's stem: basename, size label, fine-tune and version
+    (the GGUF naming convention), e.g. 'gemma-3-270m' and 'gemma-3-270m-it', so that an instruct model's
+    dictionaries never share a folder with its base model's. A file without a fine-tune field keeps the variant
+    words (VARIANT_WORDS) of its general.name."""
     try:
         import gguf
 
         fields = gguf.GGUFReader(str(path)).fields
         get = lambda key: fields[key].contents() if key in fields else None  # noqa: E731
-        base, size = get("general.basename"), get("general.size_label")
+        base = get("general.basename")
         if base:
-            return _safe_name(f"{base}-{size}" if size else base)
+            return gguf_metadata_name(base, get("general.size_label"), get("general.finetune"),
+                                      get("general.version"), get("general.name"))
     except Exception:  # metadata is a nicety: any unreadable header falls back to the file name
         pass
     return _safe_name(path.stem)
@@ -122,6 +130,21 @@ def check_gguf(path: Path) -> None:
     if pos > size or data_start + end > size:
         raise DictCircuitsError(f"{path} is truncated or corrupt: its tensors need {data_start + end} bytes but the "
                                 f"file has {size}; download it again")
+
+
+def gguf_metadata_name(base: str, size: str | None = None, finetune: str | None = None, version: str | None = None,
+                       full: str | None = None) -> str:
+    """The name gguf_name builds from a GGUF's general.* fields (basename, size_label, finetune, version, name)."""
+    parts = [str(p) for p in (base, size) if p]
+    words = lambda text: re.findall(r"[a-z0-9]+", str(text).lower())  # noqa: E731
+    if finetune:
+        parts.append(str(finetune))
+    elif full:
+        have = set(words(" ".join(parts)))
+        parts += [w for w in words(full) if w in VARIANT_WORDS and w not in have]
+    if version and not set(words(version)) <= set(words(" ".join(parts))):
+        parts.append(str(version))
+    return _safe_name("-".join(parts))
 
 
 def _distribution_files(dist_name: str) -> list[Path]:

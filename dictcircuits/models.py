@@ -191,10 +191,8 @@ class Model:
 
     @functools.cached_property
     def adds_bos(self) -> bool:
-        """Whether the model's own tokenizer starts every text with BOS (Llama, Gemma: yes; GPT-2: no). Models
-        trained that way misbehave without it (Gemma-3 then completes IOI with ' the' instead of the name)."""
-        tok, bos = self.tokenizer, getattr(self.tokenizer, "bos_token_id", None)
-        return bos is not None and tok("a")["input_ids"][:1] == [bos]
+        """Whether the model's own tokenizer starts every text with BOS (see tokenizer_adds_bos)."""
+        return tokenizer_adds_bos(self.tokenizer)
 
     def tokenize(self, texts: list[str], max_length: int | None = None, add_bos: bool | None = None) -> Tokens:
         """Right-padded token ids for a list of strings; BOS first when `add_bos` (None: as the model's
@@ -351,6 +349,15 @@ class Model:
         return acts
 
 
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """The one BOS rule of train, eval and trace: a text starts with BOS exactly when the model's own tokenizer
+    puts one there (Llama, Gemma: yes; GPT-2 and chat models whose bos_token is e.g. <|im_start|>: no). Models
+    trained with a BOS misbehave without it (Gemma-3 then completes IOI with ' the' instead of the name); models
+    trained without one never saw it at the start of a text."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return tokenizer is not None and bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def pad(rows: list[list[int]], pad_id: int) -> Tokens:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -386,13 +393,14 @@ def load_model(spec: str | None = None, device: str | torch.device = "cpu", dtyp
         gguf_path = model_sources.package_gguf(spec)
     if gguf_path is not None:
         cached = model_sources.float_cache(gguf_path)
+        name = model_sources.gguf_name(gguf_path)  # from the file: a cache written by an older version holds an older name
         if cached.verified():
             try:
-                return _from_pretrained(ModelSource(str(cached.path), "", local=True), spec, device, dtype)
+                return _from_pretrained(ModelSource(str(cached.path), name, local=True), spec, device, dtype)
             except DictCircuitsError as exc:  # written by us, yet unreadable (another transformers?): rebuild it
                 cached.reject(f"unreadable ({exc})")
         model_sources.check_gguf(gguf_path)
-        source = ModelSource(str(gguf_path.parent), model_sources.gguf_name(gguf_path), gguf_path.name)
+        source = ModelSource(str(gguf_path.parent), name, gguf_path.name)
         print(f"dequantising {gguf_path.name} (once; the float weights are cached in {cached.path})", file=sys.stderr)
         model = _from_pretrained(source, spec, "cpu", torch.float32)
         model_sources.save_float_cache(model.hf, model.tokenizer, cached, model.name)

@@ -13,6 +13,7 @@ import html
 import json
 import math
 import os
+import re
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -335,13 +336,12 @@ def render_html(cg: CircuitGraph, base: str | Path | None = None) -> str:
     layers = sorted({a["layer"] for _, a in cg.graph.nodes(data=True) if a["kind"] != "logit"})
     opts_kind = "".join(f"<option value='{_esc(k)}'>{_esc(k)}</option>" for k in kinds)
     opts_layer = "".join(f"<option value='{int(l)}'>{'embed' if l < 0 else int(l)}</option>" for l in layers)
-    page = (_TEMPLATE.replace("__TITLE__", _esc(f"{cg.task} circuit · {cg.model}"))
-            .replace("__TASK__", _esc(cg.task)).replace("__HEADER__", header).replace("__PROMPT__", prompt)
-            .replace("__KINDS__", opts_kind).replace("__LAYERS__", opts_layer))
-    # assets and data last, so no placeholder text inside them is ever replaced
-    head, tail = page.split("__ASSETS__")
-    tail_a, tail_b = tail.split("__DATA__")
-    return head + f"<style>{css}</style>\n<script>{js}</script>" + tail_a + _script_json(data) + tail_b
+    values = {"TITLE": _esc(f"{cg.task} circuit · {cg.model}"), "TASK": _esc(cg.task), "HEADER": header,
+              "PROMPT": prompt, "KINDS": opts_kind, "LAYERS": opts_layer, "DATA": _script_json(data),
+              "ASSETS": f"<style>{css}</style>\n<script>{js}</script>"}
+    # one pass over the template: a value is never searched again, so a task name or token holding "__DATA__"
+    # stays text instead of becoming a placeholder
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], _TEMPLATE)
 
 
 def write_html(cg: CircuitGraph, path: str | Path) -> Path:
@@ -349,6 +349,7 @@ def write_html(cg: CircuitGraph, path: str | Path) -> Path:
     return atomic_write(path, marker_html(render_html(cg, Path(path).parent)))
 
 
+_PLACEHOLDER = re.compile(r"__(TITLE|TASK|HEADER|PROMPT|KINDS|LAYERS|DATA|ASSETS)__")
 _TEMPLATE = r"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
 __ASSETS__

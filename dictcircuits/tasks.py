@@ -29,6 +29,7 @@ import torch
 from .atomic import atomic_write_text
 from .errors import DictCircuitsError, check_int
 from .models import Model, Tokens
+from .terminal import printable
 from .wordlists import (EVENTS, EXTRA_EVENTS, EXTRA_HELDOUT_NAMES, EXTRA_NAMES, EXTRA_NOUNS, EXTRA_OBJECTS,
                         EXTRA_PLACES, EXTRA_PREP_NOUNS, EXTRA_RC_VERBS, HELDOUT_NAMES, NAMES, NOUNS, OBJECTS, PLACES,
                         PREP_NOUNS, RC_VERBS, VERBS)
@@ -769,8 +770,8 @@ def _drop_unusable(task: Task, rejected: list[Rejected], path: Path, tokenizer, 
         for r in found:
             firsts.setdefault(r.kind, r)
         why = "; ".join(f"{counts[k]} because {k} (first: {r.where}: {r.reason})" for k, r in firsts.items())
-        print(f"{path}: skipped {count} that this tokenizer cannot use: {why}; --strict refuses them instead",
-              file=sys.stderr)
+        print(printable(f"{path}: skipped {count} that this tokenizer cannot use: {why}; --strict refuses them "
+                        "instead"), file=sys.stderr)
     bad = {i for i, _, _ in found_problems}
     kept = task.subset([j for j in range(len(task)) if j not in bad])
     kept.skipped = len(found)

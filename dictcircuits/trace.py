@@ -36,6 +36,7 @@ from .options import out_path, resolve_device
 from .paths import default_dictionaries
 from .render import check_dashboard, feature_details, write_html
 from .tasks import GENERATORS, MAX_GENERATED, Task, check_task_spec, load_task
+from .terminal import printable
 
 PHASES = ("load", "effects", "verify", "edges", "details")
 ABLATIONS = ("corrupt", "mean", "zero")
@@ -328,7 +329,7 @@ def summary(cg: CircuitGraph) -> str:
         lines = [f"dictcircuits trace: prompt {cg.task!r} on {cg.model} ({cg.method}, {len(sites)} sites)",
                  f"  target {st.get('metric')} ({top}p={st.get('answer_prob', float('nan')):.3f})"]
     else:
-        lines = [f"dictcircuits trace: {cg.task} on {cg.model} ({cg.n_prompts} prompts, {cg.method}, "
+        lines = [f"dictcircuits trace: {printable(cg.task)} on {cg.model} ({cg.n_prompts} prompts, {cg.method}, "
                  f"{len(sites)} sites, metric {st.get('metric', '?')})"]
     which = (f"those of {st['sites_arg']!r} with dictionaries" if st.get("sites_arg") else
              "the default: at most two resid sites with dictionaries, since every traced site compounds; --sites to choose")

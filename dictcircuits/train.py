@@ -32,6 +32,7 @@ from . import __version__
 from .dictionary import CFG_NAME, WEIGHTS_NAME, Dictionary, is_dictcircuits_folder, save_dictionary
 from .atomic import save_png
 from .errors import DictCircuitsError
+from .evaluate import DEFAULT_TOKENS as EVAL_TOKENS
 from .options import check_folder, check_memory, format_duration, out_path, parse_count, resolve_device
 from .harvest import ActivationBuffer, ContextStream, TensorSource, check_ctx_len, check_dataset
 from .models import Model, Tokens, load_model
@@ -103,7 +104,7 @@ class TrainConfig:
     batch_size: int = 4096  # tokens per optimiser step (per rank)
     buffer_tokens: int = 65_536  # activations held per site by the shuffling buffer
     harvest_batch: int = 32  # contexts per model trace
-    add_bos: bool = True
+    add_bos: bool | None = None  # BOS first in each context; None: as the model's tokenizer does (tokenizer_adds_bos)
     exclude_bos: bool = True
     skip_tokens: str | None = None  # token strings or ids the dictionaries skip (None: the BOS prepended, if any)
     lr: float | None = None
@@ -122,7 +123,7 @@ class TrainConfig:
     resume: bool = False  # continue the run whose checkpoint is in `out`
     overwrite: bool = False  # start over in an `out` that holds an earlier run (removes only what train wrote)
     log_every: int | None = None  # steps between metric lines / progress updates; None: about 20 points, at most 25
-    eval_tokens: int = 16_384  # after training, evaluate on this many unseen tokens (0: skip)
+    eval_tokens: int = EVAL_TOKENS  # after training, evaluate on this many unseen tokens (0: skip)
     progress: bool = True
     save_dtype: str | None = None  # e.g. bfloat16 for smaller files
 
@@ -676,8 +677,8 @@ def _prepare(trainers: dict[str, list[Trainer]], sample: dict[str, torch.Tensor]
 
 
 HELDOUT_FIELDS = ("tokens", "fvu", "l0", "dead_frac", "rel_bias", "ce_clean", "ce_spliced", "ce_zero", "ce_mean",
-                  "ce_recovered_zero", "ce_recovered_mean", "kl", "skipped", "ce_spliced_all", "ce_recovered_zero_all",
-                  "ce_recovered_mean_all", "kl_all")
+                  "ce_recovered_zero", "ce_recovered_mean", "kl", "skipped", "skipped_frac", "ce_spliced_all",
+                  "ce_recovered_zero_all", "ce_recovered_mean_all", "kl_all")
 
 
 def _heldout(model: Model, trainers: dict[str, list[Trainer]], stream: ContextStream, n_tokens: int,
@@ -904,7 +905,8 @@ def _train_into(cfg: TrainConfig, checked: _Checked, model: Model, sites: list[s
     wall_start = time.perf_counter()
     summary = {"model": model.name, "model_spec": _model_spec(cfg.model), "dataset": dataset, "ctx_len": cfg.ctx_len,
                "batch_size": cfg.batch_size, "buffer_tokens": cfg.buffer_tokens, "world_size": world, "seed": cfg.seed,
-               "add_bos": cfg.add_bos, "exclude_bos": cfg.exclude_bos, "dictcircuits_version": __version__}
+               "add_bos": model.adds_bos if cfg.add_bos is None else cfg.add_bos, "exclude_bos": cfg.exclude_bos,
+               "dictcircuits_version": __version__}
     bos = getattr(model.tokenizer, "bos_token_id", None)
     if cfg.arch in baselines.BASELINES:  # baselines.collect leaves out the BOS token, and knows no norm limit
         summary["positions"] = PositionRule(() if bos is None else (int(bos),)).to_meta(model.tokenizer)
@@ -916,7 +918,7 @@ def _train_into(cfg: TrainConfig, checked: _Checked, model: Model, sites: list[s
     torch.manual_seed(cfg.seed)
     steps = max(1, math.ceil(checked.tokens / (cfg.batch_size * world)))
     configs = cfg.trainer_configs(model.d_model)
-    stream = ContextStream(model.tokenizer, dataset, cfg.ctx_len, add_bos=cfg.add_bos, rank=rank, world=world,
+    stream = ContextStream(model.tokenizer, dataset, cfg.ctx_len, add_bos=summary["add_bos"], rank=rank, world=world,
                            split=cfg.split, text_field=cfg.text_field)
     if checked.skip_tokens is not None:
         skip_ids = resolve_skip_tokens(checked.skip_tokens, model.tokenizer)
@@ -962,7 +964,8 @@ def _train_into(cfg: TrainConfig, checked: _Checked, model: Model, sites: list[s
         interrupted = session.run(on_step)
     finally:
         restore()
-    summary.update(epochs=stream.epochs, autocast=autocast, position_calibration=source.calibration)
+    summary.update(epochs=stream.epochs, autocast=autocast, position_calibration=source.calibration,
+                   data_read=_data_read(stream, world))
     rules = {s: PositionRule(skip_ids, (source.max_norms or {}).get(s)) for s in sites}
     result = _finish(session, trainers, summary, out, interrupted, rules, model.tokenizer)
     if not interrupted and rank == 0:
@@ -1002,6 +1005,17 @@ def _model_spec(spec: str) -> str:
     return str(path.resolve()) if path.exists() else spec
 
 
+def _data_read(stream: ContextStream, world: int) -> dict[str, int]:
+    """Where training stopped reading the dataset (all ranks together): the packed contexts read and the dataset
+    tokens in them (BOS excluded). `eval` starts its held-out text there; past the first pass (epochs > 0) the
+    whole dataset was read. Every rank must call this (a collective when world > 1)."""
+    read = torch.tensor([float(stream.cursor[3])], dtype=torch.float64)  # the next context's global index
+    if world > 1:
+        read = _max_over_ranks(read)
+    contexts = int(read.item())
+    return {"contexts": contexts, "tokens": contexts * stream.body}
+
+
 def _max_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """The element-wise maximum of `t` over data-parallel ranks (they must agree on the norm limits)."""
     t = t.to(_comm_device())
@@ -1013,7 +1027,7 @@ def _estimator(source: ActivationBuffer, steps: int, tokens_per_step: int, eval_
                n_sites: int) -> Callable[[float], None]:
     """Prints the expected duration once the first steps are timed: training steps (measured) + harvesting the
     remaining tokens at the pre-fill's rate + held-out evaluation (at most 2 + 6 forward passes per site over its
-    tokens at the same rate, see evaluate._announce)."""
+    tokens at the same rate; evaluate._announce times the real thing)."""
     harvested, fill_s = source.last_fill
     rate = harvested / max(fill_s, 1e-9)  # tokens per second through the model
 
@@ -1094,7 +1108,8 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default=d.device, help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:1...")
     p.add_argument("--save-dtype", default=d.save_dtype,
                    help=f"dtype of the saved weights: {', '.join(SAVE_DTYPES)}")
-    p.add_argument("--no-bos", dest="add_bos", action="store_false", help="do not prepend BOS to contexts")
+    p.add_argument("--no-bos", dest="add_bos", action="store_false", default=d.add_bos,
+                   help="no BOS at the start of contexts (default: BOS exactly when the model's tokenizer adds one)")
     p.add_argument("--keep-bos", dest="exclude_bos", action="store_false",
                    help="do not skip the BOS token (the same as --skip-tokens none); BOS positions whose norm is far "
                         "outside the rest are still skipped by the norm limit")

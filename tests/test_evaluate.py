@@ -108,7 +108,7 @@ def test_eval_cli_json_and_errors(model, tmp_path, capsys):
     assert main(["eval", "--model", str(folder), "--dictionaries", str(tmp_path / "dicts"), "--tokens", "128",
                  "--ctx-len", "32", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["mlp.0"]["tokens"] == 4 * 31 and out["mlp.0"]["l0"] == pytest.approx(4)
+    assert out["mlp.0"]["tokens"] == 4 * 32 and out["mlp.0"]["l0"] == pytest.approx(4)  # no BOS: GPT-2 adds none
     assert main(["eval", "--model", str(folder), "--dictionaries", str(tmp_path / "dicts"), "--ctx-len", "128"]) == 2
     assert "--ctx-len 128 exceeds the 64 positions" in capsys.readouterr().err
     save_dictionary(random_dictionary("relu", 16, 32), tmp_path / "wrong" / "mlp.0")

@@ -48,8 +48,8 @@ def test_output_layout_and_summary(straight):
     assert t["trainer"]["k"] == 4 and t["trainer"]["width"] == 64
     assert 0 < t["final"]["fvu"] < 1 and t["final"]["l0"] == pytest.approx(4)
     assert float(dic.input_scale) == pytest.approx(t["input_scale"]) and t["input_scale"] != 1.0
-    held = t["heldout"]  # evaluated on the 4 contexts after the training data
-    assert held["tokens"] == 4 * 31 and held["l0"] == pytest.approx(4) and 0 < held["fvu"] < 1
+    held = t["heldout"]  # evaluated on the 4 contexts after the training data (no BOS: GPT-2's tokenizer adds none)
+    assert held["tokens"] == 4 * 32 and held["l0"] == pytest.approx(4) and 0 < held["fvu"] < 1
     assert held["ce_clean"] > 0 and abs(held["ce_spliced"] - held["ce_clean"]) < 1
     assert not (out / CHECKPOINT_NAME).exists()  # removed once the dictionaries are saved
     lines = [json.loads(ln) for ln in (out / METRICS_NAME).read_text().splitlines()]
@@ -122,7 +122,7 @@ def test_sweep_and_e2e(model, tmp_path):
 
 
 def test_buffer_masks_bos_and_shuffles(model):
-    stream = ContextStream(model.tokenizer, default_dataset(), 16)
+    stream = ContextStream(model.tokenizer, default_dataset(), 16, add_bos=True)  # BOS although GPT-2 adds none
     buf = ActivationBuffer(model, ["embed", "resid.1"], stream, batch_size=64, buffer_tokens=320, harvest_batch=8)
     first = buf.next()
     assert first["embed"].shape == (64, 32) and buf.block == 0
