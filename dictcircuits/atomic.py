@@ -15,6 +15,7 @@ whose process is gone (a run killed with -9), recognised by that name pattern an
 from __future__ import annotations
 
 import math
+import errno
 import os
 import re
 import secrets
@@ -171,11 +172,15 @@ def follow_umask(root: str | Path) -> None:
                 os.chmod(path, 0o666 & ~mask)
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "") -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "", owned: bool = False) -> Path:
     """Call write(tmp_path) to fill a temporary file beside `path`, then move it into place, if `path` may be
-    written (writable_target). `suffix` keeps writers that pick a format by extension (matplotlib) happy."""
+    written (writable_target). `suffix` keeps writers that pick a format by extension (matplotlib) happy.
+    owned=True: the caller owns `path` whatever it holds (a cache entry, cache.py: a model file carries no marker);
+    whatever is there is replaced, a link itself rather than its target; a folder raises IsADirectoryError."""
     path = Path(path)
-    target = writable_target(path)
+    if owned and path.is_dir() and not path.is_symlink():
+        raise IsADirectoryError(errno.EISDIR, "a folder is where the file belongs", str(path))
+    target = path if owned else writable_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(target.parent)
     tmp = target.with_name(f".{target.name[:_NAME_KEPT]}.dictcircuits-{os.getpid()}-{secrets.token_hex(4)}.tmp{suffix}")

@@ -117,7 +117,7 @@ class CacheEntry:
         try:
             self.manifest.unlink(missing_ok=True)  # the old entry is not trusted from here on
             if not folder:
-                atomic_write(self.path, write)
+                atomic_write(self.path, write, owned=True)
             else:
                 self._store_folder(write)
             record = {"format": FORMAT, "version": VERSION, "kind": self.kind, "inputs": self.inputs,
