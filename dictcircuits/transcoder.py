@@ -150,6 +150,20 @@ def write_sites(read: str, n_out: int = 1) -> list[str]:
     return [f"{WRITE_KIND}.{int(layer) + j}" for j in range(n_out)]
 
 
+def targets(model, key: str, dic: Dictionary) -> tuple[str, ...]:
+    """The sites a transcoder keyed by read site `key` writes on `model`, checked: dic.writes when it reads `key`,
+    else (dictionaries with no site recorded, e.g. random ones) the default mlp.L.. for mlp_in.L."""
+    ws = dic.writes if dic.reads == key and dic.writes else tuple(write_sites(key, dic.n_out))
+    order = model.site(key).order
+    for w in ws:
+        if model.site(w).order <= order:
+            raise DictCircuitsError(f"the transcoder reading {key} writes {w}, which comes before it in the forward "
+                                    "pass; a transcoder writes sites after the one it reads")
+    if len(set(ws)) != len(ws):
+        raise DictCircuitsError(f"the transcoder reading {key} lists a write site twice ({', '.join(ws)})")
+    return ws
+
+
 def clt_output(pieces: Mapping[str, Dictionary], features: Mapping[str, torch.Tensor], site: str,
                inputs: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor | None:
     """The transcoders' output at write site `site`: Σ over pieces writing there of decode(f, x, out=j), with
