@@ -29,6 +29,7 @@ from .dictionary import (BatchTopKDictionary, Dictionary, JumpReLUDictionary, Re
 from .errors import DictCircuitsError
 
 READ_KIND, WRITE_KIND = "mlp_in", "mlp"  # a transcoder reads the MLP's input and writes the MLP's output
+TRANSCODER_ARCHS = {"transcoder": "plt", "skip-transcoder": "skip", "clt": "clt"}  # train --arch -> kind
 
 
 class Transcoder(Dictionary):
@@ -148,6 +149,25 @@ def write_sites(read: str, n_out: int = 1) -> list[str]:
         raise DictCircuitsError(f"a transcoder reads an MLP's input ({READ_KIND}.L), not {read!r}; name its "
                                 "write sites explicitly (meta['writes']) for other reads")
     return [f"{WRITE_KIND}.{int(layer) + j}" for j in range(n_out)]
+
+
+def transcoder_sites(model, spec: str, kind: str) -> dict[str, list[str]]:
+    """The transcoders `train --sites spec` asks for: read site mlp_in.L -> the sites it writes (mlp.L; a CLT's
+    piece mlp.L .. mlp.(n−1)). `spec` names layers: 'all', or mlp.L / mlp_in.L sites and patterns."""
+    if spec.strip() == "all":
+        layers = list(range(model.n_layers))
+    else:
+        chosen = model.resolve_sites(spec)
+        other = [s.name for s in chosen if s.kind not in (READ_KIND, WRITE_KIND)]
+        if other:
+            raise DictCircuitsError(f"--sites {other[0]}: a transcoder replaces an MLP; name layers by mlp.L or "
+                                    f"{READ_KIND}.L (or all)")
+        layers = sorted({s.layer for s in chosen})
+    if kind == "clt" and layers != list(range(model.n_layers)):
+        raise DictCircuitsError(f"--arch clt trains one piece per layer, jointly over all {model.n_layers} layers: "
+                                "drop --sites (or give all)")
+    n = model.n_layers
+    return {read_site(L): [f"{WRITE_KIND}.{j}" for j in range(L, n if kind == "clt" else L + 1)] for L in layers}
 
 
 def targets(model, key: str, dic: Dictionary) -> tuple[str, ...]:
