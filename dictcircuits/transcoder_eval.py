@@ -88,8 +88,6 @@ def evaluate_transcoders(model: Model, dictionaries: Mapping[str, Dictionary], t
     for s in reads:
         r = _summarise(s, dicts[s], acc[s], plots)
         r.rule = rule_for(dicts[s], model).describe(model.tokenizer)
-        r.notes["ce_recovered_zero"] = (f"every MLP output the set writes ({', '.join(written)}) replaced at once; "
-                                        "FVU is of the MLP output " + writes[s][0])
         results[s] = r
     return results
 
