@@ -236,6 +236,21 @@ class Trainer(ABC):
         b_dec at the geometric median of what is reconstructed."""
         with torch.no_grad():
             self.dic.b_dec.copy_(geometric_median(first_output(x if y is None else y).float()[:4096]))
+        if y is not None:
+            self.point_decoder(x, y)
+
+    def point_decoder(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """A transcoder's random decoder rows are unrelated to its random encoder, so at init its output is noise
+        (FVU 1.35 over the first steps on Gemma-3-270M mlp.3, against an SAE's 0.71). Point each row, keeping its
+        norm, at Σ f_i (y − b_dec) over a sample: the output where feature i fires (then FVU < 1 from the start)."""
+        dic = self.dic
+        with torch.no_grad():
+            n = max(16, min(4096, 2 ** 26 // dic.F))
+            f = dic._encode(x.float()[:n].to(dic.W_dec.device))  # [n, F]; a transcoder's input is never centred
+            corr = f.T @ (first_output(y).float()[:n].to(f.device) - dic.b_dec)  # [F, d_out]
+            norm = corr.norm(dim=-1, keepdim=True)  # [F, 1]
+            ok = norm[:, 0] > 0
+            dic.W_dec[ok] = corr[ok] / norm[ok] * dic.W_dec[ok].norm(dim=-1, keepdim=True)
 
     def fit_encoder_scale(self, x: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor],
                           y: torch.Tensor | None = None) -> None:
@@ -457,7 +472,8 @@ class Standard2024Trainer(Trainer):
                 self.dic.W_enc.copy_(self.dic.W_dec.T)
 
     def init_from(self, x, y=None):
-        pass  # b_dec starts at 0 in this recipe
+        if y is not None:  # b_dec starts at 0 in this recipe, a transcoder's at its targets' median
+            super().init_from(x, y)
 
     def loss(self, x, step, y=None):
         dic = self.dic
