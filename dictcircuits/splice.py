@@ -118,7 +118,9 @@ def splice(
             pieces = [(s, writes[s].index(site)) for s in coders if site in writes[s] and s in read]
             if not pieces:
                 return y
-            decode = lambda s, j, f: coders[s].decode(f, read[s][0], out=j)  # noqa: E731
+            def decode(s: str, j: int, f: torch.Tensor) -> torch.Tensor:  # transcoder s's output here [b, p, d_out]
+                return coders[s].decode(f, read[s][0], out=j)
+
             err = y - sum(decode(s, j, read[s][1]) for s, j in pieces)  # from the unedited features
             for s, j in pieces:
                 if j == 0:  # the piece's own (first) write site: its state and edit
