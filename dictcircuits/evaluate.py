@@ -154,6 +154,9 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
     AblationCache to every evaluation of a sweep on the same tokens, so that the ablations run once."""
     if not dictionaries:
         raise DictCircuitsError("no dictionaries to evaluate")
+    if any(getattr(d, "is_transcoder", False) for d in dictionaries.values()):  # MLPs replaced at once
+        from .transcoder_eval import evaluate_transcoders
+        return evaluate_transcoders(model, dictionaries, tokens, batch_size, exclude_bos, plots, progress, desc)
     if batch_size is None:
         batch_size = auto_batch_size(model, tokens.input_ids.shape[1])
     if batch_size < 1:

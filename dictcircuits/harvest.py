@@ -278,7 +278,7 @@ class ActivationBuffer(_Blocks):
     def __init__(self, model: Model, sites: Sequence[str], stream: ContextStream, batch_size: int,
                  buffer_tokens: int = 65_536, harvest_batch: int = 32, exclude_bos: bool = True,
                  seed: int = 0, device: torch.device | str | None = None, skip_tokens: Sequence[int] | None = None,
-                 calibrate: bool = False, sync=None):
+                 calibrate: bool = False, sync=None, norm_sites: Sequence[str] | None = None):
         if batch_size < 1 or buffer_tokens < batch_size:
             raise DictCircuitsError(f"the buffer ({buffer_tokens} tokens) must hold at least one batch "
                                     f"({batch_size} tokens): raise --buffer-tokens or lower --batch-size")
@@ -294,6 +294,8 @@ class ActivationBuffer(_Blocks):
         self.acts: dict[str, torch.Tensor] = {}  # site -> [rows, d], rows in served order
         self.contexts = torch.empty(0, stream.ctx_len, dtype=torch.long)  # [n_contexts, ctx_len] of the block
         self.calibrate, self.sync = calibrate, sync
+        # sites whose norms set limits (None: all); a transcoder's rule reads its input's norm, not its output's
+        self.norm_sites = set(self.sites if norm_sites is None else norm_sites)
         self.max_norms: dict[str, float | None] | None = None  # site -> norm limit, once calibrated
         self.calibration: dict[str, int] = {}  # positions of the calibration block: total, by token, by norm
         self.progress = False  # show a bar while a block fills (the pre-fill; refills run under the training bar)
@@ -345,7 +347,8 @@ class ActivationBuffer(_Blocks):
 
     def _calibrate(self, norms: dict[str, torch.Tensor], positions: int) -> None:
         """Set each site's norm limit from the first block's norms (synchronised across ranks by `sync`)."""
-        limits = torch.tensor([max_norm_from(n) or 0.0 for n in norms.values()], dtype=torch.float64)  # [sites]
+        limits = torch.tensor([(max_norm_from(n) or 0.0) if s in self.norm_sites else 0.0 for s, n in norms.items()],
+                              dtype=torch.float64)  # [sites]
         if self.sync is not None:
             limits = self.sync(limits)
         self.max_norms = {s: (float(v) if v > 0 else None) for s, v in zip(norms, limits.tolist())}

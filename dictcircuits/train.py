@@ -38,7 +38,8 @@ from .harvest import ActivationBuffer, ContextStream, TensorSource, check_ctx_le
 from .models import Model, Tokens, load_model
 from .paths import train_output
 from .positions import NORM_FACTOR, NORM_QUANTILE, PositionRule, parse_skip_tokens, resolve_skip_tokens, set_rule
-from .trainers import METRICS, TRAINERS, Trainer, TrainerConfig, make_trainer
+from .trainers import METRICS, TRAINERS, TRANSCODER_RECIPES, Trainer, TrainerConfig, clt_step, make_trainer
+from .transcoder import TRANSCODER_ARCHS, transcoder_sites
 
 CHECKPOINT_NAME, METRICS_NAME, LOCK_NAME = "checkpoint.pt", "metrics.jsonl", ".dictcircuits-train.lock"
 CHECKPOINT_VERSION = 1
@@ -90,7 +91,9 @@ class TrainConfig:
 
     model: str = "dc-mini"
     sites: str = "all"
-    arch: str = "topk"  # a trainer (relu, relu-2024, tied, gated, topk, batchtopk, jumprelu) or a baseline
+    arch: str = "topk"  # a trainer (relu, relu-2024, tied, gated, topk, batchtopk, jumprelu), a baseline, or a
+    # transcoder kind (transcoder, skip-transcoder, clt: docs/transcoders.md)
+    activation: str | None = None  # a transcoder's recipe: topk (default), batchtopk, relu-2024, jumprelu
     width: str = "8x"
     k: str = "32"
     l1: str | None = None
@@ -131,7 +134,9 @@ class TrainConfig:
         """One TrainerConfig per point of the sweep, each checked; with d=None (model not loaded yet) the
         widths are only parsed and reported as 0."""
         widths = [parse_width(w, d) for w in _split(self.width)] or [8 * d if d else 0]
-        sweep_key = {"topk": "k", "batchtopk": "k", "jumprelu": "l0_coef"}.get(self.arch, "l1")
+        kind = TRANSCODER_ARCHS.get(self.arch)
+        recipe = (self.activation or "topk") if kind else self.arch
+        sweep_key = {"topk": "k", "batchtopk": "k", "jumprelu": "l0_coef"}.get(recipe, "l1")
         raw = _split(getattr(self, sweep_key)) or [None]
         try:
             values = [None if v is None else (int(v) if sweep_key == "k" else float(v)) for v in raw]
@@ -143,7 +148,7 @@ class TrainConfig:
             for v in values:
                 kw = {sweep_key: v} if v is not None else {}
                 cfg = TrainerConfig(
-                    arch=self.arch, width=w, lr=self.lr, warmup_steps=self.warmup_steps, decay_start=self.decay_start,
+                    arch=recipe, transcoder=kind, width=w, lr=self.lr, warmup_steps=self.warmup_steps, decay_start=self.decay_start,
                     auxk_alpha=self.auxk_alpha, resample_every=self.resample_every, dead_tokens=self.dead_tokens,
                     e2e_kl=self.e2e_kl, **kw)
                 cfg.check()
@@ -187,9 +192,18 @@ class TrainConfig:
                             ("--text-field", self.text_field)):
             if not str(value or "").strip():
                 raise DictCircuitsError(f"{flag} is empty: give a value (see dictcircuits train --help)")
-        if self.arch not in TRAINERS and self.arch not in BASELINES:
-            raise DictCircuitsError(f"unknown --arch {self.arch!r}: choose a trainer ({', '.join(TRAINERS)}) or a "
-                                    f"baseline ({', '.join(BASELINES)})")
+        if self.arch not in TRAINERS and self.arch not in BASELINES and self.arch not in TRANSCODER_ARCHS:
+            raise DictCircuitsError(f"unknown --arch {self.arch!r}: choose a trainer ({', '.join(TRAINERS)}), a "
+                                    f"baseline ({', '.join(BASELINES)}) or a transcoder ({', '.join(TRANSCODER_ARCHS)})")
+        if self.activation is not None and self.arch not in TRANSCODER_ARCHS:
+            raise DictCircuitsError(f"--activation picks a transcoder's recipe; --arch {self.arch} takes none: drop "
+                                    f"--activation or use --arch {'/'.join(TRANSCODER_ARCHS)}")
+        if self.activation is not None and self.activation not in TRANSCODER_RECIPES:
+            raise DictCircuitsError(f"--activation {self.activation!r} cannot train transcoders: choose one of "
+                                    f"{', '.join(TRANSCODER_RECIPES)}")
+        if self.arch == "clt" and self.e2e_kl > 0:
+            raise DictCircuitsError("--e2e-kl does not apply to --arch clt (its pieces write several layers); drop "
+                                    "--e2e-kl")
         tokens = parse_count(self.tokens, "--tokens")
         if self.arch in BASELINES:
             for w in _split(self.width):
@@ -629,11 +643,16 @@ class _Session:
                     with torch.no_grad():
                         clean_logp = self.model.run(tokens).float().log_softmax(-1)  # [b, p, V]
                 for s, ts in self.trainers.items():
+                    if self.joint:
+                        break
                     x = batch[s].to(ts[0].dic.W_dec.device, torch.float32)
                     for i, t in enumerate(ts):
                         xs = x * t.dic.input_scale  # scaled units
                         extra = self._e2e_term(s, t, tokens, clean_logp) if e2e and t.cfg.e2e_kl > 0 else None
-                        self.window[s][i] += t.step(xs, self.step, extra=extra, autocast=self.autocast)
+                        self.window[s][i] += t.step(xs, self.step, extra=extra, autocast=self.autocast,
+                                                    y=_target(t, batch))
+                if self.joint:  # a CLT: its pieces (one per read site) step together, per run of the sweep
+                    self._clt_step(batch)
                 self.step += 1
                 self.window_steps += 1
                 if self.step % self.log_every == 0 or self.step == self.total_steps:
@@ -653,6 +672,21 @@ class _Session:
         self.elapsed = time.perf_counter() - start
         return False
 
+    @property
+    def joint(self) -> bool:
+        """Whether the trainers are the pieces of cross-layer transcoders, trained jointly."""
+        return any(t.cfg.transcoder == "clt" for ts in self.trainers.values() for t in ts)
+
+    def _clt_step(self, batch: dict[str, torch.Tensor]) -> None:
+        sites = list(self.trainers)
+        device = self.trainers[sites[0]][0].dic.W_dec.device
+        xs = [batch[s].to(device, torch.float32) for s in sites]  # model units
+        for i in range(len(self.trainers[sites[0]])):
+            pieces = [self.trainers[s][i] for s in sites]
+            ys = [batch[t.dic.writes[0]].to(device, torch.float32) for t in pieces]
+            for s, m in zip(sites, clt_step(pieces, xs, ys, self.step, autocast=self.autocast)):
+                self.window[s][i] += m
+
     def _should_stop(self) -> bool:
         flag = torch.tensor([float(self.stop_requested)], device=_comm_device())
         if self.world > 1:  # every rank stops at the same step when any rank got SIGINT
@@ -665,14 +699,24 @@ def _input_scale(x: torch.Tensor) -> float:  # x [n, d]
     return float(math.sqrt(x.shape[-1] / x.double().pow(2).sum(-1).mean().clamp_min(1e-12)))
 
 
+def _target(t: Trainer, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """A transcoder's target: the activation at its (first) write site in its scaled output units; None for an SAE."""
+    if not t.dic.is_transcoder:
+        return None
+    return batch[t.dic.writes[0]].to(t.dic.W_dec.device, torch.float32) * t.dic.output_scale
+
+
 def _prepare(trainers: dict[str, list[Trainer]], sample: dict[str, torch.Tensor]) -> None:
-    """Set input scales and data-dependent inits from a first sample, then align ranks on rank 0's."""
+    """Set input (and transcoders' output) scales and data-dependent inits from a first sample, then align ranks
+    on rank 0's."""
     for s, ts in trainers.items():
         x = sample[s].float()
         scale = _input_scale(x)
         for t in ts:
             t.dic.input_scale.fill_(scale)
-            t.init_from((x * scale).to(t.dic.W_dec.device))
+            if t.dic.is_transcoder:
+                t.dic.output_scale.fill_(_input_scale(sample[t.dic.writes[0]].float()))
+            t.init_from((x * scale).to(t.dic.W_dec.device), _target(t, sample))
             t.broadcast()
 
 
@@ -804,9 +848,12 @@ def _log_interval(requested: int | None, steps: int, note: bool = True) -> int:
 def train_on_activations(acts: dict[str, torch.Tensor], trainer_configs: list[TrainerConfig], steps: int,
                          batch_size: int = 1024, seed: int = 0, out: str | Path | None = None,
                          checkpoint_every: int = 0, resume: bool = False, log_every: int | None = None,
-                         progress: bool = False, on_step: Callable[[int], None] | None = None) -> TrainResult:
+                         progress: bool = False, on_step: Callable[[int], None] | None = None,
+                         targets: dict[str, list[str]] | None = None) -> TrainResult:
     """Train dictionaries on fixed activation tensors (site -> [n, d]), e.g. synthetic data: the same loop,
-    checkpoints, lock and summaries as `train`, with batches drawn by reshuffling the tensors each pass."""
+    checkpoints, lock and summaries as `train`, with batches drawn by reshuffling the tensors each pass.
+    targets: for transcoders (configs with `transcoder` set), read key -> the keys of `acts` it writes; only those
+    read keys get dictionaries."""
     if steps < 1 or batch_size < 1:
         raise DictCircuitsError(f"steps ({steps}) and batch_size ({batch_size}) must be at least 1")
     for c in trainer_configs:
@@ -820,8 +867,10 @@ def train_on_activations(acts: dict[str, torch.Tensor], trainer_configs: list[Tr
         torch.manual_seed(seed)
         source = TensorSource(acts, batch_size, seed=seed)
         device = next(iter(acts.values())).device
-        trainers = {s: [make_trainer(a.shape[-1], c, steps, batch_size, seed=seed + i, device=device)
-                        for i, c in enumerate(trainer_configs)] for s, a in acts.items()}
+        reads = list(targets) if targets is not None else list(acts)
+        trainers = {s: [_make(acts[s].shape[-1], c, steps, batch_size, seed + i, device, s,
+                              None if targets is None else targets[s]) for i, c in enumerate(trainer_configs)]
+                    for s in reads}
         if folder is not None:
             folder.claim(list(_dictionary_paths(trainers, out)), resume, overwrite=False)
         _prepare(trainers, {s: a[:8192] for s, a in acts.items()})
@@ -845,6 +894,18 @@ def train_on_activations(acts: dict[str, torch.Tensor], trainer_configs: list[Tr
     finally:
         if folder is not None:
             folder.release()
+
+
+def _make(d: int, cfg: TrainerConfig, steps: int, batch_size: int, seed: int, device, site: str,
+          writes: list[str] | None = None) -> Trainer:
+    """A trainer for the dictionary at `site`; a transcoder writes `writes` (a CLT piece: as many as it has outputs)."""
+    if cfg.transcoder is not None:
+        cfg = dataclasses.replace(cfg, n_out=len(writes) if cfg.transcoder == "clt" else 1)
+    t = make_trainer(d, cfg, steps, batch_size, seed=seed, device=device)
+    t.dic.meta["site"] = site
+    if cfg.transcoder is not None:
+        t.dic.meta["writes"] = list(writes[:cfg.n_out])
+    return t
 
 
 def train(cfg: TrainConfig, model: Model | None = None,
@@ -879,7 +940,10 @@ def _train(cfg: TrainConfig, checked: _Checked, model: Model | None, on_step, fo
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = model or load_model(cfg.model, device=device)
-    sites = [s.name for s in model.resolve_sites(cfg.sites)]
+    if cfg.arch in TRANSCODER_ARCHS:  # the read sites mlp_in.L of the layers named
+        sites = list(transcoder_sites(model, cfg.sites, TRANSCODER_ARCHS[cfg.arch]))
+    else:
+        sites = [s.name for s in model.resolve_sites(cfg.sites)]
     check_ctx_len(model, cfg.ctx_len)
     cfg.check_memory(model.d_model, len(sites), model.vocab_size, checked.device)
     dataset = checked.dataset
@@ -924,15 +988,17 @@ def _train_into(cfg: TrainConfig, checked: _Checked, model: Model, sites: list[s
         skip_ids = resolve_skip_tokens(checked.skip_tokens, model.tokenizer)
     else:  # the BOS this run prepends to every context, if any
         skip_ids = (int(stream.bos),) if stream.bos is not None and cfg.exclude_bos else ()
-    source = ActivationBuffer(model, sites, stream, cfg.batch_size, cfg.buffer_tokens, cfg.harvest_batch,
+    writes = transcoder_sites(model, cfg.sites, TRANSCODER_ARCHS[cfg.arch]) if cfg.arch in TRANSCODER_ARCHS else {}
+    harvested = [x.name for x in model.resolve_sites(sorted({*sites, *(w for ws in writes.values() for w in ws)}))]
+    source = ActivationBuffer(model, harvested, stream, cfg.batch_size, cfg.buffer_tokens, cfg.harvest_batch,
                               cfg.exclude_bos, seed=cfg.seed, device=device, skip_tokens=skip_ids, calibrate=True,
-                              sync=_max_over_ranks if world > 1 else None)
+                              sync=_max_over_ranks if world > 1 else None, norm_sites=sites)
     show = cfg.progress and rank == 0
     if show:
         print(f"position rule: the dictionaries skip {PositionRule(skip_ids).describe(model.tokenizer)} and "
               f"positions whose norm exceeds {NORM_FACTOR:g}x the {NORM_QUANTILE:.0%} quantile of the first buffer "
               "block's norms; training leaves them out", file=sys.stderr)
-    trainers = {s: [make_trainer(model.d_model, c, steps, cfg.batch_size, seed=cfg.seed + i, device=device)
+    trainers = {s: [_make(model.d_model, c, steps, cfg.batch_size, cfg.seed + i, device, s, writes.get(s))
                     for i, c in enumerate(configs)] for s in sites}
     if folder is not None:
         folder.claim(list(_dictionary_paths(trainers, out)), cfg.resume, cfg.overwrite)
@@ -1068,8 +1134,11 @@ def add_arguments(p) -> None:
     d = TrainConfig()
     p.add_argument("--model", default=d.model, help="hub id, local folder, .gguf or dc-mini (default)")
     p.add_argument("--sites", default=d.sites, help="all, a comma list (resid.0,mlp.1) or patterns (resid.*)")
-    p.add_argument("--arch", default=d.arch, help=f"trainer: {', '.join(TRAINERS)}; or a baseline: "
-                   "pca, ica, nmf, random, identity")
+    p.add_argument("--arch", default=d.arch, help=f"trainer: {', '.join(TRAINERS)}; a baseline: "
+                   "pca, ica, nmf, random, identity; or a transcoder: transcoder, skip-transcoder, clt (they read "
+                   "mlp_in.L and write mlp.L; --sites then names layers: all, mlp.3, mlp_in.*; docs/transcoders.md)")
+    p.add_argument("--activation", default=d.activation,
+                   help=f"transcoders' recipe: {', '.join(TRANSCODER_RECIPES)} (default topk)")
     p.add_argument("--width", default=d.width, help="dictionary width: 8x (times d) or a count; comma list sweeps")
     p.add_argument("--k", default=d.k, help="active latents for topk/batchtopk; comma list sweeps")
     p.add_argument("--l1", default=d.l1, help="L1 coefficient for relu/relu-2024/tied/gated; comma list sweeps")

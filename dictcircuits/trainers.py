@@ -28,6 +28,7 @@ import torch.distributed as dist
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
 from .sparse import SparseFeatures, sparse_autoencoder, sparse_decode
+from .transcoder import TRANSCODERS, create_transcoder
 
 
 @dataclass
@@ -50,6 +51,8 @@ class TrainerConfig:
     bandwidth: float = 0.01  # jumprelu STE kernel width (in scaled units, where E‖x‖² = d)
     threshold_beta: float = 0.99  # batchtopk: EMA factor of the inference threshold
     e2e_kl: float = 0.0  # weight of KL(model ‖ model with x̂ spliced in); 0 disables the end-to-end term
+    transcoder: str | None = None  # None: an SAE; "plt", "skip" or "clt": a transcoder (transcoder.py) of this recipe
+    n_out: int = 1  # sites a transcoder writes (a CLT piece: the layers from its own to the last)
 
     def check(self) -> None:
         """Refuse hyperparameters outside their domain (one line naming the option); width and k against the
@@ -85,7 +88,8 @@ class TrainerConfig:
     def run_name(self) -> str:
         sparsity = {"topk": f"k{self.k}", "batchtopk": f"k{self.k}", "jumprelu": f"l0c{self.l0_coef:g}"}.get(
             self.arch, f"l1{self.l1:g}" if self.l1 is not None else "l1default")
-        return f"{self.arch}_F{self.width}_{sparsity}"
+        kind = {"plt": "transcoder_", "skip": "skip-transcoder_", "clt": "clt_"}.get(self.transcoder or "", "")
+        return f"{kind}{self.arch}_F{self.width}_{sparsity}"
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, decay_start: float) -> float:
@@ -107,6 +111,17 @@ def geometric_median(x: torch.Tensor, iters: int = 30) -> torch.Tensor:  # x [n,
 
 
 METRICS = ("loss", "l0", "fvu", "dead")
+TRANSCODER_RECIPES = ("topk", "batchtopk", "relu-2024", "jumprelu")  # recipes that train transcoders too
+
+
+def sse(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:  # [b, ...] -> [b]
+    """Σ of squared errors per row (over d, and over a CLT piece's write sites)."""
+    return (y - y_hat).pow(2).flatten(1).sum(-1)
+
+
+def first_output(y: torch.Tensor) -> torch.Tensor:  # [b, d] or [b, n_out, d] -> [b, d]
+    """A CLT piece's target at its own layer (the first write site); any other target as it is."""
+    return y[:, 0] if y.dim() == 3 else y
 SPARSE_MIN_WIDTH_PER_K = 16  # TopK trains with the sparse k-row kernels when F >= 16 k
 
 
@@ -158,7 +173,11 @@ class Trainer(ABC):
         self.cfg, self.total_steps, self.batch_tokens = cfg, int(total_steps), int(batch_tokens)
         self.l1 = cfg.l1 if cfg.l1 is not None else self.default_l1
         self.generator = torch.Generator().manual_seed(seed)
-        self.dic = Dictionary.create(self.dictionary_arch, d, cfg.width, **self.dictionary_hyperparams())
+        if cfg.transcoder is None:
+            self.dic = Dictionary.create(self.dictionary_arch, d, cfg.width, **self.dictionary_hyperparams())
+        else:  # reads x, decodes to the targets y given to step() (SAE recipes, TRANSCODER_RECIPES)
+            self.dic = create_transcoder(self.dictionary_arch, d, cfg.width, skip=cfg.transcoder == "skip",
+                                         n_out=cfg.n_out, **self.dictionary_hyperparams())
         self._init_weights()
         self.dic.to(device)
         self.lr = cfg.lr if cfg.lr is not None else min(3e-3, 2e-4 / math.sqrt(cfg.width / 2 ** 14))
@@ -180,18 +199,25 @@ class Trainer(ABC):
         return {}
 
     def _init_weights(self) -> None:
-        """Random unit decoder rows and encoder = decoderᵀ (every recipe here starts this way)."""
+        """Random unit decoder rows and encoder = decoderᵀ (every recipe here starts this way); a transcoder's
+        encoder rows are drawn apart (input and output are different spaces), its later decoders (CLT) and skip
+        path start at 0."""
         dic = self.dic
-        w = torch.randn(dic.F, dic.d, generator=self.generator)  # [F, d]
+        w = torch.randn(dic.F, dic.d_out, generator=self.generator)  # [F, d_out]
         w = w / w.norm(dim=-1, keepdim=True)
         with torch.no_grad():
             dic.W_dec.copy_(w)
+            if dic.is_transcoder:
+                w = torch.randn(dic.F, dic.d, generator=self.generator)  # [F, d]
+                w = w / w.norm(dim=-1, keepdim=True)
             if hasattr(dic, "W_enc"):
                 dic.W_enc.copy_(w.T)
 
     @abstractmethod
-    def loss(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | SparseFeatures]:
-        """(loss, x_hat [batch, d], f [batch, F]) for scaled inputs x [batch, d]; f may come as SparseFeatures."""
+    def loss(self, x: torch.Tensor, step: int, y: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | SparseFeatures]:
+        """(loss, y_hat, f [batch, F]) for scaled inputs x [batch, d] and the target y (None: x itself, an SAE; a
+        transcoder's output [batch, d_out], a CLT piece's [batch, n_out, d_out]); f may come as SparseFeatures."""
 
     def after_step(self, x: torch.Tensor, f: torch.Tensor | SparseFeatures, step: int) -> None:
         """Hook after the optimiser step (resampling, thresholds)."""
@@ -205,26 +231,53 @@ class Trainer(ABC):
             hp["l1"] = self.l1
         return hp
 
-    def init_from(self, x: torch.Tensor) -> None:
-        """Data-dependent initialisation from scaled activations x [n, d]: b_dec at their geometric median."""
+    def init_from(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Data-dependent initialisation from scaled activations x [n, d] (and a transcoder's scaled targets y):
+        b_dec at the geometric median of what is reconstructed."""
         with torch.no_grad():
-            self.dic.b_dec.copy_(geometric_median(x.float()[:4096]))
+            self.dic.b_dec.copy_(geometric_median(first_output(x if y is None else y).float()[:4096]))
+        if y is not None:
+            self.point_decoder(x, y)
 
-    def fit_encoder_scale(self, x: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def point_decoder(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """A transcoder's random decoder rows are unrelated to its random encoder, so at init its output is noise
+        (FVU 1.35 over the first steps on Gemma-3-270M mlp.3, against an SAE's 0.71). Point each row, keeping its
+        norm, at Σ f_i (y − b_dec) over a sample: the output where feature i fires (then FVU < 1 from the start)."""
+        dic = self.dic
+        with torch.no_grad():
+            n = max(16, min(4096, 2 ** 26 // dic.F))
+            f = dic._encode(x.float()[:n].to(dic.W_dec.device))  # [n, F]; a transcoder's input is never centred
+            corr = f.T @ (first_output(y).float()[:n].to(f.device) - dic.b_dec)  # [F, d_out]
+            norm = corr.norm(dim=-1, keepdim=True)  # [F, 1]
+            ok = norm[:, 0] > 0
+            dic.W_dec[ok] = corr[ok] / norm[ok] * dic.W_dec[ok].norm(dim=-1, keepdim=True)
+
+    def fit_encoder_scale(self, x: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor],
+                          y: torch.Tensor | None = None) -> None:
         """Scale W_enc by the least-squares factor c that best reconstructs x − b_dec from the features at init
         (issue #14), for encoders where scaling W_enc by c > 0 (b_enc = 0) scales the features and keeps which
         ones fire: c = <x − b_dec, x̂₁> / ‖x̂₁‖², x̂₁ the reconstruction at c = 1. With random unit decoder rows
         and W_enc = W_decᵀ the firing rows all lean towards x and add up coherently, so c = 1 overshoots."""
         dic = self.dic
         with torch.no_grad():
-            sample = x.float()[:max(16, min(1024, 2 ** 26 // dic.F))].to(dic.W_enc.device)  # [n, d]
-            x_hat = features(sample) @ dic.W_dec  # [n, d], without b_dec
-            c = float((x_hat * (sample - dic.b_dec)).sum() / x_hat.pow(2).sum().clamp_min(1e-30))
+            n = max(16, min(1024, 2 ** 26 // dic.F))
+            sample = x.float()[:n].to(dic.W_enc.device)  # [n, d]
+            target = sample if y is None else first_output(y).float()[:n].to(sample.device)  # [n, d_out]
+            x_hat = features(sample) @ dic.W_dec  # [n, d_out], without b_dec
+            c = float((x_hat * (target - dic.b_dec)).sum() / x_hat.pow(2).sum().clamp_min(1e-30))
             if math.isfinite(c) and c > 0:
                 dic.W_enc.mul_(c)
 
-    def decode_scaled(self, f: torch.Tensor) -> torch.Tensor:  # f [b, F] -> [b, d] in scaled units
-        return f @ self.dic.W_dec + self.dic.b_dec
+    def decode_scaled(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """f [b, F] -> [b, d_out] in scaled units; a skip transcoder adds x W_skip (x scaled), a CLT piece returns
+        [b, n_out, d_out] (its own layer first)."""
+        dic = self.dic
+        y = f @ dic.W_dec + dic.b_dec
+        if getattr(dic, "skip", False):
+            y = y + x @ dic.W_skip
+        if getattr(dic, "n_out", 1) > 1:
+            y = torch.cat([y[:, None], torch.einsum("bf,jfd->bjd", f, dic.W_dec_later)], 1)
+        return y
 
     def enc_bias(self, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:  # [F] or None
         """The bias of project(x, W, b): b − b_dec W (None when there is neither)."""
@@ -247,16 +300,17 @@ class Trainer(ABC):
         return x - self.dic.b_dec if self.dic.center_input else x
 
     def step(self, x: torch.Tensor, step: int, extra: Callable[[], torch.Tensor] | None = None,
-             autocast: bool = False) -> dict:
-        """One optimiser step on scaled inputs x [batch, d]; `extra()` adds a loss term (the end-to-end KL).
-        Returns the batch's metrics as a tensor [4]: loss, L0, FVU, dead fraction (see METRICS)."""
+             autocast: bool = False, y: torch.Tensor | None = None) -> dict:
+        """One optimiser step on scaled inputs x [batch, d] (a transcoder: towards scaled targets y); `extra()` adds
+        a loss term (the end-to-end KL). Returns the batch's metrics as a tensor [4]: loss, L0, FVU, dead fraction
+        (see METRICS)."""
         dic = self.dic
         for group in self.opt.param_groups:
             group["lr"] = lr_at(step, self.total_steps, self.lr, self.warmup, self.cfg.decay_start)
         self.opt.zero_grad(set_to_none=not self.keep_grads)
         self.autocast = autocast
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss, x_hat, f = self.loss_fn(x, step)
+            loss, x_hat, f = self.loss_fn(x, step, y)
             if extra is not None:
                 loss = loss + extra()
         loss.backward()
@@ -283,7 +337,7 @@ class Trainer(ABC):
             with torch.no_grad():
                 dic.W_dec /= dic.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         with torch.no_grad():
-            x32, xh = x.float(), x_hat.detach().float()
+            x32, xh = (x if y is None else y).float(), x_hat.detach().float()
             fired, nonzero = self.firing(f)
             sums = torch.stack([(x32 - xh).pow(2).sum(), (x32 - x32.mean(0)).pow(2).sum(),
                                 nonzero.float() / x.shape[0], loss.detach().float()])
@@ -357,14 +411,14 @@ class StandardTrainer(Trainer):
     def hyperparams(self):
         return {**super().hyperparams(), "resample_every": self.resample_every}
 
-    def init_from(self, x):
+    def init_from(self, x, y=None):
         """b_dec at the geometric median, then W_enc scaled to fit (fit_encoder_scale): with W_enc = W_decᵀ about
         half of the features fire at init and the reconstruction overshoots x many times (FVU ≈ 20 at d = 512,
         F = 4096 on Gaussian data)."""
         super().init_from(x)
         self.fit_encoder_scale(x, lambda sample: torch.relu(self.project(sample, self.dic.W_enc, self.dic.b_enc)))
 
-    def loss(self, x, step):
+    def loss(self, x, step, y=None):
         f = torch.relu(self.project(x, self.dic.W_enc, self.dic.b_enc))  # [b, F]
         x_hat = self.decode_scaled(f)  # [b, d]
         err = (x - x_hat).pow(2).sum(-1)  # [b]
@@ -412,18 +466,22 @@ class Standard2024Trainer(Trainer):
         super()._init_weights()
         with torch.no_grad():
             self.dic.W_dec.mul_(0.1)
-            self.dic.W_enc.copy_(self.dic.W_dec.T)
+            if self.dic.is_transcoder:
+                self.dic.W_enc.mul_(0.1)
+            else:
+                self.dic.W_enc.copy_(self.dic.W_dec.T)
 
-    def init_from(self, x):
-        pass  # b_dec starts at 0 in this recipe
+    def init_from(self, x, y=None):
+        if y is not None:  # b_dec starts at 0 in this recipe, a transcoder's at its targets' median
+            super().init_from(x, y)
 
-    def loss(self, x, step):
+    def loss(self, x, step, y=None):
         dic = self.dic
         f = torch.relu(self.project(x, dic.W_enc) + dic.b_enc)  # [b, F]
-        x_hat = self.decode_scaled(f)
+        x_hat = self.decode_scaled(f, x)
         warm = min(1.0, (step + 1) / max(1, self.cfg.l1_warmup * self.total_steps))
         sparsity = (f * dic.W_dec.norm(dim=-1)).sum(-1).mean()
-        return (x - x_hat).pow(2).sum(-1).mean() + warm * self.l1 * sparsity, x_hat, f
+        return sse(x if y is None else y, x_hat).mean() + warm * self.l1 * sparsity, x_hat, f
 
 
 class TiedTrainer(Trainer):
@@ -434,7 +492,7 @@ class TiedTrainer(Trainer):
     unit_decoder = False  # W_dec is also the encoder: renormalise rows, but keep the whole gradient
     uses = ("l1",)
 
-    def loss(self, x, step):
+    def loss(self, x, step, y=None):
         f = torch.relu(self.project(x, self.dic.W_dec.T, self.dic.b_enc))  # [b, F]
         x_hat = self.decode_scaled(f)
         return (x - x_hat).pow(2).sum(-1).mean() + self.l1 * f.sum() / x.shape[0], x_hat, f  # f >= 0: ‖f‖₁ = Σ f
@@ -447,7 +505,7 @@ class GatedTrainer(Trainer):
     name, dictionary_arch, default_l1 = "gated", "gated", 1.0
     uses = ("l1",)
 
-    def loss(self, x, step):
+    def loss(self, x, step, y=None):
         dic = self.dic
         pre = self.project(x, dic.W_enc)  # [b, F]
         gate_pre = pre + dic.b_gate
@@ -473,22 +531,22 @@ class TopKTrainer(Trainer):
     def pre(self, x):  # [b, F] ReLU pre-activations
         return torch.relu(self.project(x, self.dic.W_enc, self.dic.b_enc))
 
-    def init_from(self, x):
+    def init_from(self, x, y=None):
         """b_dec at the geometric median, then W_enc scaled to fit (fit_encoder_scale; c ≈ 0.6 at d = 512,
         F = 4096, k = 32: the first steps' FVU 0.45 instead of 0.67)."""
-        super().init_from(x)
-        self.fit_encoder_scale(x, lambda sample: self.sparsify(self.pre(sample)))
+        super().init_from(x, y)
+        self.fit_encoder_scale(x, lambda sample: self.sparsify(self.pre(sample)), y)
 
     def sparsify(self, pre):
         vals, idx = pre.topk(self.dic.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter(-1, idx, vals)
 
-    def loss(self, x, step):
+    def loss(self, x, step, y=None):
         # the sparse kernels pay off once the dictionary is wide against k (whole step on CPU, k = 32, B = 4096,
         # sparse vs dense: a tie at F = 8·k, 1.5x at F = 16·k; benchmarks/README.md at d = 512: 2.8-3.5x at
         # F = 4096 and 3.0-3.2x at F = 16384); they run in full precision, so under bf16 autocast the step stays dense
-        if self.autocast or self.dic.F < SPARSE_MIN_WIDTH_PER_K * self.dic.k:
-            return self.dense_loss(x, step)
+        if self.autocast or self.dic.is_transcoder or self.dic.F < SPARSE_MIN_WIDTH_PER_K * self.dic.k:
+            return self.dense_loss(x, step, y)
         dic = self.dic
         self.keep_grads = True  # the fused backward adds into the weights' gradients in place
         x_hat, f = sparse_autoencoder(x, dic.W_enc, dic.b_enc, dic.W_dec, dic.b_dec, dic.k, self.batch_selection,
@@ -504,21 +562,23 @@ class TopKTrainer(Trainer):
         return loss, x_hat, f
 
     def auxk(self, x, x_hat, e_hat):
-        """AuxK: dead latents reconstruct the residual, normalised by its variance."""
-        e = (x - x_hat).detach()
+        """AuxK: dead latents reconstruct the residual (a CLT piece's at its own layer), normalised by its
+        variance."""
+        e = first_output(x - x_hat).detach()
         return self.cfg.auxk_alpha * (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-8)
 
-    def dense_loss(self, x, step):
+    def dense_loss(self, x, step, y=None):
         pre = self.pre(x)
         f = self.sparsify(pre)
-        x_hat = self.decode_scaled(f)
-        loss = (x - x_hat).pow(2).sum(-1).mean()
+        x_hat = self.decode_scaled(f, x)
+        y = x if y is None else y
+        loss = sse(y, x_hat).mean()
         dead = self.dead_mask()
         if self.cfg.auxk_alpha > 0 and dead.any():
             k_aux = min(int(dead.sum()), max(1, self.dic.d // 2))
             dead_pre = pre.masked_fill(~dead, 0.0)  # [b, F] only dead latents compete
             vals, idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
-            loss = loss + self.auxk(x, x_hat, torch.zeros_like(pre).scatter(-1, idx, vals) @ self.dic.W_dec)
+            loss = loss + self.auxk(y, x_hat, torch.zeros_like(pre).scatter(-1, idx, vals) @ self.dic.W_dec)
         return loss, x_hat, f
 
 
@@ -573,13 +633,13 @@ class JumpReLUTrainer(Trainer):
         with torch.no_grad():
             self.dic.threshold.fill_(0.1)
 
-    def loss(self, x, step):
+    def loss(self, x, step, y=None):
         dic = self.dic
         z = self.project(x, dic.W_enc, dic.b_enc)  # [b, F]
         f = _RectangleSTE.apply(torch.relu(z), dic.threshold, self.cfg.bandwidth, False)
         l0 = _RectangleSTE.apply(z, dic.threshold, self.cfg.bandwidth, True).sum(-1).mean()
-        x_hat = self.decode_scaled(f)
-        return (x - x_hat).pow(2).sum(-1).mean() + self.cfg.l0_coef * l0, x_hat, f
+        x_hat = self.decode_scaled(f, x)
+        return sse(x if y is None else y, x_hat).mean() + self.cfg.l0_coef * l0, x_hat, f
 
     def after_step(self, x, f, step):
         with torch.no_grad():
@@ -597,7 +657,38 @@ def make_trainer(d: int, cfg: TrainerConfig, total_steps: int, batch_tokens: int
     if cfg.width < 1:
         raise DictCircuitsError(f"dictionary width {cfg.width} gives no features: use a width of at least 1")
     cfg.check()
+    if cfg.transcoder is not None and (cfg.arch not in TRANSCODER_RECIPES
+                                       or TRAINERS[cfg.arch].dictionary_arch not in TRANSCODERS):
+        raise DictCircuitsError(f"--activation {cfg.arch} cannot train transcoders: choose one of "
+                                f"{', '.join(TRANSCODER_RECIPES)}")
     if cfg.arch in ("topk", "batchtopk") and cfg.k > cfg.width:
         raise DictCircuitsError(f"--k {cfg.k} exceeds the dictionary width {cfg.width}: use k <= {cfg.width} "
                                 "or a wider dictionary")
     return TRAINERS[cfg.arch](d, cfg, total_steps, batch_tokens, seed=seed, device=device)
+
+
+def clt_step(pieces: list[Trainer], xs: list[torch.Tensor], ys: list[torch.Tensor], step: int,
+             autocast: bool = False) -> list[torch.Tensor]:
+    """One joint optimiser step of a cross-layer transcoder: pieces[L] reads xs[L] [b, d] and writes layers
+    L..n−1, whose true outputs are ys [b, d_out] (model units). The loss is Σ_L' ‖y_L' − Σ_{L ≤ L'} dec_{L→L'}‖²
+    (each piece in its own output units) plus each piece's sparsity term. Each piece steps on its own loss with the
+    other pieces' decodes held as constants: the gradients are those of the joint loss, since a piece's
+    parameters reach the loss only through its own decodes. Returns each piece's metrics (METRICS), FVU being that
+    of the whole CLT's output at the piece's own layer."""
+    n = len(pieces)
+    with torch.no_grad():
+        decodes = []  # decodes[L][j]: piece L's output at layer L + j, model units [b, d_out]
+        for L, t in enumerate(pieces):
+            f = t.dic.encode(xs[L])
+            decodes.append([t.dic.decode(f, xs[L], out=j) for j in range(n - L)])
+        total = [sum(decodes[L0][L - L0] for L0 in range(L + 1)) for L in range(n)]  # the CLT's output at each layer
+    metrics = []
+    for L, t in enumerate(pieces):
+        scale = t.dic.output_scale
+        target = torch.stack([(ys[L + j] - total[L + j] + decodes[L][j]) * scale for j in range(n - L)], 1)
+        m = t.step(xs[L] * t.dic.input_scale, step, autocast=autocast, y=target)  # [b, n_out, d_out] target
+        with torch.no_grad():
+            y = ys[L].float()
+            m[2] = (y - total[L]).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+        metrics.append(m)
+    return metrics
