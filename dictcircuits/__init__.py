@@ -4,9 +4,10 @@ from .errors import DictCircuitsError
 from .formats import convert, load_dictionaries, load_dictionary
 from .models import Model, Site, Tokens, load_model
 from .splice import SiteState, SpliceResult, splice
+from .transcoder import Transcoder
 
 __all__ = [
-    "ARCHITECTURES", "Dictionary", "DictCircuitsError", "Model", "Site", "SiteState", "SpliceResult", "Tokens",
+    "ARCHITECTURES", "Dictionary", "DictCircuitsError", "Model", "Site", "SiteState", "SpliceResult", "Tokens", "Transcoder",
     "convert", "load_dictionaries", "load_dictionary", "load_model", "save_dictionary", "splice",
 ]
 __version__ = "0.1.0"

@@ -37,6 +37,8 @@ class Dictionary(nn.Module, metaclass=ABCMeta):
     `encoder_direction` (each feature's gradient where it fires)."""
 
     arch: ClassVar[str] = ""
+    is_transcoder: ClassVar[bool] = False  # reads one site and writes another (transcoder.py)
+    scale_buffers: ClassVar[tuple[str, ...]] = ("input_scale",)  # scalars saved in cfg.json, not as tensors
 
     def __init__(self, d: int, F: int, center_input: bool = True):
         super().__init__()
@@ -69,9 +71,25 @@ class Dictionary(nn.Module, metaclass=ABCMeta):
         """x [.., d] -> f [.., F]."""
         return self._encode(self._prepare(x))
 
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """f [.., F] -> x_hat [.., d]."""
+    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """f [.., F] -> x_hat [.., d]. `x` (the input) is read only by transcoders with a skip path."""
         return (f @ self.W_dec + self.b_dec) / self.input_scale
+
+    # where the dictionary reads and writes (an SAE: the same site; a transcoder: see transcoder.py)
+    @property
+    def reads(self) -> str | None:
+        """The site whose activation is encoded (meta["site"]; None when unknown)."""
+        return self.meta.get("site")
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        """The sites decode() writes, in order: an SAE writes the site it reads."""
+        return (self.reads,) if self.reads is not None else ()
+
+    @property
+    def d_out(self) -> int:
+        """Width of what decode() returns (d for an SAE)."""
+        return self.d
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.encode(x)
@@ -502,7 +520,7 @@ def _serialise(dic: Dictionary, dtype, path: Path) -> tuple[dict, dict[str, torc
         raise DictCircuitsError(f"cannot save {path}: input_scale={scale} must be a finite number > 0")
     tensors = {}
     for k, v in dic.state_dict().items():
-        if k == "input_scale":
+        if k in dic.scale_buffers:
             continue
         check_finite(k, v, f"cannot save {path}")
         t = v.detach().to("cpu", dtype or v.dtype).contiguous()
@@ -523,6 +541,14 @@ def _serialise(dic: Dictionary, dtype, path: Path) -> tuple[dict, dict[str, torc
         "activation_normalisation": {"scale": scale},
         "dtype": str(dtype or dic.W_dec.dtype).replace("torch.", ""),
     }
+    if dic.is_transcoder:  # where it reads and writes, and the output's scale (docs/transcoders.md)
+        out_scale = float(dic.output_scale)
+        if not math.isfinite(out_scale) or out_scale <= 0:
+            raise DictCircuitsError(f"cannot save {path}: output_scale={out_scale} must be a finite number > 0")
+        for w in dic.writes:
+            check_site_name(w, f"cannot save {path}: dic.writes")
+        cfg.update(d_out=dic.d_out, reads=dic.reads, writes=list(dic.writes) or None)
+        cfg["activation_normalisation"]["output_scale"] = out_scale
     try:
         text = json.dumps(cfg, indent=2, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -629,22 +655,46 @@ def load_dictionary_folder(path: str | Path, device: str | torch.device = "cpu")
         raise DictCircuitsError(f"{weights} cannot be read ({reason}); the file is corrupt or truncated: re-save "
                                 "it") from exc
     W_dec = tensors.get("W_dec")
-    if W_dec is not None and tuple(W_dec.shape) != (F, d):  # checked before allocating anything of size d*F
+    d_out = cfg.get("d_out", d)  # a transcoder's output width (d for an SAE)
+    if isinstance(d_out, bool) or not isinstance(d_out, int) or d_out <= 0:
+        raise DictCircuitsError(f"{cfg_path}: d_out={d_out!r} must be a positive whole number")
+    if W_dec is not None and tuple(W_dec.shape) != (F, d_out):  # checked before allocating anything of size d*F
         raise DictCircuitsError(f"{weights}: tensor W_dec has shape {tuple(W_dec.shape)} but cfg.json says d={d}, "
-                                f"F={F}, which needs {(F, d)}; the two files do not belong together")
+                                f"F={F}, which needs {(F, d_out)}; the two files do not belong together")
     dic = create_checked(cfg["architecture"], d, F, cfg["hyperparams"], cfg_path)
     load_checked(dic, tensors, weights)
     dic.input_scale.fill_(float(scale))
     dic.meta = {"site": site, "model": cfg.get("model"), "training": cfg.get("training", {}),
                 "source": str(path), "format": "dictcircuits"}
+    if dic.is_transcoder:
+        _load_transcoder_fields(dic, cfg, norm, cfg_path)
     return dic.to(device)
+
+
+def _load_transcoder_fields(dic: Dictionary, cfg: dict, norm, cfg_path: Path) -> None:
+    """A transcoder's d_out, write sites and output scale from its cfg.json, checked."""
+    if cfg.get("d_out", dic.d) != dic.d_out:
+        raise DictCircuitsError(f"{cfg_path}: d_out={cfg.get('d_out')!r} but hyperparams.d_out={dic.d_out}; re-save "
+                                "the transcoder")
+    writes = cfg.get("writes")
+    if writes is not None:
+        if not isinstance(writes, list) or len(writes) != dic.n_out:
+            raise DictCircuitsError(f"{cfg_path}: writes must list the {dic.n_out} site(s) the transcoder writes, "
+                                    f"got {writes!r}")
+        dic.meta["writes"] = [check_site_name(w, cfg_path) for w in writes]
+    out_scale = norm.get("output_scale", 1.0) if isinstance(norm, dict) else None
+    if (isinstance(out_scale, bool) or not isinstance(out_scale, (int, float)) or not math.isfinite(out_scale)
+            or out_scale <= 0):
+        raise DictCircuitsError(f"{cfg_path}: activation_normalisation.output_scale must be a finite number > 0, "
+                                f"got {out_scale!r}; re-save the transcoder")
+    dic.output_scale.fill_(float(out_scale))
 
 
 def load_checked(dic: Dictionary, tensors: dict, where, names: dict[str, str] | None = None) -> None:
     """Copy tensors into dic, with one clear error for a missing, unexpected, non-float, non-finite or wrongly
     shaped tensor. `names` maps our tensor names to what the file calls them."""
     label = (lambda k: f"{k} ({names[k]} in the file)" if names and k in names else k)
-    expected = {k: v for k, v in dic.state_dict().items() if k != "input_scale"}
+    expected = {k: v for k, v in dic.state_dict().items() if k not in dic.scale_buffers}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:

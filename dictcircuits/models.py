@@ -21,7 +21,8 @@ from .errors import DictCircuitsError
 from .frozen import FrozenRecord, frozen_attention, is_norm
 from .model_sources import ModelSource
 
-SITE_KINDS = ("embed", "attn", "mlp", "resid")
+SITE_KINDS = ("embed", "attn", "mlp_in", "mlp", "resid")
+STREAM_KINDS = ("embed", "attn", "mlp", "resid")  # what 'all' selects: the sites that make up the residual stream
 DEFAULT_MODEL = "dc-mini"
 DEFAULT_MODELS_DIR = Path(__file__).parent / "default"
 
@@ -36,22 +37,25 @@ class Family:
     layers: str  # the ModuleList of decoder blocks
     attn: str  # per-block module whose output is the attention contribution added to the residual
     mlp: str  # per-block module whose output is the MLP contribution added to the residual
+    mlp_in: str  # per-block module whose output is the MLP's input (the pre-MLP norm): transcoders read it
     final_norm: str
     unembed: str
     parallel_attn: Callable[[object], bool] = lambda config: False
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("gpt2", ("gpt2",), "transformer.drop", "transformer.h", "attn", "mlp", "transformer.ln_f", "lm_head"),
+    Family("gpt2", ("gpt2",), "transformer.drop", "transformer.h", "attn", "mlp", "ln_2", "transformer.ln_f",
+           "lm_head"),
     Family("gpt_neox", ("gpt_neox",), "gpt_neox.emb_dropout", "gpt_neox.layers", "post_attention_dropout",
-           "post_mlp_dropout", "gpt_neox.final_layer_norm", "lm_head",
+           "post_mlp_dropout", "post_attention_layernorm", "gpt_neox.final_layer_norm", "lm_head",
            parallel_attn=lambda config: bool(getattr(config, "use_parallel_residual", True))),
     Family("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma"), "model.embed_tokens", "model.layers",
-           "self_attn", "mlp", "model.norm", "lm_head"),
+           "self_attn", "mlp", "post_attention_layernorm", "model.norm", "lm_head"),
     # gemma2/gemma3: sandwich norms, so the contributions added to the residual are the post-norms' outputs; the
-    # sqrt(d) embedding scale is applied inside embed_tokens (transformers >= 5), so its output enters block 0
+    # sqrt(d) embedding scale is applied inside embed_tokens (transformers >= 5), so its output enters block 0. The
+    # MLP's input is pre_feedforward_layernorm's output; mlp.L (what transcoders write) is the post-norm's output
     Family("gemma2", ("gemma2", "gemma3_text"), "model.embed_tokens", "model.layers", "post_attention_layernorm",
-           "post_feedforward_layernorm", "model.norm", "lm_head"),
+           "post_feedforward_layernorm", "pre_feedforward_layernorm", "model.norm", "lm_head"),
 )
 
 
@@ -73,7 +77,8 @@ class Site:
     """A named place whose activation dictionaries read and patching writes.
 
     embed is the residual stream entering block 0; attn.L and mlp.L are the sublayer outputs added to the
-    residual stream; resid.L is block L's output. `order` is the position in the forward pass.
+    residual stream; resid.L is block L's output; mlp_in.L is the MLP's input (after the pre-MLP norm), which
+    transcoders read. `order` is the position in the forward pass.
     """
 
     name: str
@@ -89,7 +94,8 @@ def parse_site(name: str) -> tuple[str, int]:
         return "embed", -1
     kind, _, layer = name.partition(".")
     if kind not in SITE_KINDS[1:] or not layer.isdigit():
-        raise DictCircuitsError(f"bad site name {name!r}: use embed, attn.L, mlp.L or resid.L with L a layer index")
+        raise DictCircuitsError(f"bad site name {name!r}: use embed, attn.L, mlp_in.L, mlp.L or resid.L with L a "
+                                "layer index")
     return kind, int(layer)
 
 
@@ -136,7 +142,7 @@ class Model:
         sites = [Site("embed", "embed", -1, fam.embed, 0)]
         for layer in range(self.n_layers):
             base = f"{fam.layers}.{layer}"
-            for kind, module in (("attn", fam.attn), ("mlp", fam.mlp), ("resid", None)):
+            for kind, module in (("attn", fam.attn), ("mlp_in", fam.mlp_in), ("mlp", fam.mlp), ("resid", None)):
                 path = base if module is None else f"{base}.{module}"
                 sites.append(Site(f"{kind}.{layer}", kind, layer, path, len(sites)))
         self.sites: dict[str, Site] = {s.name: s for s in sites}
@@ -154,13 +160,14 @@ class Model:
         )
 
     def resolve_sites(self, spec: str | Iterable[str]) -> list[Site]:
-        """'all', a comma list ('resid.0,mlp.1') or globs ('resid.*'), in forward order."""
+        """'all' (every site of the residual stream: embed, attn, mlp, resid; mlp_in sites are named or matched by
+        a pattern), a comma list ('resid.0,mlp.1') or globs ('resid.*', 'mlp_in.*'), in forward order."""
         names = spec.split(",") if isinstance(spec, str) else list(spec)
         chosen: dict[str, Site] = {}
         for raw in names:
             raw = raw.strip()
             if raw == "all":
-                chosen.update(self.sites)
+                chosen.update({n: s for n, s in self.sites.items() if s.kind in STREAM_KINDS})
             elif any(c in raw for c in "*?["):
                 hits = [n for n in self.sites if fnmatch.fnmatch(n, raw)]
                 if not hits:

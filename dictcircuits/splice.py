@@ -4,6 +4,11 @@ At each spliced site the activation x is replaced by decode(f) + err, with f = e
 err = x - decode(f) exposed as its own tensor. Kept, the error term makes the splice exact (logits equal
 the unmodified model's); dropped, the model runs on the reconstruction alone. Every intervention and
 attribution in dictcircuits is an edit of (f, err) at some sites.
+
+A transcoder (transcoder.py), keyed by the site it reads (mlp_in.L), is encoded there and replaces the output at
+each site it writes (mlp.L, and for a CLT piece mlp.(L+1)...): the output at a write site is the sum of the
+decodes of every transcoder writing it, plus err = true output − that sum (computed from the unedited features).
+Its edit runs, and its SiteState is completed, at its first write site, where err is known.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import torch
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
 from .models import Model, Tokens
+from .positions import skip_mask
+from .transcoder import targets
 
 # edit(site, f [b,p,F], err [b,p,d]) -> (f', err'): applied before decoding
 SpliceEdit = Callable[[str, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
@@ -24,10 +31,12 @@ SpliceEdit = Callable[[str, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, to
 class SiteState:
     """What the splice saw and wrote at one site."""
 
-    x: torch.Tensor  # activation arriving at the site [batch, pos, d]
+    x: torch.Tensor  # activation arriving at the site [batch, pos, d] (a transcoder's read site)
     f: torch.Tensor  # features used for the output [batch, pos, F] (a leaf when leaves=True)
-    err: torch.Tensor  # error term used for the output [batch, pos, d] (a leaf when leaves=True)
+    err: torch.Tensor  # error term used for the output [batch, pos, d_out] (a leaf when leaves=True); a transcoder's
+    # at its first write site
     f_in: torch.Tensor | None = None  # encode(x) connected to upstream graph (leaves=True only)
+    y: torch.Tensor | None = None  # transcoders: the true output at the first write site [batch, pos, d_out]
 
 
 @dataclass
@@ -66,6 +75,16 @@ def splice(
     if edit is not None and not callable(edit):
         raise DictCircuitsError(f"edit={edit!r} is not callable; pass a function edit(site, f, err) -> (f, err)")
     states: dict[str, SiteState] = {}
+    saes = {s: d for s, d in dictionaries.items() if not d.is_transcoder}
+    coders = {s: d for s, d in dictionaries.items() if d.is_transcoder}
+    writes = {s: targets(model, s, d) for s, d in coders.items()}  # read site -> its write sites
+    for s, ws in writes.items():
+        clash = [w for w in ws if w in saes]
+        if clash:
+            raise DictCircuitsError(f"the transcoder reading {s} writes {clash[0]}, where a dictionary is spliced too; "
+                                    "splice one of them")
+    read: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # read site -> (x, encode(x)) seen so far in the trace
+    used: dict[str, torch.Tensor] = {}  # read site -> the features its decodes use (edited, or leaves)
 
     def make_edit(site: str, dic: Dictionary):
         def run_site(x: torch.Tensor) -> torch.Tensor:
@@ -84,14 +103,47 @@ def splice(
             # the position rule (positions.py): where the dictionary was not trained, the output is x exactly. Such a
             # position holds no node, so with leaves it is cut as well: a backward from a later site stops at this
             # site's leaves instead of running on through every block below (its gradient there was 0 anyway)
-            from .positions import skip_mask
             skip = skip_mask(dic, model, tokens.input_ids, x)  # [batch, pos]
             return torch.where(skip[..., None], x.detach() if leaves else x, out.to(x.dtype))
 
         return run_site
 
-    logits = model.run(tokens, {s: make_edit(s, d) for s, d in dictionaries.items()}, stop_after=stop_after,
-                       last_only=last_only, columns=columns)
+    def read_site(site: str, dic: Dictionary):
+        def encode(x: torch.Tensor) -> None:
+            read[site] = (x, dic.encode(x))
+        return encode
+
+    def write_site(site: str):
+        def replace(y: torch.Tensor) -> torch.Tensor:  # the true output [batch, pos, d_out]
+            pieces = [(s, writes[s].index(site)) for s in coders if site in writes[s] and s in read]
+            if not pieces:
+                return y
+            decode = lambda s, j, f: coders[s].decode(f, read[s][0], out=j)  # noqa: E731
+            err = y - sum(decode(s, j, read[s][1]) for s, j in pieces)  # from the unedited features
+            for s, j in pieces:
+                if j == 0:  # the piece's own (first) write site: its state and edit
+                    x, f_in = read[s]
+                    f = f_in
+                    if leaves:
+                        f = f_in.detach().requires_grad_(True)
+                        err = err.detach().requires_grad_(True)
+                    if edit is not None:
+                        f, err = edit(s, f, err)
+                    used[s] = f
+                    states[s] = SiteState(x=x, f=f, err=err, f_in=f_in if leaves else None, y=y)
+            out = sum(decode(s, j, used.get(s, read[s][1])) for s, j in pieces)
+            if keep_error:
+                out = out + err
+            skip = torch.zeros(y.shape[:-1], dtype=torch.bool, device=y.device)  # [batch, pos]
+            for s, _ in pieces:  # the position rule of every piece that writes here (positions.py)
+                skip |= skip_mask(coders[s], model, tokens.input_ids, read[s][0]).to(y.device)
+            return torch.where(skip[..., None], y.detach() if leaves else y, out.to(y.dtype))
+        return replace
+
+    edits = {s: make_edit(s, d) for s, d in saes.items()}
+    edits.update({s: read_site(s, d) for s, d in coders.items()})
+    edits.update({w: write_site(w) for ws in writes.values() for w in ws})
+    logits = model.run(tokens, edits, stop_after=stop_after, last_only=last_only, columns=columns)
     return SpliceResult(logits=logits, states=states)
 
 
@@ -148,9 +200,9 @@ def check_dictionaries(model: Model, dictionaries: Mapping[str, Dictionary], all
         if not isinstance(dic, Dictionary):
             raise DictCircuitsError(f"the dictionary for {site} is a {type(dic).__name__}, not a Dictionary; "
                                     "load one with load_dictionary(path)")
-        if dic.d != model.d_model:
-            raise DictCircuitsError(f"the dictionary for {site} reads d={dic.d} but {site} of {model.name} is "
-                                    f"{model.d_model} wide; use a dictionary trained on this model")
+        if dic.d != model.d_model or dic.d_out != model.d_model:
+            raise DictCircuitsError(f"the dictionary for {site} reads d={dic.d} (writes {dic.d_out}) but {site} of "
+                                    f"{model.name} is {model.d_model} wide; use a dictionary trained on this model")
 
 
 def check_batch(model: Model, batch) -> None:

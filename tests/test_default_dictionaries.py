@@ -19,7 +19,7 @@ def setup():
 
 def test_every_site_has_a_dictionary_that_reconstructs(setup):
     model, dicts = setup
-    assert list(dicts) == list(model.sites)
+    assert list(dicts) == [s.name for s in model.resolve_sites("all")]
     task = load_task("ioi", n=16, seed=3, model=model)
     toks = model.tokenize(task.clean + task.corrupt)
     acts = model.activations(toks, "resid.1")["resid.1"][toks.attention_mask.bool()]  # [tokens, d]
