@@ -19,6 +19,7 @@ import torch
 
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
+from .frozen import FrozenRecord
 from .models import Model, Tokens
 from .positions import skip_mask
 from .transcoder import targets
@@ -41,8 +42,9 @@ class SiteState:
 
 @dataclass
 class SpliceResult:
-    logits: torch.Tensor | None  # [batch, pos, vocab]; None when stopped early
+    logits: torch.Tensor | None  # [batch, pos, vocab]; None when stopped early; [batch, pos, d] with hidden=True
     states: dict[str, SiteState] = field(default_factory=dict)
+    embed: torch.Tensor | None = None  # the embedding leaf [batch, pos, d] (embed_leaf=True)
 
 
 def splice(
@@ -56,6 +58,9 @@ def splice(
     stop_after: str | None = None,
     last_only: bool = False,
     columns: torch.Tensor | None = None,
+    hidden: bool = False,
+    frozen: FrozenRecord | None = None,
+    embed_leaf: bool = False,
 ) -> SpliceResult:
     """One trace with every site in `dictionaries` spliced.
 
@@ -63,7 +68,10 @@ def splice(
     gradient of a downstream quantity with respect to them is then the *direct* effect (paths through other
     spliced sites are stopped), which is what edges need. `f_in` keeps the upstream-connected encoding.
     last_only=True: logits [batch, vocab] at each row's last position only (see Model.run); columns narrows them to
-    those vocabulary ids, [batch, n].
+    those vocabulary ids, [batch, n]; hidden=True returns the unembedding's input [batch, pos, d] instead.
+    frozen: attention patterns and norm scales from this record (Model.run): the replacement model's linear world.
+    embed_leaf=True (with leaves): the embedding output is a leaf too (`SpliceResult.embed`), so gradients reach
+    the tokens; `edit` sees it as ("embed", embedding, zeros) and the sum of what it returns goes on.
     """
     check_tokens(model, tokens)
     check_dictionaries(model, dictionaries, allow_empty=True)
@@ -143,8 +151,19 @@ def splice(
     edits = {s: make_edit(s, d) for s, d in saes.items()}
     edits.update({s: read_site(s, d) for s, d in coders.items()})
     edits.update({w: write_site(w) for ws in writes.values() for w in ws})
-    logits = model.run(tokens, edits, stop_after=stop_after, last_only=last_only, columns=columns)
-    return SpliceResult(logits=logits, states=states)
+    embed = None
+    if embed_leaf:
+        if not leaves or "embed" in dictionaries:
+            raise DictCircuitsError("embed_leaf=True makes the embedding a leaf of a leaves=True splice with no "
+                                    "dictionary at embed")
+        def embed_as_leaf(x: torch.Tensor) -> torch.Tensor:  # edit sees it as ("embed", x, zeros)
+            nonlocal embed
+            embed = x.detach().requires_grad_(True)
+            return embed if edit is None else sum(edit("embed", embed, torch.zeros_like(embed)))
+        edits["embed"] = embed_as_leaf
+    logits = model.run(tokens, edits, stop_after=stop_after, last_only=last_only, columns=columns, hidden=hidden,
+                       frozen=frozen)
+    return SpliceResult(logits=logits, states=states, embed=embed)
 
 
 # --- input checks shared by every entry point that runs the model (one clear error before any trace) ------------

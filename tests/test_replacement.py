@@ -1,0 +1,123 @@
+"""The replacement model's attribution graph (dictcircuits/replacement.py): each row of the adjacency plus its
+constant is its target exactly, each edge is the exact direct effect of its source under frozen attention, and
+pruning / scores follow circuit-tracer's definitions."""
+import pytest
+import torch
+
+from dictcircuits import DictCircuitsError
+from dictcircuits.frozen import FrozenRecord
+from dictcircuits.replacement import _frozen_run, attribute
+from dictcircuits.toy import TOY_FAMILIES, random_dictionary
+
+PROMPT = "When Mary and John went to the store, John gave a drink to"
+
+
+def transcoder_set(model, kind="plt", seed=0):
+    """Random TopK transcoders writing every MLP: per-layer, skip or cross-layer pieces."""
+    out = {}
+    for layer in range(model.n_layers):
+        dic = random_dictionary("topk-transcoder", model.d_model, 4 * model.d_model, seed=seed + layer, k=6,
+                                skip=kind == "skip", n_out=model.n_layers - layer if kind == "clt" else 1)
+        dic.meta["site"] = f"mlp_in.{layer}"
+        out[f"mlp_in.{layer}"] = dic
+    return out
+
+
+def _targets_after(model, tokens, tcs, record, graph, edit):
+    """Each feature and logit row's target in a replayed frozen run with `edit` applied to the sources."""
+    run = _frozen_run(model, tokens, tcs, record, edit=edit)
+    values = torch.zeros(len(graph.nodes))
+    with torch.no_grad():
+        head = model.hf.get_submodule(model.family.unembed).weight
+        for i, node in enumerate(graph.nodes):
+            if node.kind == "logit":
+                values[i] = (head[node.index] - head.mean(0)) @ run.hidden[0, -1]
+            elif node.kind == "feature":
+                site = f"mlp_in.{node.layer}"
+                dic, x = tcs[site], run.result.states[site].x[0, node.pos]
+                base = graph.nodes[i].value - dic.encoder_direction(node.index) @ graph_x[site][node.pos]
+                values[i] = dic.encoder_direction(node.index) @ x + base
+    return values
+
+
+graph_x = {}
+
+
+@pytest.mark.parametrize("family", TOY_FAMILIES)
+@pytest.mark.parametrize("kind", ["plt", "skip", "clt"])
+def test_rows_plus_constants_are_the_targets(toy_models, family, kind):
+    model = toy_models[family]
+    graph = attribute(model, PROMPT, transcoder_set(model, kind))
+    rows = [i for i, node in enumerate(graph.nodes) if node.kind in ("feature", "logit")]
+    values = torch.tensor([graph.nodes[i].value for i in rows])
+    total = graph.adjacency[rows].sum(1) + graph.constant[rows]
+    assert graph.count("feature") > 0 and graph.count("logit") >= 1
+    assert torch.allclose(total, values, atol=1e-3, rtol=1e-3), (total - values).abs().max()
+    # sources only: embeddings and errors have no incoming edges; nothing feeds itself or a node below it
+    assert not graph.adjacency[graph.slice("embed")].any() and not graph.adjacency[graph.slice("error")].any()
+    assert not torch.diagonal(graph.adjacency).any()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2", "llama"])
+@pytest.mark.parametrize("kind", ["plt", "clt"])
+def test_each_edge_is_the_exact_direct_effect(toy_models, family, kind):
+    """Zeroing one source in the frozen replacement model, every other source held, moves each target by exactly
+    minus its edge from that source."""
+    model = toy_models[family]
+    tcs = transcoder_set(model, kind)
+    tokens = model.tokenize([PROMPT])
+    record = FrozenRecord()
+    graph = attribute(model, tokens, tcs)
+    clean = _frozen_run(model, tokens, tcs, record)
+    graph_x.clear()
+    graph_x.update({s: clean.result.states[s].x.detach()[0] for s in tcs})
+    before = _targets_after(model, tokens, tcs, record, graph, None)
+    feats = [i for i, nd in enumerate(graph.nodes) if nd.kind == "feature" and nd.layer == 0][:3]
+    errs = [i for i, nd in enumerate(graph.nodes) if nd.kind == "error" and nd.layer == 0][:2]
+    embeds = [i for i, nd in enumerate(graph.nodes) if nd.kind == "embed"][2:4]
+    held = {s: (st.f.detach(), st.err.detach()) for s, st in clean.result.states.items()}
+    held["embed"] = (clean.result.embed.detach(), torch.zeros_like(clean.result.embed))
+    checked = 0
+    for i in feats + errs + embeds:
+        node = graph.nodes[i]
+
+        def zero_one(site, f, err, node=node):
+            """Every source at its clean value (features re-encoded below would not be), one of them zeroed."""
+            f, err = held[site][0].clone(), held[site][1].clone()
+            if node.kind == "embed" and site == "embed":
+                f[0, node.pos] = 0
+            elif node.kind == "feature" and site == f"mlp_in.{node.layer}":
+                f[0, node.pos, node.index] = 0
+            elif node.kind == "error" and site == f"mlp_in.{node.layer}":
+                err[0, node.pos] = 0
+            return f, err
+
+        after = _targets_after(model, tokens, tcs, record, graph, zero_one)
+        rows = [r for r, nd in enumerate(graph.nodes) if nd.kind in ("feature", "logit")]
+        moved, predicted = (after - before)[rows], -graph.adjacency[rows, i]
+        assert torch.allclose(moved, predicted, atol=1e-3, rtol=1e-3), (node, (moved - predicted).abs().max())
+        checked += int(predicted.abs().max() > 1e-4)
+    assert checked >= 3  # the edges checked are not all zero
+
+
+def test_prune_and_scores(toy_models):
+    model = toy_models["llama"]
+    graph = attribute(model, PROMPT, transcoder_set(model))
+    everything = graph.prune(node_threshold=1.0, edge_threshold=1.0)
+    small = graph.prune(node_threshold=0.5, edge_threshold=0.9)
+    assert small.node_mask.sum() < everything.node_mask.sum()
+    for kind in ("embed", "logit"):
+        assert small.node_mask[graph.slice(kind)].all()
+    assert not (small.edge_mask & ~everything.edge_mask).any()
+    scores = graph.scores()
+    assert 0 < scores.replacement < 1 and 0 < scores.completeness <= 1
+    with pytest.raises(DictCircuitsError, match="node_threshold"):
+        graph.prune(node_threshold=1.5)
+
+
+def test_refuses_sets_that_leave_an_mlp(toy_models):
+    model = toy_models["gpt2"]
+    tcs = transcoder_set(model)
+    tcs.pop("mlp_in.1")
+    with pytest.raises(DictCircuitsError, match="no transcoder writes mlp.1"):
+        attribute(model, PROMPT, tcs)
