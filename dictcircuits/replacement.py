@@ -237,11 +237,31 @@ def _logit_targets(model: Model, final: torch.Tensor, max_logits: int, probabili
     return ids, probs[ids], rows
 
 
+def metric_direction(model: Model, batch, row: int = 0) -> torch.Tensor:
+    """The gradient [d] of a task metric (batch.metric, prompt `row`) w.r.t. the final hidden state at the last
+    position: the direction whose dot product with that state is the metric's linear part (exactly the metric for
+    a plain logit difference without softcap; for log p(A), logit(A) minus the softmax-weighted mean logit)."""
+    if batch.metric_name == "kl":
+        raise DictCircuitsError("the kl metric has zero gradient at the clean run, so it gives no direction to "
+                                "attribute; use a task with a logit_diff or prob_diff metric")
+    one = batch[[row]]
+    with torch.no_grad():
+        final = model.run(one.clean, hidden=True)[0, int(one.clean.last[0])]  # [d]
+    with torch.enable_grad():
+        h = final.clone().requires_grad_(True)
+        logits = model.logits_at(h, 0, model.vocab_size)[None]  # [1, vocab]
+        (direction,) = torch.autograd.grad(one.metric(logits).sum(), h)
+    return direction.detach()
+
+
 def attribute(model: Model, prompt: str | Tokens, transcoders: Mapping[str, Dictionary], *, max_logits: int = 10,
               logit_probability: float = 0.95, target_tokens: list[int] | None = None,
+              direction: torch.Tensor | None = None, direction_token: int | None = None,
               batch_size: int = 32) -> AttributionGraph:
     """The attribution graph of one prompt: every active feature, error term, embedding and target logit, with
-    every direct edge between them (one batched backward per chunk of target rows)."""
+    every direct edge between them (one batched backward per chunk of target rows). Targets: the most likely
+    tokens (or `target_tokens`), each as its logit minus the mean logit; or one `direction` [d] of the final hidden
+    state (a task metric's, `metric_direction`), shown as token `direction_token`."""
     tokens = model.tokenize([prompt]) if isinstance(prompt, str) else prompt
     check_tokens(model, tokens)
     if len(tokens) != 1:
@@ -253,7 +273,11 @@ def attribute(model: Model, prompt: str | Tokens, transcoders: Mapping[str, Dict
     run = _frozen_run(model, tokens, transcoders, record)
     states = run.result.states
     hidden = run.hidden[0, -1]  # [d]
-    ids, probs, logit_rows = _logit_targets(model, hidden.detach(), max_logits, logit_probability, target_tokens)
+    if direction is None:
+        ids, probs, logit_rows = _logit_targets(model, hidden.detach(), max_logits, logit_probability, target_tokens)
+    else:
+        ids, probs = torch.tensor([int(direction_token or 0)]), torch.ones(1)
+        logit_rows = direction.reshape(1, -1).to(hidden.dtype)
 
     # nodes
     features: list[GraphNode] = []

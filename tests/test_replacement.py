@@ -142,3 +142,31 @@ def test_verification_by_real_patching(toy_models):
     if check.size is not None:
         assert dict(check.curve)[check.size] >= 0.8
     assert check.pruned_size is not None and check.pruned_faithfulness is not None
+
+
+def test_task_circuit_is_verified_by_patching(toy_models):
+    """A per-prompt replacement circuit on a two-prompt task: auto-sized by real patching with corrupt ablation;
+    keeping every node gives faithfulness 1; the shown graph has the target, embeddings and the kept nodes."""
+    from dictcircuits.circuit.replacement_circuit import replacement_circuit
+    from dictcircuits.circuit.verify import Patcher
+    from dictcircuits.tasks import Task
+
+    model = toy_models["gpt2"]
+    tcs = transcoder_set(model)
+    batch = Task("toy-ioi", ["When Mary and John went to the store, John gave a drink to",
+                             "Then, Alice and Bob went to the garden. Bob gave a ring to"],
+                 ["When Alice and Bob went to the store, Mary gave a drink to",
+                  "Then, Mary and John went to the garden. Alice gave a ring to"],
+                 [" Mary", " Alice"], [" John", " Bob"]).tokenize(model)
+    patcher = Patcher(model, tcs, batch, ablation="corrupt")
+    circuit = replacement_circuit(model, batch, tcs, patcher, faithfulness=0.8, progress=False)
+    ver = circuit.verification
+    curve = dict(ver.curve)
+    assert curve[max(curve)] == pytest.approx(1.0, abs=1e-3) or max(curve) < max(
+        len([n for n in g.nodes if n.kind in ("feature", "error")]) for g in circuit.graphs)
+    if ver.reached:
+        assert ver.faithfulness >= 0.8 and curve[ver.size] >= 0.8
+    kinds = {a["kind"] for _, a in circuit.graph.nodes(data=True)}
+    assert {"logit", "embed"} <= kinds and ("feature" in kinds or "error" in kinds)
+    assert 0 < circuit.replacement_score < 1 and 0 < circuit.completeness_score <= 1
+    assert all(0 < a["share"] <= 1 + 1e-9 for _, a in circuit.graph.nodes(data=True))
