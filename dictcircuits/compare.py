@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .dictionary import Dictionary
-from .atomic import json_safe
+from .atomic import json_safe, save_png, writable_target
 from .errors import DictCircuitsError, check_int
 from .models import Model, Tokens
 
@@ -209,7 +209,8 @@ def add_arguments(p) -> None:
 
 
 def check_plot(path: str | None) -> Path | None:
-    """--plot FILE.png: a .png in a folder that exists and can be written, not a file of another kind."""
+    """--plot FILE.png: a .png in a folder that exists and can be written; an existing file there must be a plot
+    dictcircuits drew (atomic.writable_target)."""
     if path is None:
         return None
     plot = Path(path)
@@ -218,9 +219,7 @@ def check_plot(path: str | None) -> Path | None:
     if not plot.parent.resolve().is_dir() or not os.access(plot.parent.resolve(), os.W_OK):
         raise DictCircuitsError(f"--plot {path}: folder {plot.parent} does not exist or cannot be written; create it "
                                 "or choose another")
-    if plot.exists() and (not plot.is_file() or plot.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n"):
-        raise DictCircuitsError(f"--plot {path} exists and is not a PNG picture; choose another name (it is not "
-                                "overwritten)")
+    writable_target(plot)  # an existing file is replaced only if it is a plot of ours
     return plot
 
 
@@ -247,8 +246,6 @@ def plot_mcs(results: dict[str, "Comparison"], path: str | Path) -> Path:
         ax.legend(fontsize=8, loc="upper center")
     axes[-1, 0].set_xlabel("max cosine similarity with any feature of B")
     fig.tight_layout()
-    from .atomic import save_png
-
     return save_png(fig, Path(path))
 
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, marker_html
 from .features import FeatureStats
 from .render import _esc, _shown
 
@@ -92,7 +92,7 @@ def _script_json(obj) -> str:
 
 
 def write_page(st: FeatureStats, path: str | Path) -> Path:
-    return atomic_write_text(Path(path), render_page(st))
+    return atomic_write_text(Path(path), marker_html(render_page(st)))
 
 
 def write_index(sites: Mapping[str, dict], path: str | Path) -> Path:
@@ -103,7 +103,7 @@ def write_index(sites: Mapping[str, dict], path: str | Path) -> Path:
     text = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>feature dashboards</title>"
             "<style>body{font:14px system-ui,sans-serif;margin:2em}</style></head><body><h1>Feature dashboards</h1>"
             f"<ul>{rows}</ul></body></html>")
-    return atomic_write_text(Path(path), text)
+    return atomic_write_text(Path(path), marker_html(text))
 
 
 _TEMPLATE = """<!DOCTYPE html>

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import json_safe
+from .atomic import follow_umask, json_safe, pid_alive
 from .errors import DictCircuitsError
 from .options import nearest_existing
 
@@ -390,16 +390,7 @@ def _is_stale(path: Path) -> bool:
         return False
     if not pid:
         return True
-    pid = int(pid)
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
+    return int(pid) != os.getpid() and not pid_alive(int(pid))
 
 
 def clean_stale_temporaries(target: Path) -> None:
@@ -574,11 +565,12 @@ def save_dictionary(dic: Dictionary, path: str | Path, dtype: torch.dtype | None
 
 
 def write_folder(path: Path, fill) -> Path:
-    """Build a folder aside (fill(tmp) writes into it), then install it at `path` in one step; an OS error leaves
-    `path` as it was and becomes one DictCircuitsError line."""
+    """Build a folder aside (fill(tmp) writes into it), give it the modes the umask asks for, then install it at
+    `path` in one step; an OS error leaves `path` as it was and becomes one DictCircuitsError line."""
     tmp = make_temp_folder(path)
     try:
         fill(tmp)
+        follow_umask(tmp)
         install_folder(tmp, path)
     except OSError as exc:
         raise DictCircuitsError(f"could not write {path} ({exc.strerror or exc}); nothing was changed: free some "

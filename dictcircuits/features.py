@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .atomic import atomic_write, atomic_write_text
+from .atomic import GENERATOR, atomic_write, atomic_write_text, marked, writable_target
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
 from .harvest import ContextStream, check_ctx_len, check_dataset, token_mask
@@ -291,14 +291,21 @@ def is_dashboard(folder: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-def check_out(out: Path) -> None:
-    """Refuse an --out that is a file, cannot be written, or is a non-empty folder we did not write."""
+def check_out(out: Path, sites: Sequence[str] = ()) -> None:
+    """Refuse an --out that is a file, cannot be written, or is a non-empty folder we did not write; and any file
+    the dashboard of `sites` would replace that is not ours (a page, index.html, a site's files), before any work."""
     from .options import check_folder
 
     check_folder(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not is_dashboard(out):
         raise DictCircuitsError(f"--out {out} already holds files that are not a feature dashboard (no {MARKER} of "
                                 "ours): choose an empty or new folder")
+    for path in [out / MARKER, out / "index.html"] + [p for s in sites for p in
+                                                       (out / f"{s}.html", out / s / TENSORS_NAME, out / s / INDEX_NAME)]:
+        try:
+            writable_target(path)
+        except DictCircuitsError as exc:
+            raise DictCircuitsError(f"--out {out}: {exc}") from None
 
 
 def save_feature_stats(stats: FeatureStats, folder: str | Path) -> Path:
@@ -307,13 +314,13 @@ def save_feature_stats(stats: FeatureStats, folder: str | Path) -> Path:
 
     site_dir = Path(folder) / stats.site
     tensors = {name: getattr(stats, name).contiguous() for name in TENSOR_FIELDS}
-    atomic_write(site_dir / TENSORS_NAME, lambda tmp: save_file(tensors, tmp))
+    atomic_write(site_dir / TENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"generator": GENERATOR}))
     index = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "model": stats.model, "site": stats.site,
              "tokens": stats.tokens, "contexts": stats.contexts, "ctx_len": stats.ctx_len, "dataset": stats.dataset,
              "features": stats.F, "live": int(stats.live.sum()), "n_top": stats.n_top, "n_bins": stats.n_bins,
              "per_bin": stats.per_bin, "left": stats.left, "right": stats.right,
              "token_strings": {str(i): t for i, t in sorted(stats.token_strings.items())}}
-    atomic_write_text(site_dir / INDEX_NAME, json.dumps(index, ensure_ascii=False, indent=1, allow_nan=False))
+    atomic_write_text(site_dir / INDEX_NAME, json.dumps(marked(index), ensure_ascii=False, indent=1, allow_nan=False))
     return site_dir
 
 
@@ -351,7 +358,7 @@ def write_dashboard(stats: Mapping[str, FeatureStats], out: str | Path) -> list[
     from .dashboard import write_index, write_page
 
     out = Path(out)
-    check_out(out)
+    check_out(out, list(stats))
     listed: dict[str, dict] = {}
     if is_dashboard(out):
         old = json.loads((out / MARKER).read_text(encoding="utf-8")).get("sites", {})
@@ -361,7 +368,7 @@ def write_dashboard(stats: Mapping[str, FeatureStats], out: str | Path) -> list[
         listed[s] = {"model": st.model, "tokens": st.tokens, "features": st.F, "live": int(st.live.sum()),
                      "page": f"{s}.html"}
     marker = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "sites": listed}
-    paths = [atomic_write_text(out / MARKER, json.dumps(marker, indent=1, allow_nan=False))]
+    paths = [atomic_write_text(out / MARKER, json.dumps(marked(marker), indent=1, allow_nan=False))]
     for s, st in stats.items():
         paths.append(save_feature_stats(st, out))
         paths.append(write_page(st, out / f"{s}.html"))
@@ -454,6 +461,7 @@ def check_args(args) -> tuple[int, Path | None]:
             raise DictCircuitsError(f"--dictionaries {root} holds no dictionaries in a known format: point it at the "
                                     "--out of dictcircuits train")
         args.sites = pick_sites(args.sites, available, str(root))
+        check_out(Path(args.out), args.sites)
     resolve_device(args.device)
     if args.dataset is not None:
         args.dataset = check_dataset(args.dataset)
@@ -472,7 +480,9 @@ def run(args) -> int:
     if root is None:
         root = default_dictionaries(model.name)
         args.sites = pick_sites(args.sites, list(_dictionary_folders(root)), str(root))
-    dicts = load_dictionaries(root, model=model, sites=[s.name for s in model.resolve_sites(args.sites)])
+    sites = [s.name for s in model.resolve_sites(args.sites)]
+    check_out(Path(args.out), sites)
+    dicts = load_dictionaries(root, model=model, sites=sites)
     dataset = args.dataset or training_dataset(dicts) or check_dataset(None)
     stream = ContextStream(model.tokenizer, dataset, args.ctx_len, split=args.split, text_field=args.text_field,
                            loop=False)  # a short dataset gives fewer tokens, never the same contexts twice

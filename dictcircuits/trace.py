@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
+import json
 import os
 import re
 import time
@@ -19,6 +21,7 @@ from typing import Mapping
 
 from tqdm.auto import tqdm
 
+from .atomic import writable_target
 from .attribute import METHODS, node_effects
 from .circuit import (RANKINGS, CircuitGraph, Patcher, build_graph, choose_nodes, compute_edges, format_metric,
                       metric_parents, node_activations, rank_nodes, shown_curve)
@@ -237,10 +240,9 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
             name, texts = prompt, [prompt]
         else:
             if not isinstance(task, Task):  # generate extra prompts so that n of them share one token length
-                builtin = str(task) in GENERATORS
-                task = load_task(str(task), n=n * OVERSAMPLE if builtin else n, seed=seed, model=model, strict=strict)
-            task = task.aligned(model)
-            task = task.subset(range(min(n, len(task))))
+                builtin = str(task) in GENERATORS  # a file is read whole: n is chosen among its aligned rows
+                task = load_task(str(task), n=n * OVERSAMPLE if builtin else None, seed=seed, model=model, strict=strict)
+            task = task.aligned(model, n=n)
             batch = task.tokenize(model)
             if batch.metric_name == "kl":
                 batch = batch.with_reference(model)
@@ -293,8 +295,10 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
         settings.update(metric=target.metric, answer=target.answer, answer_id=target.answer_id, wrong=target.wrong,
                         wrong_id=target.wrong_id, top_token=target.top, ablation_dataset=baseline.dataset,
                         ablation_tokens=baseline.tokens)
+    used = {} if prompt is not None else {"prompts": task.records(),
+                                          "task_file": None if task.source is None else task.source.to_dict()}
     return CircuitGraph(graph, name, model.name, len(batch), method, tokens, verification, timings, settings,
-                        features)
+                        features, **used)
 
 
 def summary(cg: CircuitGraph) -> str:
@@ -318,7 +322,12 @@ def summary(cg: CircuitGraph) -> str:
         per = " per prompt" if ver.per_prompt else ""
         ranked = {"mean-abs": "mean |effect| over prompts", "abs-mean": "|mean effect|",
                   "per-prompt": "each prompt's own |effect|"}.get(st.get("rank"), st.get("rank"))
-        if ver.target is not None and ver.reached:
+        no_task = ver.m_corrupt is not None and ver.m_model <= ver.m_corrupt
+        if no_task:  # faithfulness is a ratio of a gap the model does not have: no size "reaches" anything
+            lines.append(f"  no circuit to find: the model's clean metric ({ver.m_model:.3f}) is not above the corrupt "
+                         f"one ({ver.m_corrupt:.3f}), so the model cannot do this task; the {ver.size} nodes kept "
+                         "explain nothing")
+        elif ver.target is not None and ver.reached:
             lines.append(f"  circuit: {ver.size} nodes{per}, the fewest top-ranked (by {ranked}) reaching faithfulness "
                          f"{ver.target:g}")
         elif ver.target is not None:
@@ -333,28 +342,26 @@ def summary(cg: CircuitGraph) -> str:
         if st.get("ablation_dataset"):
             ablated = f"to the mean of {st.get('ablation_tokens')} tokens of {Path(st['ablation_dataset']).name}"
         corrupt = "" if ver.m_corrupt is None else f"corrupt {ver.m_corrupt:.3f}, "
-        lines += [f"  metric: model {ver.m_model:.3f}, {corrupt}all ablated ({ablated}) "
-                  f"{ver.m_empty:.3f}, circuit only {ver.m_circuit:.3f}",
-                  f"  faithfulness {format_metric(ver.faithfulness)}   completeness {format_metric(ver.completeness)} "
-                  "(faithfulness without the circuit: 0 = nothing works without it)"]
-        if ver.spread:
+        lines.append(f"  metric: model {ver.m_model:.3f}, {corrupt}all ablated ({ablated}) "
+                     f"{ver.m_empty:.3f}, circuit only {ver.m_circuit:.3f}")
+        if not no_task:
+            lines.append(f"  faithfulness {format_metric(ver.faithfulness)}   completeness "
+                         f"{format_metric(ver.completeness)} (faithfulness without the circuit: 0 = nothing works without it)")
+        if ver.spread and not no_task:
             sp = ver.spread
             lines.append(f"  per prompt: faithfulness mean {sp['mean']:.3f} ± {sp['std']:.3f}, median {sp['median']:.3f}, "
                          f"10% of prompts below {sp['q10']:.3f}, lowest {sp['min']:.3f} ({sp['n']} of {cg.n_prompts} prompts: those "
                          "whose own clean-vs-ablated gap is at least 10% of the mean one)")
-        if ver.m_corrupt is not None and ver.m_model <= ver.m_corrupt:
-            lines.append(f"  warning: the model's clean metric ({ver.m_model:.3f}) is not above the corrupt one "
-                         f"({ver.m_corrupt:.3f}): the model cannot do this task, so its circuit explains nothing")
-        elif ver.m_corrupt is None and ver.m_model <= ver.m_empty:
+        if ver.m_corrupt is None and ver.m_model <= ver.m_empty:
             lines.append(f"  warning: with every node ablated the target is as high as in the model ({ver.m_empty:.3f} "
                          f">= {ver.m_model:.3f}): the target is not specific to this prompt (a common token?), so "
                          "faithfulness says nothing; pick the token with --answer, or contrast it with --wrong")
-        elif abs(ver.m_model - ver.m_empty) < 1e-2:
+        elif not no_task and abs(ver.m_model - ver.m_empty) < 1e-2:
             lines.append("  warning: the model and the fully ablated model nearly agree on the metric, so faithfulness "
                          "and completeness are ratios of tiny numbers (is the model able to do the task?)")
         if ver.refined_from is not None:
             lines.append(f"  refined from {ver.refined_from} nodes")
-        if ver.curve:
+        if ver.curve and not no_task:
             lines.append(f"  faithfulness by size{per}: " + "  ".join(f"{k}:{format_metric(f, 2)}" for k, f in shown_curve(ver)))
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in cg.timings.items()))
     return "\n".join(lines)
@@ -406,7 +413,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "since each traced site multiplies what the circuit must carry; all sites if no "
                              "resid site has a dictionary)")
     parser.add_argument("--n", type=int, default=64,
-                        help="prompts to trace, all of one token length (default 64; task files are capped at n)")
+                        help="prompts to trace, all of one token length (default 64; of a task file, the first n "
+                             "of its rows of the commonest token length)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--method", choices=METHODS, default="ig", help="node effects (default ig)")
     parser.add_argument("--steps", type=int, default=10, help="IG steps (default 10)")
@@ -457,6 +465,47 @@ def check_out(out: Path) -> None:
         raise DictCircuitsError(f"--out {out}: cannot write in {probe}; give a folder you can write to")
 
 
+OUTPUT_SUFFIXES = (".html", ".json", ".graphml", ".neuronpedia.json")
+
+
+def output_stem(task: str | None, prompt: str | None) -> tuple[str, str]:
+    """(stem, source) of trace's files OUT/<stem>{OUTPUT_SUFFIXES}, known before tracing. The stem is a built-in
+    task's name, a task file's own name without its extension (never the name written inside it), or for a prompt
+    prompt-<its words>-<8 hex digits of its SHA-256>, so prompts that differ only in punctuation get their own
+    files. `source` says what was traced (recorded in the JSON, settings.source): a rerun of the same source replaces
+    its own files, while files of another source under the same stem are refused (check_outputs)."""
+    def clean(text: str, n: int) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:n].strip("_.")
+
+    if prompt is not None:
+        digest = hashlib.sha256(prompt.encode()).hexdigest()[:8]
+        return f"prompt-{clean(prompt, 40) or 'text'}-{digest}", f"prompt {prompt!r}"
+    if str(task) in GENERATORS:
+        return clean(str(task), 60), f"task {task}"
+    path = Path(str(task))
+    return clean(path.stem, 60) or "circuit", f"task file {path.resolve()}"
+
+
+def check_outputs(out: Path, stem: str, source: str) -> list[Path]:
+    """The four output paths, after refusing any that dictcircuits may not replace (atomic.writable_target) or
+    that holds the circuit of another source."""
+    paths = [out / f"{stem}{suffix}" for suffix in OUTPUT_SUFFIXES]
+    for path in paths:
+        try:
+            writable_target(path)
+        except DictCircuitsError as exc:
+            raise DictCircuitsError(f"--out {out}: {exc}") from None
+    if paths[1].is_file():
+        try:
+            other = json.loads(paths[1].read_text(encoding="utf-8"))["metadata"]["settings"].get("source")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            other = None  # ours (checked above) but from a version that did not record its source
+        if other is not None and other != source:
+            raise DictCircuitsError(f"--out {out}: {paths[1]} holds the circuit of {other}, not of {source}; choose "
+                                    "another --out or move those files away")
+    return paths
+
+
 def run(args: argparse.Namespace) -> int:
     if (args.task is None) == (args.prompt is None):
         raise DictCircuitsError("give --task NAME or --prompt TEXT" if args.task is None else
@@ -479,6 +528,8 @@ def run(args: argparse.Namespace) -> int:
     check_settings(**settings)
     out = Path(args.out)
     check_out(out)
+    stem, source = output_stem(args.task, args.prompt)
+    paths = check_outputs(out, stem, source)
     contexts = None
     if args.contexts:
         try:
@@ -490,12 +541,13 @@ def run(args: argparse.Namespace) -> int:
     cg = trace(args.task, args.model, args.dictionaries, **settings, sites=args.sites,
                positions=args.aggregate == "none", contexts=contexts, device=args.device, strict=args.strict,
                dashboard=check_dashboard(args.dashboard), run=args.run, **single)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", cg.task)[:60].strip("_.") or "circuit"
-    if args.prompt is not None:
-        stem = f"prompt-{stem}"
+    cg.settings["source"] = source
     t = time.perf_counter()
-    paths = [write_html(cg, out / f"{stem}.html"), cg.save_json(out / f"{stem}.json"), cg.save_graphml(out / f"{stem}.graphml"),
-             cg.save_neuronpedia(out / f"{stem}.neuronpedia.json", slug=stem)]
+    check_outputs(out, stem, source)  # again: another run may have written there meanwhile
+    write_html(cg, paths[0])
+    cg.save_json(paths[1])
+    cg.save_graphml(paths[2])
+    cg.save_neuronpedia(paths[3], slug=stem)
     cg.timings["write"] = round(time.perf_counter() - t, 3)
     print(summary(cg))
     print("  wrote " + ", ".join(str(p) for p in paths))

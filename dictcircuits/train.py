@@ -150,6 +150,15 @@ class TrainConfig:
                     raise DictCircuitsError(f"--k {cfg.k} exceeds the dictionary width {w} (--width {self.width} at "
                                             f"d={d}): use k <= {w} or a wider dictionary")
                 out.append(cfg)
+        # two points of one name would write one folder (widths are known only with d: "8x" and "4096" may meet)
+        points = [(w, v) for w in _split(self.width) or ["default"] for v in values]
+        names = [c.run_name() if d else point for c, point in zip(out, points)]
+        twice = next((n for n in names if names.count(n) > 1), None)
+        if twice is not None:
+            flag = "--" + sweep_key.replace("_", "-")
+            shown = twice if d else f"width {twice[0]}, {flag[2:]} {twice[1]}"
+            raise DictCircuitsError(f"--width {self.width} and {flag} {getattr(self, sweep_key)} give the run {shown} "
+                                    "twice (one folder for two runs): give each value once")
         return out
 
     def validate(self) -> "_Checked":
@@ -356,9 +365,14 @@ class OutFolder:
     def _check(self, resume: bool, overwrite: bool) -> None:
         ckpt, metrics = self.path / CHECKPOINT_NAME, self.path / METRICS_NAME
         if resume and not ckpt.is_file():
-            if metrics.exists():
+            saved = any(_dictionary_we_wrote(p) or _runs_we_wrote(p) for p in self.path.iterdir() if p.is_dir())
+            if metrics.exists() and saved:
                 raise DictCircuitsError(f"--resume: the run in {self.path} has finished (no {CHECKPOINT_NAME} left, "
                                         "its dictionaries were saved); pass --overwrite instead to train it again")
+            if metrics.exists():
+                raise DictCircuitsError(f"--resume: the run in {self.path} stopped before its first checkpoint, so "
+                                        "nothing was saved to continue from; pass --overwrite instead of --resume to "
+                                        "start it again")
             raise DictCircuitsError(f"--resume: {self.path} holds no {CHECKPOINT_NAME} to continue from; drop "
                                     "--resume to start a new run")
         held = [p.name for p in (ckpt, metrics) if p.exists()]

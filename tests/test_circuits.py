@@ -120,7 +120,10 @@ def test_trace_auto_sizes_and_per_prompt_circuits(small):
     assert ver.target == 0.5 and ver.size == n_nodes and cg.settings["rank"] == "mean-abs"
     assert (ver.faithfulness >= 0.5) == ver.reached
     text = summary(cg)
-    assert (f"{n_nodes} nodes, the fewest top-ranked" in text) if ver.reached else ("not reached" in text)
+    if ver.m_model <= ver.m_corrupt:  # the random toy cannot do its task: no circuit to find, no success line
+        assert "no circuit to find" in text and "the fewest top-ranked" not in text
+    else:
+        assert (f"{n_nodes} nodes, the fewest top-ranked" in text) if ver.reached else ("not reached" in text)
     pp = trace(task, model, dicts, method="attrib", per_prompt=5, progress=False)
     pver = pp.verification
     batch = task.tokenize(model)
@@ -246,13 +249,25 @@ def test_bad_trace_inputs_one_line_exit_2_nothing_written(saved, extra, message,
     assert _listing(root) == before and not (root / "out").exists()
 
 
+def doable_task(model) -> Task:
+    """The direction of the toy task that the random model does (clean metric above corrupt): the other has no
+    circuit to find, and its summary names no size."""
+    for swap in (False, True):
+        batch = toy_task(swap).tokenize(model)
+        with torch.no_grad():
+            if batch.metric(model.run(batch.clean)).mean() > batch.metric(model.run(batch.corrupt), batch.corrupt).mean():
+                return toy_task(swap)
+    raise AssertionError("the toy model does neither direction of its task")
+
+
 def test_a_missed_target_says_what_to_try(small):
     model, dicts = small
-    cg = trace(toy_task(), model, dicts, method="attrib", faithfulness=0.99, max_nodes=2, progress=False)
+    task = doable_task(model)
+    cg = trace(task, model, dicts, method="attrib", faithfulness=0.99, max_nodes=2, progress=False)
     assert not cg.verification.reached
     line = next(ln for ln in summary(cg).splitlines() if "not reached" in ln)
     assert "at the cap of 2 nodes" in line and "try --per-prompt or --ablation mean" in line
-    pp = trace(toy_task(), model, dicts, method="attrib", faithfulness=0.99, max_nodes=2, per_prompt="auto",
+    pp = trace(task, model, dicts, method="attrib", faithfulness=0.99, max_nodes=2, per_prompt="auto",
                progress=False)
     line = next(ln for ln in summary(pp).splitlines() if "not reached" in ln)
     assert line.endswith("(raise --max-nodes or restrict --sites)")

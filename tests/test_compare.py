@@ -111,7 +111,7 @@ def test_cli_plot_and_baseline_text(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["?"]["mmcs_random"] > 0
     notes = tmp_path / "notes.png"
     notes.write_text("my notes")
-    for bad, why in ((notes, "is not a PNG"), (tmp_path / "x.jpg", "ending in .png"),
+    for bad, why in ((notes, "was not written by dictcircuits"), (tmp_path / "x.jpg", "ending in .png"),
                      (tmp_path / "no" / "x.png", "does not exist")):
         assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(bad)]) == 2
         assert why in capsys.readouterr().err

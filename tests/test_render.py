@@ -131,7 +131,8 @@ def test_trace_api(toy_setup):
     assert cg.n_prompts == len(task.clean) and cg.faithfulness is not None
     assert all(v == f"logit@{len(cg.tokens) - 1}" for _, v in cg.graph.in_edges(f"logit@{len(cg.tokens) - 1}"))
     text = summary(cg)
-    assert "faithfulness" in text and "completeness" in text and "toy-ioi" in text
+    cannot = cg.verification.m_model <= cg.verification.m_corrupt  # random weights: then there is no circuit to find
+    assert ("completeness" in text) != cannot and ("no circuit to find" in text) == cannot and "toy-ioi" in text
     summed = trace(task, model, dicts, method="attrib", max_nodes=10, positions=False, node_threshold=0.0, progress=False)
     assert all(a["position"] is None for _, a in summed.graph.nodes(data=True))
     exact = trace(task, model, dicts, method="exact", nodes=4, progress=False)
@@ -153,7 +154,7 @@ def test_cli_writes_html_json_graphml(toy_setup, tmp_path, capsys, monkeypatch):
     assert "no dictionaries for m" in capsys.readouterr().err
     (tmp_path / "dictionaries").mkdir()
     (tmp_path / "d").rename(tmp_path / "dictionaries" / "m")
-    assert main(default) == 0 and (tmp_path / "o" / "toy-ioi.html").is_file()
+    assert main(default) == 0 and (tmp_path / "o" / "t.html").is_file()  # named for the task file
     (tmp_path / "dictionaries" / "m").rename(tmp_path / "d")
     task_file = task.to_jsonl(tmp_path / "toy-ioi.jsonl")
     out = tmp_path / "out"
@@ -161,7 +162,7 @@ def test_cli_writes_html_json_graphml(toy_setup, tmp_path, capsys, monkeypatch):
             "--method", "attrib", "--max-nodes", "15", "--out", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "faithfulness" in printed and "time:" in printed and "wrote" in printed
+    assert ("faithfulness" in printed or "no circuit to find" in printed) and "time:" in printed and "wrote" in printed
     cg = CircuitGraph.load_json(out / "toy-ioi.json")
     assert cg.task == "toy-ioi" and 0 < cg.graph.number_of_nodes() <= 16
     assert nx.read_graphml(out / "toy-ioi.graphml").number_of_nodes() == cg.graph.number_of_nodes()

@@ -13,7 +13,7 @@ from dictcircuits.harvest import ContextStream, default_dataset
 from dictcircuits.models import Tokens, load_model
 from dictcircuits.paths import default_dictionaries
 from dictcircuits.positions import skip_mask
-from dictcircuits.trace import summary, trace
+from dictcircuits.trace import output_stem, summary, trace
 
 PROMPT = "The capital of France is"
 MEAN_TOKENS = 256  # one batch of corpus contexts: fast
@@ -125,7 +125,8 @@ def test_cli_summary_and_files(tmp_path, monkeypatch, capsys):
     faith = float(text.split("  faithfulness ")[1].split()[0])
     assert size >= 1 and faith >= 0.8
     assert "target log p(" in text and "the model's top token" in text
-    stem = "prompt-The_capital_of_France_is"
+    stem = output_stem(None, PROMPT)[0]
+    assert stem.startswith("prompt-The_capital_of_France_is-")
     for suffix in (".html", ".json", ".graphml", ".neuronpedia.json"):
         assert (out / f"{stem}{suffix}").is_file()
     saved = json.loads((out / f"{stem}.json").read_text())

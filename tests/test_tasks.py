@@ -157,13 +157,14 @@ def test_readers(tmp_path, model):
     assert t.answers == [" Mary"] and t.wrong_sets == [[" John", " Bob"]]
     mary, john = (model.tokenizer(w)["input_ids"][0] for w in (" Mary", " John"))
     csv_ioi = tmp_path / "ioi.csv"
-    csv_ioi.write_text(f"clean,corrupted,corrupted_hard,correct_idx,incorrect_idx\nJohn gave it to,Bob gave it to,x,{mary},{john}\n")
+    ioi_row = "Mary and John went out. John gave it to,Mary and John went out. Bob gave it to"  # ids: words of the prompt
+    csv_ioi.write_text(f"clean,corrupted,corrupted_hard,correct_idx,incorrect_idx\n{ioi_row},x,{mary},{john}\n")
     t = load_task(str(csv_ioi), model=model)
     assert t.answers == [" Mary"] and t.wrong == [" John"]
     with pytest.raises(DictCircuitsError, match="pass model="):
         load_task(str(csv_ioi))
     csv_pair = tmp_path / "pair.csv"
-    csv_pair.write_text(f'clean,corrupted,label\nJohn gave it to,Bob gave it to,"[{mary}, {john}]"\n')
+    csv_pair.write_text(f'clean,corrupted,label\n{ioi_row},"[{mary}, {john}]"\n')
     assert load_task(str(csv_pair), model=model).wrong == [" John"]
     csv_gt = tmp_path / "gt.csv"
     csv_gt.write_text("clean,corrupted,label\nThe war lasted from 1732 to 17,The war lasted from 1701 to 17,32\n")
@@ -181,7 +182,7 @@ def test_bad_files_name_the_line(tmp_path):
         load_task(str(bad))
     csv_bad = tmp_path / "bad.csv"
     csv_bad.write_text("clean,corrupted,label\nFrom 1732 to 17,From 1701 to 17,32\nc,d,later\n")
-    with pytest.raises(DictCircuitsError, match="line 3: cannot read the label"):
+    with pytest.raises(DictCircuitsError, match="line 3: cannot read label 'later': it is neither"):
         load_task(str(csv_bad))
     (tmp_path / "x.csv").write_text("prompt,answer\na,b\n")
     with pytest.raises(DictCircuitsError, match="needs columns clean and corrupted"):

@@ -174,11 +174,11 @@ BAD_FILES = [
      "integer label (3) is read only as a greater-than start year", "line 2"),
     ("short.csv", "clean,corrupted,label\nFrom 1732 to 17\n", False, "fewer fields than the header", "line 2"),
     ("float_ids.csv", 'clean,corrupted,label\nJohn gave it to,Bob gave it to,"[1.5, 2]"\n', True,
-     "cannot read the label", "line 2"),
+     "cannot read label (token id 1.5 is not an integer)", "line 2"),
     ("vocab.csv", "clean,corrupted,correct_idx,incorrect_idx\nJohn gave it to,Bob gave it to,5,99999\n", True,
-     "token id 99999 is outside this tokenizer's vocabulary", "line 2"),
+     "token id 99999 in correct_idx / incorrect_idx is outside this tokenizer's vocabulary", "line 2"),
     ("negative.csv", "clean,corrupted,correct_idx,incorrect_idx\nJohn gave it to,Bob gave it to,-4,5\n", True,
-     "token id -4 is outside", "line 2"),
+     "token id -4 in correct_idx / incorrect_idx is outside", "line 2"),
     ("long.jsonl", f'{LINE}\n{row(clean=LONG, corrupt=LONG.replace("Mary", "John"))}\n', True,
      "reads at most 64", "line 2"),
 ]
@@ -198,13 +198,13 @@ def test_bad_task_files_get_one_line_naming_file_and_line(tmp_path, toy, name, c
 def test_token_ids_must_round_trip(tmp_path, toy):
     tok = toy.tokenizer
     mary, john = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" Mary", " John"))
-    good = write(tmp_path, "ok.csv", f"clean,corrupted,correct_idx,incorrect_idx\nJohn gave it to,Bob gave it to,{mary},{john}\n")
+    ioi = "Mary and John went out. John gave it to,Mary and John went out. Bob gave it to"  # ids: words of the prompt
+    good = write(tmp_path, "ok.csv", f"clean,corrupted,correct_idx,incorrect_idx\n{ioi},{mary},{john}\n")
     assert load_task(str(good), model=toy).answers == [" Mary"]
     # a token whose text encodes to other ids (a lone byte of a multi-byte character, say)
     partial = next(i for i in range(len(tok)) if tok(tok.decode([i]), add_special_tokens=False)["input_ids"] != [i])
-    bad = write(tmp_path, "bad.csv", f"clean,corrupted,correct_idx,incorrect_idx\nJohn gave it to,Bob gave it to,{mary},{john}\n"
-                                     f"John gave it to,Bob gave it to,{mary},{partial}\n")
-    with pytest.raises(DictCircuitsError, match=rf"bad.csv line 3: token id {partial} decodes to .* encodes back"):
+    bad = write(tmp_path, "bad.csv", f"clean,corrupted,correct_idx,incorrect_idx\n{ioi},{mary},{john}\n{ioi},{mary},{partial}\n")
+    with pytest.raises(DictCircuitsError, match=rf"bad.csv line 3: token id {partial} in correct_idx / incorrect_idx decodes to .* encodes back"):
         load_task(str(bad), model=toy)
 
 

@@ -19,7 +19,6 @@ Links carry our edge weights (direct effects; into the logit node, node effects)
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,8 +26,8 @@ from typing import Mapping, Sequence
 
 import networkx as nx
 
+from ..atomic import GENERATOR, json_safe, marked, marker_html
 from ..atomic import atomic_write_text as atomic_write
-from ..atomic import json_safe
 from ..errors import DictCircuitsError
 from ..models import Model
 from .effects import node_effect
@@ -36,6 +35,7 @@ from .nodes import LOGIT, Node
 from .verify import Verification
 
 SCHEMA_VERSION = 1
+XML_DECLARATION = "<?xml version='1.0' encoding='utf-8'?>\n"
 
 
 @dataclass
@@ -53,6 +53,8 @@ class CircuitGraph:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     settings: dict = field(default_factory=dict)  # thresholds, sites, ablation, ...
     features: dict[str, dict] = field(default_factory=dict)  # node id -> hover details (contexts, logits)
+    prompts: list[dict] = field(default_factory=list)  # every prompt traced: clean, corrupt, answer, wrong (+ sets)
+    task_file: dict | None = None  # a task file's path and rows read / skipped / left out / used, by reason
 
     @property
     def faithfulness(self) -> float | None:
@@ -67,7 +69,8 @@ class CircuitGraph:
                 "n_prompts": self.n_prompts, "method": self.method, "prompt_tokens": self.tokens,
                 "faithfulness": self.faithfulness, "completeness": self.completeness,
                 "verification": None if self.verification is None else asdict(self.verification),
-                "timings": self.timings, "settings": self.settings}
+                "timings": self.timings, "settings": self.settings, "task_file": self.task_file,
+                "prompts": self.prompts}
 
     def to_dict(self) -> dict:
         """circuit-tracer / Neuronpedia-like: metadata, nodes (id, with circuit-tracer's node_id, ctx_idx and
@@ -91,13 +94,14 @@ class CircuitGraph:
             if ver is not None:
                 ver = Verification(**{**ver, "curve": [tuple(c) for c in ver.get("curve", [])]})
             return cls(g, meta["task"], meta["model"], meta["n_prompts"], meta["method"], meta.get("prompt_tokens", []),
-                       ver, meta.get("timings", {}), meta.get("settings", {}), data.get("features", {}))
+                       ver, meta.get("timings", {}), meta.get("settings", {}), data.get("features", {}),
+                       meta.get("prompts", []), meta.get("task_file"))  # both absent from files written before them
         except (KeyError, TypeError) as exc:
             raise DictCircuitsError(f"not a dictcircuits graph JSON (missing or bad field {exc}); write it with CircuitGraph.save_json") from exc
 
     def save_json(self, path: str | Path) -> Path:
         """Strict JSON (a NaN, e.g. faithfulness with m(M) = m(∅), is written as null)."""
-        return atomic_write(path, json.dumps(json_safe(self.to_dict()), indent=1, allow_nan=False))
+        return atomic_write(path, json.dumps(json_safe(marked(self.to_dict())), indent=1, allow_nan=False))
 
     @classmethod
     def load_json(cls, path: str | Path) -> "CircuitGraph":
@@ -154,7 +158,8 @@ class CircuitGraph:
             nodes.append(node)
         links = [{"source": ids[u], "target": ids[v], "weight": float(w)} for u, v, w in g.edges(data="weight")]
         slug = slug or re.sub(r"[^A-Za-z0-9_.-]+", "_", self.task)[:60].strip("_.") or "circuit"
-        metadata = {"slug": slug, "scan": self.model, "transcoder_list": names, "prompt_tokens": list(self.tokens),
+        name, version = GENERATOR.split(" ")
+        metadata = {"info": {"generator": {"name": name, "version": version}}, "slug": slug, "scan": self.model, "transcoder_list": names, "prompt_tokens": list(self.tokens),
                     "prompt": str(st.get("prompt") or ""), "node_threshold": None, "schema_version": 1}
         qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
         return json_safe({"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links})
@@ -164,18 +169,14 @@ class CircuitGraph:
         return atomic_write(path, json.dumps(self.to_neuronpedia(slug), allow_nan=False))
 
     def save_graphml(self, path: str | Path) -> Path:
-        """GraphML with the scalar attributes (missing position/feature left out); metadata as graph attributes."""
+        """GraphML with the scalar attributes (missing position/feature left out); metadata as graph attributes;
+        our marker as a comment after the XML declaration."""
         g = nx.DiGraph()
         g.graph.update({k: v for k, v in self.metadata().items() if isinstance(v, (str, int, float)) and v is not None})
         for n, a in self.graph.nodes(data=True):
             g.add_node(n, **{k: v for k, v in a.items() if v is not None})
         g.add_edges_from(self.graph.edges(data=True))
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        nx.write_graphml(g, tmp)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, marker_html(XML_DECLARATION + "\n".join(nx.generate_graphml(g))))
 
 
 def build_graph(model: Model, nodes: Sequence[Node], effects, edges: Mapping[tuple[Node, Node], float],
