@@ -170,3 +170,53 @@ def test_task_circuit_is_verified_by_patching(toy_models):
     assert {"logit", "embed"} <= kinds and ("feature" in kinds or "error" in kinds)
     assert 0 < circuit.replacement_score < 1 and 0 < circuit.completeness_score <= 1
     assert all(0 < a["share"] <= 1 + 1e-9 for _, a in circuit.graph.nodes(data=True))
+
+
+@pytest.fixture(scope="module")
+def dcmini_transcoders(tmp_path_factory):
+    """Random TopK transcoders for every MLP of the embedded default dc-mini, saved as a dictionary set."""
+    from dictcircuits.dictionary import save_dictionary
+    from dictcircuits.models import load_model
+
+    model = load_model("dc-mini")
+    root = tmp_path_factory.mktemp("dcmini-transcoders")
+    for site, dic in transcoder_set(model).items():
+        save_dictionary(dic, root / site)
+    return root
+
+
+@pytest.mark.parametrize("how", [["--prompt", "When Mary and John went to the store, John gave a drink to"],
+                                 ["--task", "ioi", "--n", "4"]])
+def test_trace_graph_replacement_cli(dcmini_transcoders, tmp_path, capsys, how):
+    """`dictcircuits trace --graph replacement` writes the page, the JSON (with the replacement and completeness
+    scores and the faithfulness curve) and the Neuronpedia export with token-embedding nodes."""
+    import json
+
+    from dictcircuits import cli
+
+    out = tmp_path / "out"
+    code = cli.main(["trace", *how, "--graph", "replacement", "--dictionaries", str(dcmini_transcoders),
+                     "--out", str(out), "--max-nodes", "200"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    files = sorted(p.name for p in out.iterdir())
+    main_json = next(p for p in out.iterdir() if p.suffix == ".json" and not p.name.endswith(".neuronpedia.json"))
+    data = json.loads(main_json.read_text())
+    st = data["metadata"]["settings"]
+    assert st["graph"] == "replacement" and 0 <= st["replacement_score"] <= 1 and 0 <= st["completeness_score"] <= 1
+    assert data["metadata"]["verification"]["curve"], files
+    kinds = {n["kind"] for n in data["nodes"]}
+    assert "embed" in kinds and "logit" in kinds
+    np_file = next(p for p in out.iterdir() if p.name.endswith(".neuronpedia.json"))
+    assert any(n["feature_type"] == "embedding" for n in json.loads(np_file.read_text())["nodes"])
+    html = next(p for p in out.iterdir() if p.suffix == ".html").read_text()
+    assert "token embedding" in html
+    assert "replacement score" in printed
+
+
+def test_graph_replacement_refuses_residual_options(dcmini_transcoders, tmp_path, capsys):
+    from dictcircuits import cli
+
+    code = cli.main(["trace", "--task", "ioi", "--graph", "replacement", "--nodes", "10",
+                     "--dictionaries", str(dcmini_transcoders), "--out", str(tmp_path / "o")])
+    assert code == 2 and "nodes does not apply" in capsys.readouterr().err

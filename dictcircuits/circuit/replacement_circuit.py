@@ -10,7 +10,7 @@ the share of prompts keeping it) and the direct edges among them, averaged over 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import networkx as nx
 import torch
@@ -52,9 +52,10 @@ def _ranked(graph: AttributionGraph) -> list[int]:
 
 def replacement_circuit(model: Model, batch: TaskBatch, transcoders: Mapping[str, Dictionary], patcher: Patcher,
                         faithfulness: float = 0.8, max_nodes: int = 1000, edge_influence: float = 0.98,
-                        progress: bool = True) -> ReplacementCircuit:
+                        progress: bool = True, lap: Callable[[str], None] = lambda phase: None) -> ReplacementCircuit:
     """Attribute every prompt of `batch`, then find the fewest nodes per prompt whose circuit reaches
-    `faithfulness` by real patching (up to max_nodes)."""
+    `faithfulness` by real patching (up to max_nodes). lap(phase) is called as the effects (attribution), verify
+    and edges phases end."""
     check_replacement(model, transcoders)
     graphs, rankings = [], []
     for row in tqdm(range(len(batch)), desc="attribution graphs", unit="prompt", disable=not progress or len(batch) < 2):
@@ -65,6 +66,7 @@ def replacement_circuit(model: Model, batch: TaskBatch, transcoders: Mapping[str
                           direction_token=int(batch.answer_ids[row]))
         graphs.append(graph)
         rankings.append(_ranked(graph))
+    lap("effects")
     cap = min(max_nodes, max(len(r) for r in rankings))
     if cap < 1:
         raise DictCircuitsError("no feature or error node influences the target: there is no circuit to find")
@@ -91,8 +93,10 @@ def replacement_circuit(model: Model, batch: TaskBatch, transcoders: Mapping[str
 
     found = search_size(patcher, masks_of, cap, faithfulness, progress=progress)
     verification = verify_masks(patcher, masks_of(found.size), found, per_prompt=True, target=faithfulness)
+    lap("verify")
     scores = [g.scores() for g in graphs]
     shown = shown_graph(model, graphs, [r[:found.size] for r in rankings], edge_influence)
+    lap("edges")
     return ReplacementCircuit(graphs, scores, verification, shown)
 
 
@@ -143,8 +147,9 @@ def shown_graph(model: Model, graphs: list[AttributionGraph], kept: list[list[in
 
 
 def _node_attrs(model: Model, graph: AttributionGraph, node) -> tuple[str, dict]:
-    """(node id, CircuitGraph attributes) of a replacement-graph node: features and errors at the MLP output they
-    write, embeddings at `embed`, the target as the metric node."""
+    """(node id, CircuitGraph attributes) of a replacement-graph node: features at the MLP input their transcoder
+    reads (node ids as circuit.nodes.Node's, so feature details find them), errors at the MLP output, embeddings at
+    `embed`, the target as the metric node."""
     if node.kind == "logit":
         return f"{LOGIT}@{node.pos}", {"kind": "logit", "site": LOGIT, "layer": model.n_layers,
                                        "order": len(model.sites), "position": node.pos, "feature": None,
@@ -153,9 +158,9 @@ def _node_attrs(model: Model, graph: AttributionGraph, node) -> tuple[str, dict]
         token = graph.tokens[node.pos] if node.pos < len(graph.tokens) else ""
         return f"embed/tok@{node.pos}", {"kind": "embed", "site": "embed", "layer": -1, "order": 0,
                                         "position": node.pos, "feature": None, "label": f"token {token!r}"}
-    site = model.site(f"mlp.{node.layer}")
+    site = model.site(f"{'mlp' if node.kind == 'error' else 'mlp_in'}.{node.layer}")  # features: the site they read
     body = "err" if node.kind == "error" else str(node.index)
-    label = f"{site.name} ε" if node.kind == "error" else f"{site.name} tc#{node.index}"
+    label = f"{site.name} ε" if node.kind == "error" else f"{site.name} #{node.index}"
     return f"{site.name}/{body}@{node.pos}", {"kind": node.kind, "site": site.name, "layer": site.layer,
                                              "order": site.order, "position": node.pos,
                                              "feature": None if node.kind == "error" else node.index, "label": label}
