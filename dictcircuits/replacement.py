@@ -28,6 +28,7 @@ from .splice import SpliceResult, check_tokens, splice
 from .transcoder import targets
 
 KINDS = ("feature", "error", "embed", "logit")
+QUEUE_ROWS = 128  # feature rows computed between two updates of the influence order (max_feature_nodes)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class AttributionGraph:
     adjacency: torch.Tensor  # [n, n]
     constant: torch.Tensor  # [n]: each row's part carried by no node (zero for rows that are only sources)
     logit_probs: torch.Tensor  # [n_logits]: the model's probabilities of the target logits
-    frozen_attention: bool = True
+    computed: torch.Tensor | None = None  # [n] bool: rows whose inputs were computed (max_feature_nodes)
 
     def count(self, kind: str) -> int:
         return sum(node.kind == kind for node in self.nodes)
@@ -257,17 +258,21 @@ def metric_direction(model: Model, batch, row: int = 0) -> torch.Tensor:
 def attribute(model: Model, prompt: str | Tokens, transcoders: Mapping[str, Dictionary], *, max_logits: int = 10,
               logit_probability: float = 0.95, target_tokens: list[int] | None = None,
               direction: torch.Tensor | None = None, direction_token: int | None = None,
-              batch_size: int = 32) -> AttributionGraph:
+              max_feature_nodes: int | None = None, batch_size: int = 32) -> AttributionGraph:
     """The attribution graph of one prompt: every active feature, error term, embedding and target logit, with
     every direct edge between them (one batched backward per chunk of target rows). Targets: the most likely
     tokens (or `target_tokens`), each as its logit minus the mean logit; or one `direction` [d] of the final hidden
-    state (a task metric's, `metric_direction`), shown as token `direction_token`."""
+    state (a task metric's, `metric_direction`), shown as token `direction_token`. max_feature_nodes: compute the
+    rows of that many features only, the most influential first (the others stay sources without inputs)."""
     tokens = model.tokenize([prompt]) if isinstance(prompt, str) else prompt
     check_tokens(model, tokens)
     if len(tokens) != 1:
         raise DictCircuitsError(f"attribute takes one prompt, not {len(tokens)}; build one graph per prompt")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DictCircuitsError(f"batch_size={batch_size!r}: give a positive number of rows per backward pass")
+    if max_feature_nodes is not None and (not isinstance(max_feature_nodes, int) or max_feature_nodes < 0):
+        raise DictCircuitsError(f"max_feature_nodes={max_feature_nodes!r}: give a number of feature rows, or None "
+                                "for all")
     P = tokens.input_ids.shape[1]
     record = FrozenRecord()
     run = _frozen_run(model, tokens, transcoders, record)
@@ -345,24 +350,39 @@ def attribute(model: Model, prompt: str | Tokens, transcoders: Mapping[str, Dict
     grads = torch.autograd.grad(run.hidden, sources, grad_outputs=seeds, is_grads_batched=True, retain_graph=True,
                                 allow_unused=True)
     fill(list(range(n - len(logits), n)), list(grads))
-    # feature rows: seed each feature's read-site input with its encoder direction at its position
+    # feature rows: seed each feature's read-site input with its encoder direction at its position. Rows are
+    # computed in order of the features' influence on the targets so far (circuit-tracer's order), all of them or
+    # the max_feature_nodes most influential; a feature whose row is not computed stays a source without inputs
+    limit = nf if max_feature_nodes is None else min(nf, max_feature_nodes)
+    computed = torch.zeros(n, dtype=torch.bool)
+    computed[n - len(logits):] = True
+    weights = torch.zeros(n)
+    weights[n - len(logits):] = probs.float()
+    bar = tqdm(total=limit, desc="attribution: feature rows", unit="row", disable=limit < 2 * batch_size)
+    while int(computed[:nf].sum()) < limit:
+        infl = influence(normalise_rows(adjacency), weights)[:nf] if limit < nf else torch.zeros(nf)
+        order = [int(j) for j in torch.argsort(torch.where(computed[:nf], torch.tensor(-1.0), infl), descending=True,
+                                               stable=True) if not computed[j]]
+        queue = order[:min(limit - int(computed[:nf].sum()), QUEUE_ROWS if limit < nf else nf)]
+        for site in dict.fromkeys(f"mlp_in.{features[j].layer}" for j in queue):
+            dic, x = run.coders[site], states[site].x  # x [1, pos, d], connected to the sources below it
+            rows = [j for j in queue if f"mlp_in.{features[j].layer}" == site]
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                idx = torch.tensor([features[j].index for j in chunk])
+                seeds = torch.zeros(len(chunk), 1, P, x.shape[-1])
+                seeds[torch.arange(len(chunk)), 0, torch.tensor([features[j].pos for j in chunk])] = \
+                    dic.encoder_direction(idx).detach().to(seeds.dtype)
+                grads = torch.autograd.grad(x, sources, grad_outputs=seeds, is_grads_batched=True,
+                                            retain_graph=True, allow_unused=True)
+                fill(chunk, list(grads))
+                bar.update(len(chunk))
+        computed[queue] = True
+    bar.close()
     by_site: dict[str, list[int]] = {}
     for j, node in enumerate(features):
-        by_site.setdefault(f"mlp_in.{node.layer}", []).append(j)
-    bar = tqdm(total=nf, desc="attribution: feature rows", unit="row", disable=nf < 2 * batch_size)
-    for site, rows in by_site.items():
-        dic, x = run.coders[site], states[site].x  # x [1, pos, d], connected to the sources below it
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            idx = torch.tensor([features[j].index for j in chunk])
-            seeds = torch.zeros(len(chunk), 1, P, x.shape[-1])
-            seeds[torch.arange(len(chunk)), 0, torch.tensor([features[j].pos for j in chunk])] = \
-                dic.encoder_direction(idx).detach().to(seeds.dtype)
-            grads = torch.autograd.grad(x, sources, grad_outputs=seeds, is_grads_batched=True, retain_graph=True,
-                                        allow_unused=True)
-            fill(chunk, list(grads))
-            bar.update(len(chunk))
-    bar.close()
+        if computed[j]:
+            by_site.setdefault(f"mlp_in.{node.layer}", []).append(j)
     # constants: each target with every source set to 0 in the same frozen world (biases, passed-through positions)
     zero = _frozen_run(model, tokens, transcoders, record,
                        edit=lambda site, f, err: (torch.zeros_like(f), torch.zeros_like(err)))
@@ -376,7 +396,8 @@ def attribute(model: Model, prompt: str | Tokens, transcoders: Mapping[str, Dict
                 u = dic.encoder_direction(node.index).detach()  # [d]
                 constant[j] = node.value - u @ (x[node.pos] - x0[node.pos])
     return AttributionGraph(model=model.name, tokens=[model.tokenizer.decode([t]) for t in tokens.input_ids[0].tolist()],
-                            nodes=nodes, adjacency=adjacency, constant=constant, logit_probs=probs.detach().float())
+                            nodes=nodes, adjacency=adjacency, constant=constant, logit_probs=probs.detach().float(),
+                            computed=computed)
 
 
 # --- verification by real patching -------------------------------------------------------------------------------

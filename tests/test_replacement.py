@@ -220,3 +220,22 @@ def test_graph_replacement_refuses_residual_options(dcmini_transcoders, tmp_path
     code = cli.main(["trace", "--task", "ioi", "--graph", "replacement", "--nodes", "10",
                      "--dictionaries", str(dcmini_transcoders), "--out", str(tmp_path / "o")])
     assert code == 2 and "nodes does not apply" in capsys.readouterr().err
+
+
+def test_max_feature_nodes_computes_the_most_influential_rows_exactly(toy_models):
+    """With a cap, the rows computed are those of the full graph (same edges) and the cap is kept; uncomputed
+    feature rows have no inputs."""
+    model = toy_models["llama"]
+    tcs = transcoder_set(model)
+    full = attribute(model, PROMPT, tcs)
+    cap = full.count("feature") // 3
+    part = attribute(model, PROMPT, tcs, max_feature_nodes=cap, batch_size=8)
+    feats = full.slice("feature")
+    assert int(part.computed[feats].sum()) == cap and part.computed[full.slice("logit")].all()
+    rows = torch.nonzero(part.computed).flatten()
+    assert torch.allclose(part.adjacency[rows], full.adjacency[rows], atol=1e-5)
+    assert not part.adjacency[~part.computed].any()
+    # the rows chosen carry more influence than the rows left out, on average
+    infl = full.influence()[feats]
+    chosen = part.computed[feats]
+    assert infl[chosen].mean() > infl[~chosen].mean()
