@@ -19,6 +19,7 @@ from nnsight import NNsight
 
 from . import model_sources
 from .errors import DictCircuitsError
+from .frozen import FrozenRecord, frozen_attention, is_norm
 from .model_sources import ModelSource
 from .options import resolve_device
 
@@ -197,6 +198,35 @@ class Model:
         return env
 
     @functools.cached_property
+    def finish_order(self) -> dict[str, int]:
+        """Module path -> the rank at which its forward finishes (one probe run of two tokens): the order in which
+        a trace must visit outputs."""
+        order: dict[str, int] = {}
+
+        def finished(name: str):
+            def hook(*_):
+                order.setdefault(name, len(order))
+            return hook
+
+        handles = [m.register_forward_hook(finished(n)) for n, m in self.hf.named_modules() if n]
+        try:
+            with torch.no_grad():
+                self.hf(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self.device))
+        finally:
+            for h in handles:
+                h.remove()
+        return order
+
+    @functools.cached_property
+    def stream_norms(self) -> list[str]:
+        """The norms on the residual stream's paths (a block's own norms and the final norm; not the q/k norms
+        inside attention, which feed only the patterns), in the order they finish."""
+        fam, order = self.family, self.finish_order
+        mine = [n for n, m in self.hf.named_modules() if is_norm(m) and n in order and
+                (n == fam.final_norm or (n.startswith(fam.layers + ".") and n.count(".") == fam.layers.count(".") + 2))]
+        return sorted(mine, key=order.__getitem__)
+
+    @functools.cached_property
     def adds_bos(self) -> bool:
         """Whether the model's own tokenizer starts every text with BOS (see tokenizer_adds_bos)."""
         return tokenizer_adds_bos(self.tokenizer)
@@ -236,6 +266,7 @@ class Model:
         start_at: str | None = None,
         columns: torch.Tensor | None = None,
         hidden: bool = False,
+        frozen: FrozenRecord | None = None,
     ) -> torch.Tensor | None:
         """One nnsight trace. edits[site](x) sees the site's activation [batch, pos, d] in forward order and
         may return a replacement. Returns logits [batch, pos, vocab], or None when stopping after a site.
@@ -252,7 +283,11 @@ class Model:
 
         start_at: a resid site whose edit replaces the activation whatever it was (integrated gradients, exact
         patching): blocks 0..L are skipped, block L's output taken from the edit, since all they compute would be
-        thrown away; with many rows and a deep site most of the forward pass."""
+        thrown away; with many rows and a deep site most of the forward pass.
+
+        frozen: attention patterns and residual-stream norm scales taken from this record (filled by the first
+        run that gets it empty): the replacement model's linear world, see dictcircuits/frozen.py. A site edit on a
+        norm's output (Gemma-2/3's post-norms) sees the frozen output."""
         edits = dict(edits or {})
         start = None
         if start_at is not None:
@@ -276,24 +311,43 @@ class Model:
             keep, row_pos = torch.unique(tokens.last, return_inverse=True)  # [k] positions, [batch] index into them
             kwargs["logits_to_keep"] = keep
         logits = None
-        with self.nn.trace(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, **kwargs) as tracer:
+        steps, norms = [(site.module, site) for site in visit], []
+        if frozen is not None:
+            norms = [n for n in self.stream_norms
+                     if start is None or not any(n.startswith(f"{self.family.layers}.{layer}.")
+                                                 for layer in range(start.layer + 1))]
+            deepest = visit[-1].module if stop_after is not None else None
+            if deepest is not None:
+                norms = [n for n in norms if self.finish_order[n] <= self.finish_order[deepest]]
+            by_module = {site.module: site for site in visit}
+            steps = sorted({*((m, by_module[m]) for m in by_module), *((n, by_module.get(n)) for n in norms)},
+                           key=lambda step: self.finish_order[step[0]])
+        freezing = frozen_attention(self.hf, frozen) if frozen is not None else contextlib.nullcontext()
+        with freezing, self.nn.trace(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                                     **kwargs) as tracer:
             if start is not None:
                 for layer in range(start.layer + 1):
                     block = self._envoy(self.sites[f"resid.{layer}"])
                     block.skip(block.input if layer < start.layer else edit_at_start(block.input))
-            for site in visit:
-                env = self._envoy(site)
+            for module, site in steps:
+                env = self._envoy_at(module)
+                norm_input = env.input if module in norms else None  # inputs come before outputs
                 out = env.output
                 is_tuple = isinstance(out, tuple)
                 x = out[0] if is_tuple else out
-                edit = edits.get(site.name)
-                new = edit(x) if edit is not None else None
-                if new is not None and (not isinstance(new, torch.Tensor) or new.shape != x.shape):
-                    got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                new = None
+                if norm_input is not None:
+                    new = x = frozen.norm(module, self.hf.get_submodule(module), norm_input, x)
+                edit = edits.get(site.name) if site is not None else None
+                edited = edit(x) if edit is not None else None
+                if edited is not None and (not isinstance(edited, torch.Tensor) or edited.shape != x.shape):
+                    got = tuple(edited.shape) if isinstance(edited, torch.Tensor) else type(edited).__name__
                     raise DictCircuitsError(f"the edit at {site.name} returned {got}, not a tensor of the "
                                             f"activation's shape {tuple(x.shape)}: return None or a replacement "
                                             "of the same shape")
-                if new is not None and new is not x:
+                if edited is not None and edited is not x:
+                    new = edited
+                if new is not None:
                     env.output = (new, *out[1:]) if is_tuple else new
             if stop_after is not None:
                 tracer.stop()

@@ -166,7 +166,8 @@ def _tooltip(node_id: str, a: dict, tokens: Sequence[str], details: dict | None,
     where = "all positions" if pos is None else f"position {pos}"
     if pos is not None and 0 <= pos < len(tokens):
         where += f" <code>{_esc(_shown(tokens[pos]))}</code>"
-    kind = {"feature": f"feature {a.get('feature')}", "error": "error term ε", "logit": "metric"}[a["kind"]]
+    kind = {"feature": f"feature {a.get('feature')}", "error": "error term ε", "logit": "metric",
+            "embed": "token embedding"}[a["kind"]]
     parts = [f"<div class='tt-h'>{_esc(a['site'])} · {_esc(kind)}</div>", f"<div>{where}</div>",
              f"<div>effect <b>{a['effect']:+.4g}</b> · {'‖err‖' if a['kind'] == 'error' else 'activation'} "
              f"{a.get('activation', 0.0):.4g}</div>"]
@@ -199,6 +200,8 @@ def auto_label(a: dict, details: dict | None) -> str:
         return "metric"
     if a["kind"] == "error":
         return f"{a['site']} ε"
+    if a["kind"] == "embed":
+        return a.get("label") or "token"
     words = [t for t, _ in (details or {}).get("top_logits", [])[:2]]
     if not words:
         words = [ex["tokens"][ex["acts"].index(max(ex["acts"]))] for ex in (details or {}).get("examples", [])[:2]
@@ -267,7 +270,7 @@ def vis_data(cg: CircuitGraph, base: Path | None = None) -> dict:
         rel = min(1.0, abs(a["effect"]) / max_eff)
         label = auto_label(a, cg.features.get(n))
         nodes.append({"id": n, "x": xy[n][0], "y": xy[n][1], "shape": {"feature": "dot", "error": "triangle",
-                                                                         "logit": "diamond"}[a["kind"]],
+                                                                         "logit": "diamond", "embed": "star"}[a["kind"]],
                       "size": 7 + 15 * math.sqrt(rel), "color": _node_color(a["kind"], a["effect"] >= 0, rel),
                       "auto": label, "site": a["site"], "layer": a["layer"], "kind": a["kind"], "effect": a["effect"],
                       "search": f"{n} {a['site']} {a['kind']} {a.get('feature')} {label}".lower(),
@@ -387,7 +390,7 @@ div.vis-tooltip{max-width:420px;white-space:normal;font-size:12px}
  </span>
  <span id="legend"><span><i class="sw" style="background:rgb(33,102,172);border-radius:6px"></i>supports clean answer (+)</span>
  <span><i class="sw" style="background:rgb(178,24,43);border-radius:6px"></i>opposes (−)</span>
- <span>● feature</span><span>▲ error term</span><span>◆ metric</span><span>■ group</span>
+ <span>● feature</span><span>▲ error term</span><span>★ token</span><span>◆ metric</span><span>■ group</span>
  <span>edge width ∝ |weight|, colour = sign</span></span>
 </div>
 <div id="main"><div id="net"></div><div id="side"><i>Hover or click a node for details; click to label or pin it.

@@ -25,8 +25,10 @@ from .atomic import writable_target
 from .attribute import METHODS, node_effects
 from .circuit import (RANKINGS, CircuitGraph, Patcher, build_graph, choose_nodes, compute_edges, format_metric,
                       metric_parents, node_activations, rank_nodes, shown_curve)
+from .circuit.nodes import Node
 from .circuit.prompt import (MEAN_TOKENS, baseline_effects, check_prompt_args, mean_baseline, prompt_target,
                              zero_baseline)
+from .circuit.replacement_circuit import replacement_circuit
 from .dictionary import Dictionary
 from .errors import DictCircuitsError, check_int, check_real
 from .formats import _dictionary_folders, load_dictionaries, load_dictionary, sweep_runs
@@ -39,6 +41,7 @@ from .tasks import GENERATORS, MAX_GENERATED, Task, check_task_spec, load_task
 from .terminal import printable
 
 PHASES = ("load", "effects", "verify", "edges", "details")
+GRAPHS = ("residual", "replacement")  # dictionaries at residual-stream sites, or transcoders replacing every MLP
 ABLATIONS = ("corrupt", "mean", "zero")
 EXACT_CANDIDATES = 3  # --method exact measures this many times the node cap of attribution-patching candidates
 EFFECTS_ROWS = 320  # prompts x IG steps per trace for node effects: bigger traces turn memory-bound on CPU
@@ -163,7 +166,7 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
           contexts: list[str] | None = None, edge_mode: str = "vmap", device: str = "cpu", strict: bool = False,
           prompt: str | None = None, answer: str | None = None, wrong: str | None = None, dataset: str | None = None,
           mean_tokens: int = MEAN_TOKENS, dashboard: str | Path | None = None, run: str | None = None,
-          progress: bool = True) -> CircuitGraph:
+          graph: str = "residual", progress: bool = True) -> CircuitGraph:
     """Trace the circuit of `task` (a built-in name, a task file or a Task) in `model` with `dictionaries`, on
     n prompts of one token length and template (the commonest; built-in tasks generate extra prompts to find them).
 
@@ -180,7 +183,27 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
     None: the model's top token) or, with wrong, logit(answer) - logit(wrong); nodes are ablated to each dictionary's
     mean over mean_tokens positions of `dataset` (default: harvest's default corpus) or to zero (ablation "mean",
     the default, or "zero"); n, seed and strict do not apply. ablation (tasks): corrupt (default), mean (over the
-    corrupt prompts) or zero."""
+    corrupt prompts) or zero.
+
+    graph="replacement": the replacement model's attribution graphs (docs/replacement.md) from the transcoders of
+    the dictionary set (mlp_in.* folders, one writing every MLP) instead of effects at residual sites: each prompt's
+    features, error terms and token embeddings with exact direct edges under frozen attention, ranked by influence,
+    auto-sized to `faithfulness` by real patching (per prompt, at most max_nodes); sites, method, steps, nodes,
+    per_prompt, node_threshold, keep_influence, rank, refine and run do not apply."""
+    if graph not in GRAPHS:
+        raise DictCircuitsError(f"graph {graph!r}: choose {' or '.join(GRAPHS)}")
+    if graph == "replacement":
+        given = [name for name, value, default in (("sites", sites, None), ("nodes", nodes, None),
+                                                   ("per_prompt", per_prompt, None), ("refine", refine, None),
+                                                   ("node_threshold", node_threshold, None), ("run", run, None),
+                                                   ("keep_influence", keep_influence, None), ("method", method, "ig"))
+                 if value != default]
+        if given:
+            raise DictCircuitsError(f"{given[0]} does not apply to graph='replacement' (its nodes are every transcoder "
+                                    "feature, error term and token, sized by faithfulness); drop it")
+        if faithfulness is None:
+            raise DictCircuitsError("graph='replacement' sizes the circuit by faithfulness; give a target such as 0.8")
+    graph_kind = graph
     if (task is None) == (prompt is None):
         raise DictCircuitsError("give a task or a prompt (not both): trace(task='ioi') or trace(prompt='The capital "
                                 "of France is')" if task is None else "give a task or a prompt, not both")
@@ -237,7 +260,13 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
             if root is None:
                 root = default_dictionaries(model.name)
                 folders = run_folders(root, run)
-            if folders is None:
+            if folders is None and graph == "replacement":
+                chosen = [s for s in _dictionary_folders(root) if s.startswith("mlp_in.") and s in model.sites]
+                if not chosen:
+                    raise DictCircuitsError(f"{root} holds no transcoders (mlp_in.L folders): train them with "
+                                            "`dictcircuits train --arch transcoder` or convert a transcoder set")
+                dictionaries = load_dictionaries(root, model=model, sites=chosen)
+            elif folders is None:
                 chosen = pick_sites(model, sites, [s for s in _dictionary_folders(root) if s in model.sites], str(root))
                 dictionaries = load_dictionaries(root, model=model, sites=chosen)
             else:
@@ -263,59 +292,78 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
             name, texts = task.name, list(dict.fromkeys(task.clean + task.corrupt))
         lap("load")
 
-        cap = nodes or max_nodes
-        if prompt is not None:
-            effects = baseline_effects(model, dictionaries, batch, baseline, method=method, steps=steps)
-        elif method == "exact":  # one rerun per node: measure the strongest attribution-patching candidates only
-            pre = rank_nodes(node_effects(model, dictionaries, batch, method="attrib"), dictionaries, by="abs-mean")
-            todo: dict[str, list[tuple[int, int | None]]] = {}
-            for node in pre.top(EXACT_CANDIDATES * cap):
-                todo.setdefault(node.site, []).append((node.position, node.feature))
-            effects = node_effects(model, dictionaries, batch, method="exact", nodes=todo, max_nodes=EXACT_CANDIDATES * cap)
+        if graph == "replacement":
+            patcher = Patcher(model, dictionaries, batch, ablation=ablation, baseline=baseline)
+            found = replacement_circuit(model, batch, dictionaries, patcher, faithfulness=faithfulness,
+                                        max_nodes=max_nodes, edge_influence=keep_edge_influence, progress=progress,
+                                        lap=lap)
+            verification, graph = found.verification, found.graph
+            kept = [Node(a["site"], a["position"], a["feature"]) for _, a in graph.nodes(data=True)
+                    if a["kind"] == "feature"]
+            features = feature_details(model, dictionaries, kept, contexts or texts, progress=progress,
+                                       dashboard=dashboard)
+            lap("details")
+            rank = "influence"
+            scores = {"replacement_score": found.replacement_score, "completeness_score": found.completeness_score,
+                      "scores_per_prompt": [[s.replacement, s.completeness] for s in found.scores]}
         else:
-            per_trace = max(1, EFFECTS_ROWS // (steps if method == "ig" else 1))
-            effects = node_effects(model, dictionaries, batch, method=method, steps=steps, batch_size=per_trace)
-        lap("effects")
+            cap = nodes or max_nodes
+            if prompt is not None:
+                effects = baseline_effects(model, dictionaries, batch, baseline, method=method, steps=steps)
+            elif method == "exact":  # one rerun per node: measure the strongest attribution-patching candidates only
+                pre = rank_nodes(node_effects(model, dictionaries, batch, method="attrib"), dictionaries, by="abs-mean")
+                todo: dict[str, list[tuple[int, int | None]]] = {}
+                for node in pre.top(EXACT_CANDIDATES * cap):
+                    todo.setdefault(node.site, []).append((node.position, node.feature))
+                effects = node_effects(model, dictionaries, batch, method="exact", nodes=todo, max_nodes=EXACT_CANDIDATES * cap)
+            else:
+                per_trace = max(1, EFFECTS_ROWS // (steps if method == "ig" else 1))
+                effects = node_effects(model, dictionaries, batch, method=method, steps=steps, batch_size=per_trace)
+            lap("effects")
 
-        patcher = Patcher(model, dictionaries, batch, ablation=ablation, baseline=baseline)
-        chosen = choose_nodes(patcher, effects, dictionaries, positions=positions, faithfulness=faithfulness, nodes=nodes,
-                              per_prompt=per_prompt, node_threshold=node_threshold, keep_influence=keep_influence,
-                              max_nodes=max_nodes, rank=rank, refine=refine, progress=progress)
-        chosen_nodes, verification = chosen.nodes, chosen.verification
-        if not chosen_nodes:
-            why = (f"no node scores node_threshold={node_threshold:g} or more" if node_threshold is not None else
-                   f"refine={refine:g} removed every node" if refine is not None else "no node has any effect")
-            raise DictCircuitsError(f"the circuit is empty: {why}; lower node_threshold or refine, or size the "
-                                    "circuit with faithfulness or nodes")
-        lap("verify")
+            patcher = Patcher(model, dictionaries, batch, ablation=ablation, baseline=baseline)
+            chosen = choose_nodes(patcher, effects, dictionaries, positions=positions, faithfulness=faithfulness, nodes=nodes,
+                                  per_prompt=per_prompt, node_threshold=node_threshold, keep_influence=keep_influence,
+                                  max_nodes=max_nodes, rank=rank, refine=refine, progress=progress)
+            chosen_nodes, verification, rank = chosen.nodes, chosen.verification, chosen.rank
+            if not chosen_nodes:
+                why = (f"no node scores node_threshold={node_threshold:g} or more" if node_threshold is not None else
+                       f"refine={refine:g} removed every node" if refine is not None else "no node has any effect")
+                raise DictCircuitsError(f"the circuit is empty: {why}; lower node_threshold or refine, or size the "
+                                        "circuit with faithfulness or nodes")
+            lap("verify")
 
-        edges = compute_edges(model, dictionaries, batch, effects, chosen_nodes, mode=edge_mode, progress=progress)
-        parents = metric_parents(model, dictionaries, batch)
-        graph = build_graph(model, chosen_nodes, effects, edges, parents,
-                            node_activations(model, dictionaries, batch.clean, chosen_nodes), positions,
-                            edge_threshold=edge_threshold, keep_edge_influence=keep_edge_influence, shares=chosen.shares)
-        lap("edges")
+            edges = compute_edges(model, dictionaries, batch, effects, chosen_nodes, mode=edge_mode, progress=progress)
+            parents = metric_parents(model, dictionaries, batch)
+            graph = build_graph(model, chosen_nodes, effects, edges, parents,
+                                node_activations(model, dictionaries, batch.clean, chosen_nodes), positions,
+                                edge_threshold=edge_threshold, keep_edge_influence=keep_edge_influence, shares=chosen.shares)
+            lap("edges")
 
-        features = feature_details(model, dictionaries, chosen_nodes, contexts or texts, progress=progress,
-                                   dashboard=dashboard)
-        lap("details")
+            features = feature_details(model, dictionaries, chosen_nodes, contexts or texts, progress=progress,
+                                       dashboard=dashboard)
+            lap("details")
     finally:
         phases.close()
     tokens = [model.tokenizer.decode([int(i)]) for i in batch.clean.input_ids[0]]
-    settings = {"sites": list(dictionaries), "sites_arg": sites, "run": run, "positions": positions, "rank": chosen.rank,
+    settings = {"graph": graph_kind, "sites": list(dictionaries), "sites_arg": sites, "run": run, "positions": positions,
+                "rank": rank,
                 "faithfulness_target": faithfulness, "nodes": nodes, "per_prompt": per_prompt,
                 "node_threshold": node_threshold, "keep_influence": keep_influence, "max_nodes": max_nodes,
                 "edge_threshold": edge_threshold, "keep_edge_influence": keep_edge_influence, "ablation": ablation,
                 "refine": refine, "steps": steps, "metric": batch.metric_name, "prompt": texts[0],
                 "mode": "task" if prompt is None else "prompt", "answer_prob": patcher.answer_prob,
                 "answer_id": int(batch.answer_ids[0]), "answer": model.tokenizer.decode([int(batch.answer_ids[0])])}
+    if graph_kind == "replacement":
+        settings.update(scores)
     if target is not None:
         settings.update(metric=target.metric, answer=target.answer, answer_id=target.answer_id, wrong=target.wrong,
                         wrong_id=target.wrong_id, top_token=target.top, ablation_dataset=baseline.dataset,
                         ablation_tokens=baseline.tokens)
     used = {} if prompt is not None else {"prompts": task.records(),
                                           "task_file": None if task.source is None else task.source.to_dict()}
-    return CircuitGraph(graph, name, model.name, len(batch), method, tokens, verification, timings, settings,
+    return CircuitGraph(graph, name, model.name, len(batch), "replacement" if graph_kind == "replacement" else method,
+                        tokens, verification, timings, settings,
                         features, **used)
 
 
@@ -331,11 +379,19 @@ def summary(cg: CircuitGraph) -> str:
     else:
         lines = [f"dictcircuits trace: {printable(cg.task)} on {cg.model} ({cg.n_prompts} prompts, {cg.method}, "
                  f"{len(sites)} sites, metric {st.get('metric', '?')})"]
-    which = (f"those of {st['sites_arg']!r} with dictionaries" if st.get("sites_arg") else
-             "the default: at most two resid sites with dictionaries, since every traced site compounds; --sites to choose")
-    lines.append(f"  sites {', '.join(sites)} ({which})")
-    lines.append(f"  nodes {len(kinds) - kinds.count('logit')} ({kinds.count('feature')} features, "
-                 f"{kinds.count('error')} error terms), edges {g.number_of_edges()}")
+    if st.get("graph") == "replacement":
+        lines.append(f"  replacement model: transcoders at {', '.join(sites)}, attention and norms frozen for the "
+                     "edges, token embeddings and error terms as nodes")
+        lines.append(f"  replacement score {st['replacement_score']:.3f}, completeness score "
+                     f"{st['completeness_score']:.3f} (circuit-tracer's, of each prompt's full graph, mean over prompts)")
+    else:
+        which = (f"those of {st['sites_arg']!r} with dictionaries" if st.get("sites_arg") else
+                 "the default: at most two resid sites with dictionaries, since every traced site compounds; --sites "
+                 "to choose")
+        lines.append(f"  sites {', '.join(sites)} ({which})")
+    tokens = f", {kinds.count('embed')} tokens" if "embed" in kinds else ""
+    lines.append(f"  nodes {len(kinds) - kinds.count('logit') - kinds.count('embed')} ({kinds.count('feature')} "
+                 f"features, {kinds.count('error')} error terms{tokens}), edges {g.number_of_edges()}")
     if ver is not None:
         per = " per prompt" if ver.per_prompt else ""
         ranked = {"mean-abs": "mean |effect| over prompts", "abs-mean": "|mean effect|",
@@ -459,6 +515,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablation", choices=ABLATIONS, default=None,
                         help="value of nodes outside the circuit: tasks: corrupt (default), mean (over the corrupt "
                              "prompts) or zero; --prompt: mean (over a corpus sample, default) or zero")
+    parser.add_argument("--graph", choices=GRAPHS, default="residual",
+                        help="residual: dictionaries at residual-stream sites (default); replacement: the replacement "
+                             "model's attribution graph from the set's transcoders (mlp_in.L), token embeddings and "
+                             "error terms as nodes, checked by real patching (docs/replacement.md)")
     parser.add_argument("--refine", type=float, default=None, metavar="TAU",
                         help="ACDC-style: drop each node whose removal costs less than TAU faithfulness")
     parser.add_argument("--dashboard", default=None, metavar="DIR",
@@ -562,7 +622,7 @@ def run(args: argparse.Namespace) -> int:
                                                  dataset=args.dataset, mean_tokens=args.mean_tokens)
     cg = trace(args.task, args.model, args.dictionaries, **settings, sites=args.sites,
                positions=args.aggregate == "none", contexts=contexts, device=args.device, strict=args.strict,
-               dashboard=check_dashboard(args.dashboard), run=args.run, **single)
+               dashboard=check_dashboard(args.dashboard), run=args.run, graph=args.graph, **single)
     cg.settings["source"] = source
     t = time.perf_counter()
     check_outputs(out, stem, source)  # again: another run may have written there meanwhile

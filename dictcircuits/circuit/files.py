@@ -11,7 +11,8 @@ Band 0 is left empty, so ids cannot collide:
   the frontend draws as an error node, whatever the site);
 - the metric node: one logit node, layer = the last band + 1, node_id "{layer}_{token}_{p}" with the answer token
   (the first prompt's, for a task), clerp 'Output "<answer>" (p=<the model's mean probability of it>)',
-  is_target_logit true. There are no embedding ("E_...") nodes: input tokens are not nodes in our graphs.
+  is_target_logit true. Replacement-model graphs (trace --graph replacement) add token embeddings: node_id
+  "E_{p}_{p}", layer "E", feature_type "embedding".
 Summed nodes (trace --aggregate sum) sit at the last position. influence is circuit-tracer's cumulative score:
 the share of the total |effect| held by the nodes whose |effect| is at least this node's (smaller = stronger).
 Links carry our edge weights (direct effects; into the logit node, node effects)."""
@@ -141,6 +142,10 @@ class CircuitGraph:
                 node.update(node_id=f"0_{layer}_{pos}", feature=-1, layer=str(layer),
                             feature_type="mlp reconstruction error", jsNodeId=f"{layer}_{pos}-0",
                             clerp=f"Err: {a['site']}", activation=None)
+            elif a["kind"] == "embed":
+                token = self.tokens[pos] if pos < len(self.tokens) else ""
+                node.update(node_id=f"E_{pos}_{pos}", feature=pos, layer="E", feature_type="embedding",
+                            jsNodeId=f"E_{pos}-0", clerp=f'Emb: "{token}"', activation=None)
             else:
                 token = int(st.get("answer_id") or 0)
                 shown = st.get("answer") or st.get("metric") or "metric"
