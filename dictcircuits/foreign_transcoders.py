@@ -399,7 +399,8 @@ def _saelens_hooks(cfg: dict) -> tuple[str | None, str | None, str | None, str |
     return get("hook_name"), get("hook_name_out"), "hook_name", "hook_name_out"
 
 
-def saelens_read_site(cfg: dict, where) -> str:
+def saelens_layer(cfg: dict, where) -> int:
+    """L for a SAELens transcoder that reads mlp_in.L and writes mlp.L (from its config's hooks)."""
     hook_in, hook_out, f_in, f_out = _saelens_hooks(cfg)
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     model = meta.get("model_name", cfg.get("model_name"))
@@ -407,7 +408,7 @@ def saelens_read_site(cfg: dict, where) -> str:
     if hook_out is None:
         raise DictCircuitsError(f"{where}: {f_out} is missing, so what the transcoder writes is unknown; add it "
                                 "(e.g. blocks.L.hook_mlp_out)")
-    return read_site(_same_layer(read, hook_layer(hook_out, "writes", where, f_out, model), where))
+    return _same_layer(read, hook_layer(hook_out, "writes", where, f_out, model), where)
 
 
 def load_saelens_transcoder(path: str | Path) -> Transcoder:
@@ -417,7 +418,7 @@ def load_saelens_transcoder(path: str | Path) -> Transcoder:
     cfg_path, where = path / "cfg.json", path / "sae_weights.safetensors"
     cfg = read_json_object(cfg_path)
     activation, skip = SAELENS_TRANSCODERS[cfg["architecture"]]
-    site = saelens_read_site(cfg, cfg_path)
+    layer = saelens_layer(cfg, cfg_path)
     if cfg.get("apply_b_dec_to_input") is True:
         raise DictCircuitsError(f"{cfg_path}: apply_b_dec_to_input is true, which SAELens refuses for transcoders; "
                                 "set it to false")
@@ -435,7 +436,7 @@ def load_saelens_transcoder(path: str | Path) -> Transcoder:
     if skip:
         t["W_skip"], labels["W_skip"] = _t(t["W_skip"]), "W_skip, transposed"
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
-    dic = build(activation, t, int(site.split(".")[1]), where, labels, "saelens", path,
+    dic = build(activation, t, layer, where, labels, "saelens", path,
                 meta.get("model_name", cfg.get("model_name")))
     for field, actual in (("d_in", dic.d), ("d_sae", dic.F), ("d_out", dic.d_out)):
         if cfg.get(field) is not None and cfg.get(field) != actual:
@@ -445,14 +446,15 @@ def load_saelens_transcoder(path: str | Path) -> Transcoder:
 
 
 # --- sparsify ---------------------------------------------------------------------------------------------
-def sparsify_read_site(path: Path) -> str:
-    """mlp_in.L for a sparsify transcoder trained on module layers.L.mlp (its folder is named after the module)."""
+def sparsify_layer(path: Path) -> int:
+    """L for a sparsify transcoder trained on module layers.L.mlp (its folder is named after the module): it reads
+    the module's input (mlp_in.L) and predicts its output (mlp.L)."""
     m = _SPARSIFY_MLP.match(path.name)
     if not m:
         raise DictCircuitsError(f"{path}: sparsify transcoder hookpoint {path.name!r} is not an MLP module "
                                 "(layers.L.mlp); dictcircuits loads transcoders from the MLP's input to its output: "
                                 "keep the folder named after its hookpoint")
-    return read_site(int(m.group(1)))
+    return int(m.group(1))
 
 
 def load_sparsify_transcoder(path: str | Path) -> Transcoder:
@@ -468,7 +470,7 @@ def load_sparsify_transcoder(path: str | Path) -> Transcoder:
     skip = cfg.get("skip_connection", False)
     if not isinstance(skip, bool):
         raise DictCircuitsError(f"{cfg_path}: skip_connection={skip!r} must be true or false")
-    site = sparsify_read_site(path)
+    layer = sparsify_layer(path)
     required = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "W_dec", "b_dec": "b_dec"}
     if skip:
         required["W_skip"] = "W_skip"
@@ -477,7 +479,7 @@ def load_sparsify_transcoder(path: str | Path) -> Transcoder:
     if skip:
         t["W_skip"] = _t(t["W_skip"])
     labels = {"W_enc": "encoder.weight, transposed", "b_enc": "encoder.bias", "W_skip": "W_skip, transposed"}
-    dic = build("topk", t, int(site.split(".")[1]), where, labels, "sparsify", path, None,
+    dic = build("topk", t, layer, where, labels, "sparsify", path, None,
                 k=_whole(cfg.get("k", 32), "k", cfg_path))
     for field, actual in (("d_in", dic.d), ("num_latents", dic.F)):
         if cfg.get(field) and cfg.get(field) != actual:
@@ -495,7 +497,7 @@ def read_site_of(path: Path) -> str | None:
     cfg_path = path / "cfg.json"
     if (path / "sae_weights.safetensors").is_file() and cfg_path.is_file():
         cfg = read_json_object(cfg_path)
-        return saelens_read_site(cfg, cfg_path) if is_saelens_transcoder(cfg) else None
+        return read_site(saelens_layer(cfg, cfg_path)) if is_saelens_transcoder(cfg) else None
     if (path / "sae.safetensors").is_file() and cfg_path.is_file() and read_json_object(cfg_path).get("transcode"):
-        return sparsify_read_site(path)
+        return read_site(sparsify_layer(path))
     return None

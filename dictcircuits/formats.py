@@ -19,8 +19,8 @@ from .dictionary import (CFG_NAME, FLOAT_DTYPES, SET_MARKER, WEIGHTS_NAME, Dicti
                          check_site_name, clean_stale_temporaries, create_checked, foreign_entry,
                          is_dictcircuits_folder, load_checked, load_dictionary_folder, read_json_object,
                          save_dictionary, temp_target, write_folder)
-from .errors import DictCircuitsError, DictCircuitsWarning
 from . import foreign_transcoders as ftc
+from .errors import DictCircuitsError, DictCircuitsWarning
 
 
 def _first_line(exc: BaseException) -> str:
@@ -388,14 +388,14 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def _whole_set(path: Path) -> Dictionary:
+def _refuse_set(path: Path) -> Dictionary:
     raise DictCircuitsError(f"{path} is a circuit-tracer transcoder set (one transcoder per layer): load it with "
                             "load_dictionaries, or convert the folder")
 
 
 LOADERS = {"dictcircuits": load_dictionary_folder, "saelens": load_saelens, "sparsify": load_sparsify,
            "dictionary_learning": load_dictionary_learning, "gemma_scope_2": ftc.load_gemma_scope_2,
-           "circuit_tracer": _whole_set}
+           "circuit_tracer": _refuse_set}
 SET_FORMATS = {"circuit_tracer"}  # one folder, several dictionaries
 
 
@@ -434,13 +434,14 @@ def _why_skipped(sub: Path) -> str | None:
 def _site_of(path: Path, sub: Path) -> str | None:
     """The validated site of the dictionary at `path` (found under the top folder `sub`): from its own config
     where it records one, else from the folder's name."""
-    site = ftc.read_site_of(path) or _site_from_name(sub.name)
+    transcoder_site = ftc.read_site_of(path)  # a foreign transcoder's read site, from its config
+    site = transcoder_site or _site_from_name(sub.name)
     if path.is_dir() and (path / WEIGHTS_NAME).is_file():
         cfg_path = path / CFG_NAME
         recorded = read_json_object(cfg_path).get("site")
         if recorded is not None:
             site = check_site_name(recorded, cfg_path)
-    elif path.is_dir() and (path / "sae_weights.safetensors").is_file() and not ftc.read_site_of(path):
+    elif path.is_dir() and (path / "sae_weights.safetensors").is_file() and transcoder_site is None:
         site = _site_from_hook(_saelens_hook(read_json_object(path / "cfg.json"))[0]) or site
     return site
 
@@ -489,9 +490,10 @@ def _scan(root: Path) -> tuple[dict[str, Path], list[tuple[Path, str]]]:
 
 
 def load_dictionaries(root: str | Path, model=None, sites=None, device=None) -> dict[str, Dictionary]:
-    """Every dictionary under root keyed by site name; with a model, widths and site names are checked. Folders
-    that look meant to hold a dictionary but do not are named in a DictCircuitsWarning; a set written by
-    `convert` (with its dictcircuits.json) must be complete."""
+    """Every dictionary under root keyed by site name (a transcoder by the site it reads); with a model, widths
+    and site names are checked. Folders that look meant to hold a dictionary but do not are named in a
+    DictCircuitsWarning; a set written by `convert` (with its dictcircuits.json) must be complete. A circuit-tracer
+    transcoder set (root/config.yaml) gives its transcoders, or its CLT's pieces, keyed mlp_in.L."""
     root = Path(root)
     if not root.is_dir():
         raise DictCircuitsError(f"dictionary folder {root} does not exist: train some with `dictcircuits train` "
