@@ -221,14 +221,17 @@ def load_circuit_tracer_set(folder: str | Path) -> dict[str, Transcoder]:
     folder = Path(folder)
     where = folder / CT_CONFIG
     cfg = _read_yaml(where)
-    model = cfg.get("model_name")
+    model, kind = cfg.get("model_name"), cfg.get("model_kind")
+    if kind not in ("transcoder_set", "cross_layer_transcoder"):
+        raise DictCircuitsError(f"{where}: model_kind={kind!r} must be transcoder_set or cross_layer_transcoder (is "
+                                "this a circuit-tracer transcoder set?)")
     hook_layer(cfg.get("feature_input_hook"), "reads", where, "feature_input_hook", model)
     hook_layer(cfg.get("feature_output_hook"), "writes", where, "feature_output_hook", model)
-    kind, listed = cfg.get("model_kind"), _listed(folder, cfg, where)
+    listed = _listed(folder, cfg, where)
     if kind == "transcoder_set":
         paths = listed or _numbered(folder, _CT_LAYER, "layer_L.safetensors")
         dicts = [_ct_plt(p, L, cfg, where, model) for L, p in enumerate(paths)]
-    elif kind == "cross_layer_transcoder":
+    else:
         if cfg.get("activation") not in (*_JUMP, "relu"):
             raise DictCircuitsError(f"{where}: activation={cfg.get('activation')!r}: circuit-tracer's cross-layer "
                                     "transcoders are relu or jump_relu")
@@ -237,8 +240,6 @@ def load_circuit_tracer_set(folder: str | Path) -> dict[str, Transcoder]:
         else:
             encs = _numbered(folder, _CT_CLT_ENC, "W_enc_L.safetensors")
             dicts = [_ct_clt_piece(folder, L, len(encs), model) for L in range(len(encs))]
-    else:
-        raise DictCircuitsError(f"{where}: model_kind={kind!r} must be transcoder_set or cross_layer_transcoder")
     return {dic.reads: dic for dic in dicts}
 
 
