@@ -19,6 +19,7 @@ from .dictionary import (CFG_NAME, FLOAT_DTYPES, SET_MARKER, WEIGHTS_NAME, Dicti
                          check_site_name, clean_stale_temporaries, create_checked, foreign_entry,
                          is_dictcircuits_folder, load_checked, load_dictionary_folder, read_json_object,
                          save_dictionary, temp_target, write_folder)
+from . import foreign_transcoders as ftc
 from .errors import DictCircuitsError, DictCircuitsWarning
 
 
@@ -239,6 +240,8 @@ def load_saelens(path: str | Path) -> Dictionary:
     path = Path(path)
     cfg_path = path / "cfg.json"
     cfg = read_json_object(cfg_path)
+    if ftc.is_saelens_transcoder(cfg):
+        return ftc.load_saelens_transcoder(path)
     hook, meta = _saelens_hook(cfg)
     if cfg.get("metadata") is not None and not isinstance(cfg.get("metadata"), dict):
         raise DictCircuitsError(f"{cfg_path}: metadata must be an object, not {type(cfg['metadata']).__name__}")
@@ -310,9 +313,11 @@ def load_sparsify(path: str | Path) -> Dictionary:
     path = Path(path)
     cfg_path = path / "cfg.json"
     cfg = read_json_object(cfg_path)
+    if cfg.get("transcode") is True:
+        return ftc.load_sparsify_transcoder(path)
     if cfg.get("transcode") or cfg.get("skip_connection") or cfg.get("activation", "topk") != "topk":
-        raise DictCircuitsError(f"{cfg_path}: sparsify transcoders, skip connections and groupmax are not supported; "
-                                "only TopK sparse autoencoders load")
+        raise DictCircuitsError(f"{cfg_path}: sparsify skip connections without transcode, and groupmax, are not "
+                                "supported; only TopK sparse autoencoders and transcoders load")
     where = path / "sae.safetensors"
     t = _read_safetensors(where)
     if "W_skip" in t:
@@ -366,6 +371,10 @@ def detect_format(path: str | Path) -> str:
         raise DictCircuitsError(f"{path} does not exist: give a dictionary folder (or an ae.pt file){hint}")
     if (path / WEIGHTS_NAME).is_file() and (path / CFG_NAME).is_file():
         return "dictcircuits"
+    if ftc.is_circuit_tracer_set(path):
+        return "circuit_tracer"
+    if ftc.is_gemma_scope_2(path):
+        return "gemma_scope_2"
     if (path / "sae_weights.safetensors").is_file():
         return "saelens"
     if (path / "sae.safetensors").is_file():
@@ -374,25 +383,37 @@ def detect_format(path: str | Path) -> str:
         return "dictionary_learning"
     raise DictCircuitsError(
         f"{path} holds no dictionary: expected cfg.json+weights.safetensors (dictcircuits), "
-        "cfg.json+sae_weights.safetensors (SAELens), cfg.json+sae.safetensors (sparsify) or ae.pt (dictionary_learning)"
+        "cfg.json+sae_weights.safetensors (SAELens), cfg.json+sae.safetensors (sparsify), ae.pt (dictionary_learning), "
+        "config.yaml (a circuit-tracer transcoder set) or config.json+params.safetensors (Gemma Scope 2)"
     )
 
 
+def _refuse_set(path: Path) -> Dictionary:
+    raise DictCircuitsError(f"{path} is a circuit-tracer transcoder set (one transcoder per layer): load it with "
+                            "load_dictionaries, or convert the folder")
+
+
 LOADERS = {"dictcircuits": load_dictionary_folder, "saelens": load_saelens, "sparsify": load_sparsify,
-           "dictionary_learning": load_dictionary_learning}
+           "dictionary_learning": load_dictionary_learning, "gemma_scope_2": ftc.load_gemma_scope_2,
+           "circuit_tracer": _refuse_set}
+SET_FORMATS = {"circuit_tracer"}  # one folder, several dictionaries
 
 
 def load_dictionary(path: str | Path, d: int | None = None, device: str | torch.device = "cpu") -> Dictionary:
     """Load one dictionary in any supported format; with d given, check it reads activations of that width."""
-    fmt = detect_format(path)
-    dic = LOADERS[fmt](path).to(device)
+    return _width_checked(LOADERS[detect_format(path)](path), path, d, device)
+
+
+def _width_checked(dic: Dictionary, path, d: int | None, device) -> Dictionary:
+    dic = dic.to(device)
     if d is not None and dic.d != d:
         raise DictCircuitsError(f"{path} reads activations of width {dic.d} but the site has width {d}: "
                                 "it was trained for another model or site")
     return dic
 
 
-_DICTIONARY_FILES = {CFG_NAME, "config.json", WEIGHTS_NAME, "sae_weights.safetensors", "sae.safetensors", "ae.pt"}
+_DICTIONARY_FILES = {CFG_NAME, "config.json", WEIGHTS_NAME, "sae_weights.safetensors", "sae.safetensors", "ae.pt",
+                     ftc.CT_CONFIG, ftc.GS2_PARAMS}
 
 
 def _why_skipped(sub: Path) -> str | None:
@@ -413,13 +434,14 @@ def _why_skipped(sub: Path) -> str | None:
 def _site_of(path: Path, sub: Path) -> str | None:
     """The validated site of the dictionary at `path` (found under the top folder `sub`): from its own config
     where it records one, else from the folder's name."""
-    site = _site_from_name(sub.name)
+    transcoder_site = ftc.read_site_of(path)  # a foreign transcoder's read site, from its config
+    site = transcoder_site or _site_from_name(sub.name)
     if path.is_dir() and (path / WEIGHTS_NAME).is_file():
         cfg_path = path / CFG_NAME
         recorded = read_json_object(cfg_path).get("site")
         if recorded is not None:
             site = check_site_name(recorded, cfg_path)
-    elif path.is_dir() and (path / "sae_weights.safetensors").is_file():
+    elif path.is_dir() and (path / "sae_weights.safetensors").is_file() and transcoder_site is None:
         site = _site_from_hook(_saelens_hook(read_json_object(path / "cfg.json"))[0]) or site
     return site
 
@@ -468,14 +490,16 @@ def _scan(root: Path) -> tuple[dict[str, Path], list[tuple[Path, str]]]:
 
 
 def load_dictionaries(root: str | Path, model=None, sites=None, device=None) -> dict[str, Dictionary]:
-    """Every dictionary under root keyed by site name; with a model, widths and site names are checked. Folders
-    that look meant to hold a dictionary but do not are named in a DictCircuitsWarning; a set written by
-    `convert` (with its dictcircuits.json) must be complete."""
+    """Every dictionary under root keyed by site name (a transcoder by the site it reads); with a model, widths
+    and site names are checked. Folders that look meant to hold a dictionary but do not are named in a
+    DictCircuitsWarning; a set written by `convert` (with its dictcircuits.json) must be complete. A circuit-tracer
+    transcoder set (root/config.yaml) gives its transcoders, or its CLT's pieces, keyed mlp_in.L."""
     root = Path(root)
     if not root.is_dir():
         raise DictCircuitsError(f"dictionary folder {root} does not exist: train some with `dictcircuits train` "
                                 "or point --dictionaries at a folder of them")
-    folders, skipped = _scan(root)
+    tracer_set = ftc.load_circuit_tracer_set(root) if ftc.is_circuit_tracer_set(root) else None
+    folders, skipped = ({site: root for site in tracer_set}, []) if tracer_set is not None else _scan(root)
     marker = root / SET_MARKER
     if marker.is_file() and sites is None:
         listed = read_json_object(marker).get("sites")
@@ -501,7 +525,9 @@ def load_dictionaries(root: str | Path, model=None, sites=None, device=None) -> 
         if model is not None:
             model.site(site)
             d = model.d_model
-        out[site] = load_dictionary(path, d=d, device=device or (model.device if model is not None else "cpu"))
+        dev = device or (model.device if model is not None else "cpu")
+        out[site] = (_width_checked(tracer_set[site], f"{root} ({site})", d, dev) if tracer_set is not None
+                     else load_dictionary(path, d=d, device=dev))
         out[site].meta["site"] = site
     if model is not None:
         out = dict(sorted(out.items(), key=lambda kv: model.site(kv[0]).order))
@@ -554,8 +580,7 @@ def convert(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None, 
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise DictCircuitsError(f"dtype {dtype} is not a floating-point type; use torch.float32, float16 or bfloat16")
     try:
-        detect_format(src)
-        single = True
+        single = detect_format(src) not in SET_FORMATS
     except DictCircuitsError:
         if not src.is_dir():
             raise
