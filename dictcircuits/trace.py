@@ -28,7 +28,7 @@ from .circuit import (RANKINGS, CircuitGraph, Patcher, build_graph, choose_nodes
 from .circuit.nodes import Node
 from .circuit.prompt import (MEAN_TOKENS, baseline_effects, check_prompt_args, mean_baseline, prompt_target,
                              zero_baseline)
-from .circuit.replacement_circuit import replacement_circuit
+from .circuit.replacement_circuit import MIN_SHARE, replacement_circuit
 from .dictionary import Dictionary
 from .errors import DictCircuitsError, check_int, check_real
 from .formats import _dictionary_folders, load_dictionaries, load_dictionary, sweep_runs
@@ -409,9 +409,14 @@ def summary(cg: CircuitGraph) -> str:
                          f"at the cap of {ver.size} nodes{per} ({_what_to_try(ver.per_prompt, st.get('ablation'))})")
         elif ver.size is not None:
             lines.append(f"  circuit: {ver.size} nodes{per} (ranked by {ranked})")
-        if ver.per_prompt:
+        shown_nodes = len(kinds) - kinds.count("logit") - kinds.count("embed")
+        if ver.per_prompt and st.get("graph") == "replacement":
+            lines.append(f"  per-prompt circuit: each prompt keeps its own {ver.size} nodes; the graph shows the "
+                         f"{shown_nodes} kept by at least {st.get('min_share', MIN_SHARE):.0%} of the prompts, each "
+                         "with its share")
+        elif ver.per_prompt:
             lines.append(f"  per-prompt circuit: each prompt keeps its own {ver.size} nodes; the graph is their union "
-                         f"({len(kinds) - kinds.count('logit')} nodes, each with its share of prompts)")
+                         f"({shown_nodes} nodes, each with its share of prompts)")
         ablated = ver.ablation
         if st.get("ablation_dataset"):
             ablated = f"to the mean of {st.get('ablation_tokens')} tokens of {Path(st['ablation_dataset']).name}"

@@ -25,6 +25,9 @@ from .nodes import LOGIT
 from .verify import Patcher, Verification, search_size, verify_masks
 
 
+MIN_SHARE = 0.25  # the page shows the nodes kept by at least this share of the prompts
+
+
 @dataclass
 class ReplacementCircuit:
     """The per-prompt graphs, their scores, the verified circuit (size = nodes per prompt) and the graph to show."""
@@ -52,10 +55,12 @@ def _ranked(graph: AttributionGraph) -> list[int]:
 
 def replacement_circuit(model: Model, batch: TaskBatch, transcoders: Mapping[str, Dictionary], patcher: Patcher,
                         faithfulness: float = 0.8, max_nodes: int = 1000, edge_influence: float = 0.98,
-                        progress: bool = True, lap: Callable[[str], None] = lambda phase: None) -> ReplacementCircuit:
+                        min_share: float = MIN_SHARE, progress: bool = True,
+                        lap: Callable[[str], None] = lambda phase: None) -> ReplacementCircuit:
     """Attribute every prompt of `batch`, then find the fewest nodes per prompt whose circuit reaches
-    `faithfulness` by real patching (up to max_nodes). lap(phase) is called as the effects (attribution), verify
-    and edges phases end."""
+    `faithfulness` by real patching (up to max_nodes). The graph shown keeps the nodes that at least `min_share`
+    of the prompts keep (see shown_graph). lap(phase) is called as the effects (attribution), verify and edges
+    phases end."""
     check_replacement(model, transcoders)
     graphs, rankings = [], []
     for row in tqdm(range(len(batch)), desc="attribution graphs", unit="prompt", disable=not progress or len(batch) < 2):
@@ -95,16 +100,18 @@ def replacement_circuit(model: Model, batch: TaskBatch, transcoders: Mapping[str
     verification = verify_masks(patcher, masks_of(found.size), found, per_prompt=True, target=faithfulness)
     lap("verify")
     scores = [g.scores() for g in graphs]
-    shown = shown_graph(model, graphs, [r[:found.size] for r in rankings], edge_influence)
+    shown = shown_graph(model, graphs, [r[:found.size] for r in rankings], edge_influence, min_share)
     lap("edges")
     return ReplacementCircuit(graphs, scores, verification, shown)
 
 
 def shown_graph(model: Model, graphs: list[AttributionGraph], kept: list[list[int]],
-                edge_influence: float = 0.98) -> nx.DiGraph:
-    """The DiGraph of the nodes the prompts keep (with the embeddings and the target feeding them): node attributes
-    as CircuitGraph's (kind, site, layer, order, position, feature, effect = mean influence, activation = mean value,
-    label, share), edges the mean direct effect over the prompts, the fewest carrying `edge_influence` of it."""
+                edge_influence: float = 0.98, min_share: float = MIN_SHARE) -> nx.DiGraph:
+    """The DiGraph of the nodes that at least `min_share` of the prompts keep (with the embeddings and the target
+    feeding them; with one prompt, all it keeps): node attributes as CircuitGraph's (kind, site, layer, order,
+    position, feature, effect = mean influence, activation = mean value, label, share), edges the mean direct
+    effect over the prompts, the fewest carrying `edge_influence` of it. The union of every prompt's circuit is no
+    graph a person reads (64 IOI prompts on dc-mini: 390 nodes, 9659 edges); what most prompts share is."""
     g = nx.DiGraph()
     n_prompts = len(graphs)
     totals: dict[str, dict] = {}
@@ -129,6 +136,9 @@ def shown_graph(model: Model, graphs: list[AttributionGraph], kept: list[list[in
                 w = float(adjacency[t, s])
                 if w != 0:
                     links[(ids[s], ids[t])] = links.get((ids[s], ids[t]), 0.0) + w / n_prompts
+    shown = {key for key, attrs in totals.items()
+             if attrs["kind"] in ("embed", "logit") or attrs["share"] >= min_share - 1e-9}
+    links = {(u, v): w for (u, v), w in links.items() if u in shown and v in shown}
     weights = sorted((abs(w) for w in links.values()), reverse=True)
     cut, acc, total = 0.0, 0.0, sum(weights)
     for w in weights:
@@ -136,8 +146,8 @@ def shown_graph(model: Model, graphs: list[AttributionGraph], kept: list[list[in
         cut = w
         if acc >= edge_influence * total - 1e-12:
             break
-    for key, attrs in totals.items():
-        g.add_node(key, **attrs)
+    for key in shown:
+        g.add_node(key, **totals[key])
     for (u, v), w in links.items():
         if abs(w) >= cut:
             g.add_edge(u, v, weight=w)
