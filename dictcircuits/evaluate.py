@@ -574,8 +574,8 @@ def check_args(args) -> int:
     if args.dictionaries is not None and not Path(args.dictionaries).is_dir():
         raise DictCircuitsError(f"--dictionaries {args.dictionaries} is not a folder: point it at a folder of "
                                 "per-site dictionaries (e.g. the --out of dictcircuits train)")
-    if args.dictionaries is not None and not _dictionary_folders(Path(args.dictionaries)) \
-            and sweep_runs(Path(args.dictionaries)) is None:
+    if args.dictionaries is not None and sweep_runs(Path(args.dictionaries)) is None \
+            and not _dictionary_folders(Path(args.dictionaries)):  # a sweep first: _dictionary_folders refuses one
         raise DictCircuitsError(f"--dictionaries {args.dictionaries} holds no dictionaries in a known format: point "
                                 "it at a folder of per-site dictionaries (e.g. the --out of dictcircuits train)")
     if args.run is not None and not str(args.run).strip():
