@@ -1,0 +1,80 @@
+"""Side by side: residual-stream dictionaries vs per-layer, skip and cross-layer transcoders (the replacement model),
+same model, task, prompts and ablation; per-prompt circuits auto-sized to a faithfulness by real patching.
+
+Each row runs `dictcircuits trace` once and reads its JSON: nodes per prompt reaching the target, the
+faithfulness reached, circuit-tracer's replacement and completeness scores (replacement graphs only) and the time.
+
+    python benchmarks/replacement_compare.py --model dc-mini --task ioi \
+        --residual dictionaries/dc-mini --transcoder runs/tc/transcoder --skip-transcoder runs/tc/skip-transcoder \
+        --clt runs/tc/clt --out runs/compare
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def trace(model: str, task: str, prompt: str | None, dictionaries: str, graph: str, out: Path, extra: list[str]
+          ) -> dict:
+    """Run one trace into out/ and return its row of the table."""
+    what = ["--prompt", prompt] if prompt else ["--task", task]
+    argv = ["dictcircuits", "trace", "--model", model, *what, "--dictionaries", dictionaries, "--graph", graph,
+            "--out", str(out), *extra]
+    if graph == "residual" and not prompt:  # per-prompt circuits, as the replacement circuits are
+        argv += ["--per-prompt", "auto"]
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1], "seconds": seconds}
+    data = json.loads(next(p for p in out.glob("*.json") if not p.name.endswith(".neuronpedia.json")).read_text())
+    meta, st = data["metadata"], data["metadata"]["settings"]
+    ver = meta["verification"]
+    return {"nodes_per_prompt": ver["size"], "reached": ver["reached"], "faithfulness": ver["faithfulness"],
+            "replacement_score": st.get("replacement_score"), "completeness_score": st.get("completeness_score"),
+            "prompts": meta["n_prompts"], "seconds": seconds, "summary": done.stdout.strip()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="dc-mini")
+    parser.add_argument("--task", default="ioi")
+    parser.add_argument("--prompt", default=None, help="a single prompt instead of the task")
+    parser.add_argument("--residual", help="a set of residual-stream dictionaries")
+    for kind in ("transcoder", "skip-transcoder", "clt"):
+        parser.add_argument(f"--{kind}", help=f"a {kind} set (mlp_in.L folders for every layer)")
+    parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--extra", default="", help="more trace options, e.g. '--n 16'")
+    args = parser.parse_args()
+    rows = {}
+    sets = {"residual": args.residual, "transcoder": args.transcoder, "skip-transcoder": args.skip_transcoder,
+            "clt": getattr(args, "clt")}
+    for name, folder in sets.items():
+        if not folder:
+            continue
+        graph = "residual" if name == "residual" else "replacement"
+        out = Path(args.out) / name
+        print(f"tracing {name} ({folder})", file=sys.stderr, flush=True)
+        rows[name] = trace(args.model, args.task, args.prompt, folder, graph, out, args.extra.split())
+        print(json.dumps({name: {k: v for k, v in rows[name].items() if k != "summary"}}), file=sys.stderr, flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "compare.json").write_text(json.dumps(rows, indent=1))
+    fmt = lambda v: "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    print("| dictionaries | nodes per prompt for the target | faithfulness | replacement score | completeness score "
+          "| time |\n|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"| {name} | error: {r['error']} | | | | {r['seconds']:.0f} s |")
+            continue
+        size = f"{r['nodes_per_prompt']}" + ("" if r["reached"] else " (not reached)")
+        print(f"| {name} | {size} | {fmt(r['faithfulness'])} | {fmt(r['replacement_score'])} | "
+              f"{fmt(r['completeness_score'])} | {r['seconds']:.0f} s |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
