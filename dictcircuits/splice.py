@@ -229,9 +229,12 @@ def check_dictionaries(model: Model, dictionaries: Mapping[str, Dictionary], all
         if not isinstance(dic, Dictionary):
             raise DictCircuitsError(f"the dictionary for {site} is a {type(dic).__name__}, not a Dictionary; "
                                     "load one with load_dictionary(path)")
-        if dic.d != model.d_model or dic.d_out != model.d_model:
-            raise DictCircuitsError(f"the dictionary for {site} reads d={dic.d} (writes {dic.d_out}) but {site} of "
-                                    f"{model.name} is {model.d_model} wide; use a dictionary trained on this model")
+        if dic.d != model.d_model:
+            raise DictCircuitsError(f"the dictionary for {site} reads d={dic.d} but {site} of {model.name} is "
+                                    f"{model.d_model} wide; use a dictionary trained on this model")
+        if dic.d_out != model.d_model:
+            raise DictCircuitsError(f"the dictionary for {site} writes d={dic.d_out} but {model.name}'s sites are "
+                                    f"{model.d_model} wide; use a dictionary trained on this model")
 
 
 def check_batch(model: Model, batch) -> None:

@@ -612,6 +612,8 @@ def run(args: argparse.Namespace) -> int:
     resolve_device(args.device)
     out = out_path(args.out)
     check_out(out)
+    if args.task is not None:
+        check_task_spec(args.task)  # before its path is resolved for the output names (a link loop, a FIFO...)
     stem, source = output_stem(args.task, args.prompt)
     paths = check_outputs(out, stem, source)
     contexts = None
