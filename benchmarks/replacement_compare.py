@@ -6,7 +6,7 @@ faithfulness reached, circuit-tracer's replacement and completeness scores (repl
 
     python benchmarks/replacement_compare.py --model dc-mini --task ioi \
         --residual dictionaries/dc-mini --transcoder runs/tc/transcoder --skip-transcoder runs/tc/skip-transcoder \
-        --clt runs/tc/clt --out runs/compare
+        --clt runs/tc/clt --n 32 --out runs/compare
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def main() -> int:
     parser.add_argument("--residual", help="a set of residual-stream dictionaries")
     for kind in ("transcoder", "skip-transcoder", "clt"):
         parser.add_argument(f"--{kind}", help=f"a {kind} set (mlp_in.L folders for every layer)")
+    parser.add_argument("--n", type=int, default=32, help="prompts of the task")
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--extra", default="", help="more trace options, e.g. '--n 16'")
     args = parser.parse_args()
@@ -59,7 +60,8 @@ def main() -> int:
         graph = "residual" if name == "residual" else "replacement"
         out = Path(args.out) / name
         print(f"tracing {name} ({folder})", file=sys.stderr, flush=True)
-        rows[name] = trace(args.model, args.task, args.prompt, folder, graph, out, args.extra.split())
+        extra = ([] if args.prompt else ["--n", str(args.n)]) + args.extra.split()
+        rows[name] = trace(args.model, args.task, args.prompt, folder, graph, out, extra)
         print(json.dumps({name: {k: v for k, v in rows[name].items() if k != "summary"}}), file=sys.stderr, flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "compare.json").write_text(json.dumps(rows, indent=1))
