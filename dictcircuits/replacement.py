@@ -9,11 +9,12 @@ the logit minus the mean logit over the vocabulary (before any final softcap). E
 `constant` (biases, and positions passed through unreplaced) equals its target's value: nothing is left out.
 
 Pruning, influence and the replacement / completeness scores follow circuit-tracer's definitions
-(docs/replacement.md); `verify` checks a pruned graph by patching the real model, attention free.
+(docs/replacement.md); circuit/replacement_circuit.py checks circuits of these graphs by patching the real model,
+attention free, with the Patcher every circuit uses.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -398,95 +399,3 @@ def attribute(model: Model, prompt: str | Tokens, transcoders: Mapping[str, Dict
     return AttributionGraph(model=model.name, tokens=[model.tokenizer.decode([t]) for t in tokens.input_ids[0].tolist()],
                             nodes=nodes, adjacency=adjacency, constant=constant, logit_probs=probs.detach().float(),
                             computed=computed)
-
-
-# --- verification by real patching -------------------------------------------------------------------------------
-@dataclass
-class GraphCheck:
-    """Faithfulness of node sets of a graph on the real model (attention and norms free): every feature and error
-    node outside the set is zeroed, the rest runs as the model does. The metric is the probability-weighted logit
-    of the graph's targets minus the mean logit; f(C) = (m(C) − m(∅)) / (m(model) − m(∅))."""
-
-    m_model: float
-    m_empty: float
-    curve: list[tuple[int, float]]  # (feature and error nodes kept, faithfulness), by node influence
-    pruned_size: int | None = None  # nodes the pruned graph keeps
-    pruned_faithfulness: float | None = None
-    target: float | None = None
-    size: int | None = None  # the fewest nodes of the curve reaching the target (None: none did)
-
-
-def _metric(model: Model, graph: AttributionGraph, final: torch.Tensor) -> torch.Tensor:  # final [rows, d]
-    head = model.hf.get_submodule(model.family.unembed).weight
-    logits = graph.slice("logit")
-    ids = torch.tensor([node.index for node in graph.nodes[logits]])
-    w = graph.logit_probs / graph.logit_probs.sum()
-    return ((final @ (head[ids] - head.mean(0, keepdim=True)).T) * w).sum(-1)  # [rows]
-
-
-def patch_sets(model: Model, prompt: Tokens, transcoders: Mapping[str, Dictionary], graph: AttributionGraph,
-               keep: torch.Tensor) -> torch.Tensor:
-    """The metric of the real model [sets] with the transcoders spliced in and, for each row of keep [sets, n]
-    (bool over the graph's nodes), every feature and error node outside it zeroed: one trace, one row per set."""
-    sets = keep.shape[0]
-    tokens = Tokens(prompt.input_ids.expand(sets, -1), prompt.attention_mask.expand(sets, -1))
-    P, masks = tokens.input_ids.shape[1], {}
-    for site, dic in transcoders.items():
-        masks[site] = (torch.ones(sets, P, dic.F), torch.ones(sets, P, model.d_model))
-    for i, node in enumerate(graph.nodes):
-        if node.kind in ("feature", "error"):
-            site = f"mlp_in.{node.layer}"
-            if node.kind == "feature":
-                masks[site][0][:, node.pos, node.index] = keep[:, i].float()
-            else:
-                masks[site][1][:, node.pos] = keep[:, i, None].float()
-
-    def ablate(site, f, err):
-        fm, em = masks[site]
-        return f * fm.to(f.dtype), err * em.to(err.dtype)
-
-    with torch.no_grad():
-        result = splice(model, tokens, dict(transcoders), edit=ablate, hidden=True)
-    return _metric(model, graph, result.logits[:, -1])
-
-
-def verify(model: Model, prompt: str | Tokens, transcoders: Mapping[str, Dictionary], graph: AttributionGraph,
-           pruned: Pruned | None = None, target: float | None = 0.8, sizes: list[int] | None = None) -> GraphCheck:
-    """The graph checked on the real model: the faithfulness of its top-n feature and error nodes by influence for
-    each n of `sizes` (default: a doubling grid up to all of them), of the pruned node set if given, and the fewest
-    nodes of the curve reaching `target`."""
-    tokens = model.tokenize([prompt]) if isinstance(prompt, str) else prompt
-    infl = graph.influence()
-    movable = torch.tensor([node.kind in ("feature", "error") for node in graph.nodes])
-    order = [int(i) for i in torch.argsort(torch.where(movable, infl, torch.tensor(-1.0)), descending=True)
-             if movable[i]]
-    total = len(order)
-    if sizes is None:
-        sizes, n = [], 1
-        while n < total:
-            sizes.append(n)
-            n *= 2
-        sizes.append(total)
-    sizes = sorted({min(int(s), total) for s in sizes})
-    keep = torch.zeros(len(sizes) + 2 + (pruned is not None), len(graph.nodes), dtype=torch.bool)
-    keep[0, :] = True  # the model itself (the splice with errors kept is exact)
-    # row 1: nothing kept
-    for r, size in enumerate(sizes):
-        keep[2 + r, order[:size]] = True
-    if pruned is not None:
-        keep[-1] = pruned.node_mask
-    m = patch_sets(model, tokens, transcoders, graph, keep)
-    m_model, m_empty = float(m[0]), float(m[1])
-    span = m_model - m_empty
-    if abs(span) < 1e-9:
-        raise DictCircuitsError("zeroing every feature and error node leaves the metric unchanged, so no node set "
-                                "can be scored; the targets do not depend on the MLPs")
-    faith = ((m - m_empty) / span).tolist()
-    curve = [(size, faith[2 + r]) for r, size in enumerate(sizes)]
-    reached = [size for size, f in curve if target is not None and f >= target]
-    check = GraphCheck(m_model=m_model, m_empty=m_empty, curve=curve, target=target,
-                       size=min(reached) if reached else None)
-    if pruned is not None:
-        check.pruned_size = int((pruned.node_mask & movable).sum())
-        check.pruned_faithfulness = faith[-1]
-    return check

@@ -123,27 +123,6 @@ def test_refuses_sets_that_leave_an_mlp(toy_models):
         attribute(model, PROMPT, tcs)
 
 
-def test_verification_by_real_patching(toy_models):
-    """Keeping every node reproduces the model (faithfulness 1); the curve ends at 1 and starts from the empty set;
-    the real model's metric matches the graph's logit targets."""
-    from dictcircuits.replacement import verify
-
-    model = toy_models["gpt2"]
-    tcs = transcoder_set(model)
-    graph = attribute(model, PROMPT, tcs)
-    check = verify(model, PROMPT, tcs, graph, pruned=graph.prune(0.8, 0.98), target=0.8)
-    assert check.curve[-1][1] == pytest.approx(1.0, abs=1e-4)
-    assert check.m_model != check.m_empty
-    values = torch.tensor([n.value for n in graph.nodes[graph.slice("logit")]])
-    w = graph.logit_probs / graph.logit_probs.sum()
-    assert check.m_model == pytest.approx(float((values * w).sum()), abs=1e-4)
-    sizes = [s for s, _ in check.curve]
-    assert sizes == sorted(sizes) and sizes[-1] == graph.count("feature") + graph.count("error")
-    if check.size is not None:
-        assert dict(check.curve)[check.size] >= 0.8
-    assert check.pruned_size is not None and check.pruned_faithfulness is not None
-
-
 def test_task_circuit_is_verified_by_patching(toy_models):
     """A per-prompt replacement circuit on a two-prompt task: auto-sized by real patching with corrupt ablation;
     keeping every node gives faithfulness 1; the shown graph has the target, embeddings and the kept nodes."""
