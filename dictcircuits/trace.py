@@ -166,7 +166,7 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
           contexts: list[str] | None = None, edge_mode: str = "vmap", device: str = "cpu", strict: bool = False,
           prompt: str | None = None, answer: str | None = None, wrong: str | None = None, dataset: str | None = None,
           mean_tokens: int = MEAN_TOKENS, dashboard: str | Path | None = None, run: str | None = None,
-          graph: str = "residual", progress: bool = True) -> CircuitGraph:
+          graph: str = "residual", max_feature_nodes: int | None = None, progress: bool = True) -> CircuitGraph:
     """Trace the circuit of `task` (a built-in name, a task file or a Task) in `model` with `dictionaries`, on
     n prompts of one token length and template (the commonest; built-in tasks generate extra prompts to find them).
 
@@ -189,7 +189,9 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
     the dictionary set (mlp_in.* folders, one writing every MLP) instead of effects at residual sites: each prompt's
     features, error terms and token embeddings with exact direct edges under frozen attention, ranked by influence,
     auto-sized to `faithfulness` by real patching (per prompt, at most max_nodes); sites, method, steps, nodes,
-    per_prompt, node_threshold, keep_influence, rank, refine and run do not apply."""
+    per_prompt, node_threshold, keep_influence, rank, refine and run do not apply. max_feature_nodes: compute the
+    inputs of that many features per prompt only, the most influential first (circuit-tracer's cap; on
+    Gemma-3-270M a prompt of IOI has about 8,600 active features, about 13 minutes of rows on 2 shared cores)."""
     if graph not in GRAPHS:
         raise DictCircuitsError(f"graph {graph!r}: choose {' or '.join(GRAPHS)}")
     if graph == "replacement":
@@ -203,6 +205,11 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
                                     "feature, error term and token, sized by faithfulness); drop it")
         if faithfulness is None:
             raise DictCircuitsError("graph='replacement' sizes the circuit by faithfulness; give a target such as 0.8")
+    if max_feature_nodes is not None:
+        if graph != "replacement":
+            raise DictCircuitsError("max_feature_nodes caps the rows of replacement graphs; drop it or add "
+                                    "graph='replacement'")
+        check_int(max_feature_nodes, "max_feature_nodes", lo=1)
     graph_kind = graph
     if (task is None) == (prompt is None):
         raise DictCircuitsError("give a task or a prompt (not both): trace(task='ioi') or trace(prompt='The capital "
@@ -295,8 +302,8 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
         if graph == "replacement":
             patcher = Patcher(model, dictionaries, batch, ablation=ablation, baseline=baseline)
             found = replacement_circuit(model, batch, dictionaries, patcher, faithfulness=faithfulness,
-                                        max_nodes=max_nodes, edge_influence=keep_edge_influence, progress=progress,
-                                        lap=lap)
+                                        max_nodes=max_nodes, edge_influence=keep_edge_influence,
+                                        max_feature_nodes=max_feature_nodes, progress=progress, lap=lap)
             verification, graph = found.verification, found.graph
             kept = [Node(a["site"], a["position"], a["feature"]) for _, a in graph.nodes(data=True)
                     if a["kind"] == "feature"]
@@ -524,6 +531,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="residual: dictionaries at residual-stream sites (default); replacement: the replacement "
                              "model's attribution graph from the set's transcoders (mlp_in.L), token embeddings and "
                              "error terms as nodes, checked by real patching (docs/replacement.md)")
+    parser.add_argument("--max-feature-nodes", type=int, default=None, metavar="N",
+                        help="--graph replacement: compute the inputs of the N most influential features per prompt "
+                             "only (circuit-tracer's cap; default: every active feature)")
     parser.add_argument("--refine", type=float, default=None, metavar="TAU",
                         help="ACDC-style: drop each node whose removal costs less than TAU faithfulness")
     parser.add_argument("--dashboard", default=None, metavar="DIR",
@@ -629,7 +639,8 @@ def run(args: argparse.Namespace) -> int:
                                                  dataset=args.dataset, mean_tokens=args.mean_tokens)
     cg = trace(args.task, args.model, args.dictionaries, **settings, sites=args.sites,
                positions=args.aggregate == "none", contexts=contexts, device=args.device, strict=args.strict,
-               dashboard=check_dashboard(args.dashboard), run=args.run, graph=args.graph, **single)
+               dashboard=check_dashboard(args.dashboard), run=args.run, graph=args.graph,
+               max_feature_nodes=args.max_feature_nodes, **single)
     cg.settings["source"] = source
     t = time.perf_counter()
     check_outputs(out, stem, source)  # again: another run may have written there meanwhile

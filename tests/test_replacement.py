@@ -165,7 +165,7 @@ def dcmini_transcoders(tmp_path_factory):
 
 
 @pytest.mark.parametrize("how", [["--prompt", "When Mary and John went to the store, John gave a drink to"],
-                                 ["--task", "ioi", "--n", "4"]])
+                                 ["--task", "ioi", "--n", "4", "--max-feature-nodes", "60"]])
 def test_trace_graph_replacement_cli(dcmini_transcoders, tmp_path, capsys, how):
     """`dictcircuits trace --graph replacement` writes the page, the JSON (with the replacement and completeness
     scores and the faithfulness curve) and the Neuronpedia export with token-embedding nodes."""
@@ -195,6 +195,12 @@ def test_trace_graph_replacement_cli(dcmini_transcoders, tmp_path, capsys, how):
 
 def test_graph_replacement_refuses_residual_options(dcmini_transcoders, tmp_path, capsys):
     from dictcircuits import cli
+
+    assert cli.main(["trace", "--task", "ioi", "--max-feature-nodes", "10", "--out", str(tmp_path / "r")]) == 2
+    assert "max_feature_nodes caps the rows of replacement graphs" in capsys.readouterr().err
+    assert cli.main(["trace", "--task", "ioi", "--graph", "replacement", "--max-feature-nodes", "0",
+                     "--dictionaries", str(dcmini_transcoders), "--out", str(tmp_path / "r")]) == 2
+    assert "max_feature_nodes" in capsys.readouterr().err
 
     code = cli.main(["trace", "--task", "ioi", "--graph", "replacement", "--nodes", "10",
                      "--dictionaries", str(dcmini_transcoders), "--out", str(tmp_path / "o")])

@@ -55,10 +55,11 @@ def _ranked(graph: AttributionGraph) -> list[int]:
 
 def replacement_circuit(model: Model, batch: TaskBatch, transcoders: Mapping[str, Dictionary], patcher: Patcher,
                         faithfulness: float = 0.8, max_nodes: int = 1000, edge_influence: float = 0.98,
-                        min_share: float = MIN_SHARE, progress: bool = True,
+                        min_share: float = MIN_SHARE, max_feature_nodes: int | None = None, progress: bool = True,
                         lap: Callable[[str], None] = lambda phase: None) -> ReplacementCircuit:
     """Attribute every prompt of `batch`, then find the fewest nodes per prompt whose circuit reaches
-    `faithfulness` by real patching (up to max_nodes). The graph shown keeps the nodes that at least `min_share`
+    `faithfulness` by real patching (up to max_nodes). max_feature_nodes: the rows of that many features per
+    prompt are computed, the most influential first (attribute); the others stay sources. The graph shown keeps the nodes that at least `min_share`
     of the prompts keep (see shown_graph). lap(phase) is called as the effects (attribution), verify and edges
     phases end."""
     check_replacement(model, transcoders)
@@ -68,7 +69,7 @@ def replacement_circuit(model: Model, batch: TaskBatch, transcoders: Mapping[str
         tokens = batch.clean[[row]]
         tokens = type(tokens)(tokens.input_ids[:, :length], tokens.attention_mask[:, :length])
         graph = attribute(model, tokens, transcoders, direction=metric_direction(model, batch, row),
-                          direction_token=int(batch.answer_ids[row]))
+                          direction_token=int(batch.answer_ids[row]), max_feature_nodes=max_feature_nodes)
         graphs.append(graph)
         rankings.append(_ranked(graph))
     lap("effects")
