@@ -318,7 +318,7 @@ def render_html(cg: CircuitGraph, base: str | Path | None = None) -> str:
     data = vis_data(cg, None if base is None else Path(base).resolve())
     ver = cg.verification
     stats = [("model", cg.model), ("prompts", cg.n_prompts), ("method", cg.method),
-             ("nodes", sum(1 for _, a in cg.graph.nodes(data=True) if a["kind"] != "logit")),
+             ("nodes", sum(1 for _, a in cg.graph.nodes(data=True) if a["kind"] not in ("logit", "embed"))),
              ("edges", cg.graph.number_of_edges())]
     if ver is not None:
         if ver.per_prompt:
