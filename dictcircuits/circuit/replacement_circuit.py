@@ -59,9 +59,9 @@ def replacement_circuit(model: Model, batch: TaskBatch, transcoders: Mapping[str
                         lap: Callable[[str], None] = lambda phase: None) -> ReplacementCircuit:
     """Attribute every prompt of `batch`, then find the fewest nodes per prompt whose circuit reaches
     `faithfulness` by real patching (up to max_nodes). max_feature_nodes: the rows of that many features per
-    prompt are computed, the most influential first (attribute); the others stay sources. The graph shown keeps the nodes that at least `min_share`
-    of the prompts keep (see shown_graph). lap(phase) is called as the effects (attribution), verify and edges
-    phases end."""
+    prompt are computed, the most influential first (attribute); the others stay sources. The graph shown keeps
+    the nodes that at least `min_share` of the prompts keep (see shown_graph). lap(phase) is called as the
+    effects (attribution), verify and edges phases end."""
     check_replacement(model, transcoders)
     graphs, rankings = [], []
     for row in tqdm(range(len(batch)), desc="attribution graphs", unit="prompt", disable=not progress or len(batch) < 2):
