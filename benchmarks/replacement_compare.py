@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from dictcircuits.atomic import atomic_write_text, marked, writable_target
+from dictcircuits.errors import DictCircuitsError
+
 
 def trace(model: str, task: str, prompt: str | None, dictionaries: str, graph: str, out: Path, extra: list[str]
           ) -> dict:
@@ -51,6 +54,11 @@ def main() -> int:
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--extra", default="", help="more trace options, e.g. '--n 16'")
     args = parser.parse_args()
+    try:  # a user's file named compare.json is kept: refused before any trace runs
+        table = writable_target(Path(args.out) / "compare.json")
+    except DictCircuitsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     rows = {}
     sets = {"residual": args.residual, "transcoder": args.transcoder, "skip-transcoder": args.skip_transcoder,
             "clt": getattr(args, "clt")}
@@ -63,8 +71,7 @@ def main() -> int:
         extra = ([] if args.prompt else ["--n", str(args.n)]) + args.extra.split()
         rows[name] = trace(args.model, args.task, args.prompt, folder, graph, out, extra)
         print(json.dumps({name: {k: v for k, v in rows[name].items() if k != "summary"}}), file=sys.stderr, flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "compare.json").write_text(json.dumps(rows, indent=1))
+    atomic_write_text(table, json.dumps(marked(rows), indent=1))
     fmt = lambda v: "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     print("| dictionaries | nodes per prompt for the target | faithfulness | replacement score | completeness score "
           "| time |\n|---|---|---|---|---|---|")
