@@ -312,7 +312,12 @@ def attribute(model: Model, prompt: str | Tokens, transcoders: Mapping[str, Dict
     for j, node in enumerate(features):
         site = model.site(f"mlp_in.{node.layer}").name
         feat_cols.setdefault(site, []).append(j)
-    err_col = {(node.layer, node.pos): nf + i for i, node in enumerate(errors)}
+    err_cols: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (positions, columns) of its error nodes
+    for i, node in enumerate(errors):
+        err_cols.setdefault(node.layer, ([], []))
+        err_cols[node.layer][0].append(node.pos)
+        err_cols[node.layer][1].append(nf + i)
+    err_cols = {layer: (torch.tensor(p), torch.tensor(c)) for layer, (p, c) in err_cols.items()}
 
     adjacency = torch.zeros(n, n)
     constant = torch.zeros(n)
@@ -327,12 +332,10 @@ def attribute(model: Model, prompt: str | Tokens, transcoders: Mapping[str, Dict
         for w, g in g_site.items():
             if g is None:
                 continue
-            layer = model.site(w).layer
-            per_pos = (g[:, 0] * err_values[write_sites.index(w)]).sum(-1)  # [m, pos]
-            for pos in range(P):
-                col = err_col.get((layer, pos))
-                if col is not None:
-                    adjacency[r, col] = per_pos[:, pos]
+            positions, cols = err_cols.get(model.site(w).layer, (None, None))
+            if positions is not None:
+                per_pos = (g[:, 0] * err_values[write_sites.index(w)]).sum(-1)  # [m, pos]
+                adjacency[r[:, None], cols[None, :]] = per_pos[:, positions]
         for site, cols in feat_cols.items():
             dic = run.coders[site]
             for out, w in enumerate(run.writes[site]):
