@@ -165,7 +165,7 @@ def train_baselines(model, sites, kind: str, dataset: str, n_tokens: int, out: P
             l0 = float((f != 0).float().sum(-1).mean())
         metrics = {"fvu": fvu, "l0": l0}
         dic.meta.update(site=site, model=summary.get("model"))
-        dic.meta["training"] = {**summary, "baseline": kind, "tokens": x.shape[0], "final": metrics}
+        dic.meta["training"] = {**summary, "baseline": kind, "run": kind, "tokens": x.shape[0], "final": metrics}
         save_dictionary(dic, Path(out) / site)
         dicts[site], final[site] = [dic], [metrics]
     seconds = time.perf_counter() - start

@@ -179,3 +179,13 @@ def test_stream_seek_matches_reading_through(tokenizer, tmp_path):
     with pytest.raises(Exception, match="not a JSON object with a 'text' field"):
         (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
         ContextStream(tokenizer, str(tmp_path / "bad.jsonl"), 8).take(1)
+
+
+def test_cli_baselines_report_their_run(tmp_path, capsys):
+    """`train --arch identity` (a baseline, nothing trained) prints its summary line instead of failing at it."""
+    out = tmp_path / "neurons"
+    assert main(["train", "--model", "dc-mini", "--arch", "identity", "--sites", "resid.1", "--tokens", "1k",
+                 "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "resid.1    identity" in printed and "FVU 0.0000" in printed
+    assert (out / "resid.1" / "cfg.json").is_file()
