@@ -44,11 +44,12 @@ def main(argv=None) -> None:
     from dictcircuits.attribute import node_effects
     from dictcircuits.circuit import Patcher, measure_sizes, rank_nodes, rank_per_prompt, search_size
     from dictcircuits.circuit.verify import faithfulness_of
+    from dictcircuits.dictsets import resolve
     from dictcircuits.formats import load_dictionaries
     from dictcircuits.models import load_model
     from dictcircuits.paths import default_dictionaries
     from dictcircuits.tasks import load_task
-    from dictcircuits.trace import EFFECTS_ROWS, OVERSAMPLE, pick_sites
+    from dictcircuits.trace import EFFECTS_ROWS, OVERSAMPLE, default_sites
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -58,7 +59,7 @@ def main(argv=None) -> None:
     everything = load_dictionaries(root, model=model)
     keep_errors = lambda masks: {s: (f, torch.ones_like(e)) for s, (f, e) in masks.items()}  # noqa: E731
     for spec in args.sites:
-        dicts = {s: everything[s] for s in pick_sites(model, spec, list(everything), str(root))}
+        dicts = resolve(model, everything, spec, default=default_sites)
         t0 = time.perf_counter()
         effects = node_effects(model, dicts, batch, method="ig", steps=args.steps,
                                batch_size=max(1, EFFECTS_ROWS // args.steps))

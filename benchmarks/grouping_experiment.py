@@ -26,11 +26,12 @@ def main(argv=None) -> None:
 
     from dictcircuits.attribute import node_effects
     from dictcircuits.circuit import Patcher, measure_sizes, rank_nodes
+    from dictcircuits.dictsets import resolve
     from dictcircuits.formats import load_dictionaries
     from dictcircuits.models import load_model
     from dictcircuits.paths import default_dictionaries
     from dictcircuits.tasks import load_task
-    from dictcircuits.trace import EFFECTS_ROWS, OVERSAMPLE, pick_sites
+    from dictcircuits.trace import EFFECTS_ROWS, OVERSAMPLE, default_sites
 
     torch.set_num_threads(args.threads)
     model = load_model("dc-mini")
@@ -39,7 +40,7 @@ def main(argv=None) -> None:
     batch = task.subset(range(min(args.n, len(task)))).tokenize(model)
     everything = load_dictionaries(root, model=model)
     for spec in args.sites:
-        dicts = {s: everything[s] for s in pick_sites(model, spec, list(everything), str(root))}
+        dicts = resolve(model, everything, spec, default=default_sites)
         effects = node_effects(model, dicts, batch, method="ig", steps=10, batch_size=EFFECTS_ROWS // 10)
         patcher = Patcher(model, dicts, batch)
         for agg in args.aggregate:

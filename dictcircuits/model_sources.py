@@ -9,8 +9,10 @@ every load, rebuilt when bad. Nothing outside the cache folder is ever written.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import re
 import shutil
+import struct
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -64,9 +66,6 @@ def check_gguf(path: Path) -> None:
     """Refuse a .gguf file that is not one, or is truncated or corrupt (its header or tensors reach past its end),
     in one line naming it, before transformers fails on it deep inside dequantisation. Reads the header only
     (gguf's own reader takes a minute on a 262k-token vocabulary)."""
-    import mmap
-    import struct
-
     try:
         import gguf
     except ImportError:

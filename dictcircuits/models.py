@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 from nnsight import NNsight
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from . import model_sources
 from .errors import DictCircuitsError
@@ -410,6 +412,16 @@ class Model:
         return acts
 
 
+def context_length(model: Model) -> int | None:
+    """The most positions the model reads (from its config), or None when the config does not say: the one limit
+    that --ctx-len, task prompts, single prompts and token batches are checked against."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(model.hf.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def tokenizer_adds_bos(tokenizer) -> bool:
     """The one BOS rule of train, eval and trace: a text starts with BOS exactly when the model's own tokenizer
     puts one there (Llama, Gemma: yes; GPT-2 and chat models whose bos_token is e.g. <|im_start|>: no). Models
@@ -485,8 +497,6 @@ def _check_model_folder(path: Path) -> None:
 
 
 def _from_pretrained(source: ModelSource, spec: str, device, dtype) -> Model:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if source.gguf_file:

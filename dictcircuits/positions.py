@@ -18,15 +18,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
+from .dictionary import Dictionary
 from .errors import DictCircuitsError
-
-if TYPE_CHECKING:
-    from .dictionary import Dictionary
-    from .models import Model
+from .models import Model
 
 RULE_KEY = "positions"  # under dic.meta["training"], i.e. training.positions in cfg.json
 NORM_QUANTILE = 0.9

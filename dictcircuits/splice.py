@@ -20,8 +20,9 @@ import torch
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
 from .frozen import FrozenRecord
-from .models import Model, Tokens
+from .models import Model, Tokens, context_length
 from .positions import skip_mask
+from .tasks import METRICS
 from .transcoder import targets
 
 # edit(site, f [b,p,F], err [b,p,d]) -> (f', err'): applied before decoding
@@ -177,12 +178,6 @@ def passed_through(skip: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> to
 
 
 # --- input checks shared by every entry point that runs the model (one clear error before any trace) ------------
-def context_limit(model: Model) -> int | None:
-    """The model's position table size (None when the config names none)."""
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    return int(limit) if limit else None
-
-
 def check_tokens(model: Model, tokens: Tokens, what: str = "tokens") -> None:
     """Refuse token batches the model cannot run: wrong types, empty prompts, ids outside the vocabulary,
     left padding, or more positions than the model has."""
@@ -207,7 +202,7 @@ def check_tokens(model: Model, tokens: Tokens, what: str = "tokens") -> None:
     if bad.numel():
         raise DictCircuitsError(f"{what}: token id {int(bad[0])} is outside the vocabulary of {model.name} "
                                 f"(0..{vocab - 1}); tokenize with this model's tokenizer")
-    limit = context_limit(model)
+    limit = context_length(model)
     if limit is not None and ids.shape[1] > limit:
         raise DictCircuitsError(f"{what} are {ids.shape[1]} tokens long but {model.name} reads at most {limit} "
                                 "positions; shorten the prompts")
@@ -240,8 +235,6 @@ def check_dictionaries(model: Model, dictionaries: Mapping[str, Dictionary], all
 def check_batch(model: Model, batch) -> None:
     """Refuse a TaskBatch the metric cannot use: mismatched clean/corrupt shapes, answer ids that are not integer
     tensors [batch] in the output vocabulary, empty or identical answer/wrong sets, an unknown metric."""
-    from .tasks import METRICS
-
     for side in ("clean", "corrupt"):
         if not hasattr(batch, side):
             raise DictCircuitsError(f"expected a TaskBatch, got a {type(batch).__name__}; make one with "

@@ -17,6 +17,8 @@ import torch
 from .compare import max_cosine
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
+from .train import train_on_activations
+from .trainers import TrainerConfig
 
 
 @dataclass
@@ -60,9 +62,6 @@ def recovery_curve(d: int = 32, n_features: int = 64, widths=(32, 64, 128, 256),
                    avg_active: float = 3.0, steps: int = 400, batch_size: int = 512, seed: int = 0,
                    thresholds=(0.7, 0.8, 0.9, 0.95, 0.99), arch: str = "topk") -> list[dict]:
     """Train one dictionary per width on synthetic data and report the recovered fraction at each threshold."""
-    from .train import train_on_activations
-    from .trainers import TrainerConfig
-
     sp = Superposition.make(d, n_features, avg_active, seed)
     x, _ = sp.sample(steps * batch_size // 4, seed=seed + 1)
     configs = [TrainerConfig(arch=arch, width=w, k=k) for w in widths]

@@ -28,7 +28,7 @@ import torch
 
 from .atomic import atomic_write_text
 from .errors import DictCircuitsError, check_int
-from .models import Model, Tokens
+from .models import Model, Tokens, context_length
 from .terminal import printable
 from .wordlists import (EVENTS, EXTRA_EVENTS, EXTRA_HELDOUT_NAMES, EXTRA_NAMES, EXTRA_NOUNS, EXTRA_OBJECTS,
                         EXTRA_PLACES, EXTRA_PREP_NOUNS, EXTRA_RC_VERBS, HELDOUT_NAMES, NAMES, NOUNS, OBJECTS, PLACES,
@@ -237,16 +237,6 @@ class RowCounts:
         return {"path": self.path, "rows_read": self.read, "rows_skipped": sum(self.skipped.values()),
                 "skipped": self.skipped, "rows_left_out": sum(self.left_out.values()), "left_out": self.left_out,
                 "rows_used": self.used}
-
-
-def context_length(model: Model) -> int | None:
-    """The most positions the model reads (from its config), or None when the config does not say."""
-    config = model.hf.config
-    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _token_id(tokenizer, word: str, context: str) -> int | None:

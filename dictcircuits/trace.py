@@ -30,12 +30,11 @@ from .circuit.prompt import (MEAN_TOKENS, baseline_effects, check_prompt_args, m
                              zero_baseline)
 from .circuit.replacement_circuit import MIN_SHARE, replacement_circuit
 from .dictionary import Dictionary
+from .dictsets import resolve, run_folders
 from .errors import DictCircuitsError, check_int, check_real
-from .formats import _dictionary_folders, load_dictionaries, load_dictionary, sweep_runs
 from .harvest import check_dataset
 from .models import Model, load_model
 from .options import out_path, resolve_device
-from .paths import default_dictionaries
 from .render import check_dashboard, feature_details, write_html
 from .tasks import GENERATORS, MAX_GENERATED, Task, check_task_spec, load_task
 from .terminal import printable
@@ -59,57 +58,22 @@ DEFAULT_SITES = "resid.*"
 DEFAULT_SERIES = 2  # the deepest resid site and the one halfway up to it
 
 
-def pick_sites(model: Model, spec: str | None, available: list[str], where: str) -> list[str]:
-    """The sites to trace among those with dictionaries (`available`): without a spec the DEFAULT_SITES among them
-    (all of them if none matches), thinned to the deepest and the one halfway up when there are more than
-    DEFAULT_SERIES; a pattern ('resid.*') means the matching sites that have dictionaries, a plain
-    name must have one. Forward order."""
-    if spec is None:
-        matching = [s for s in available if fnmatch.fnmatch(s, DEFAULT_SITES)]
-        default = [s.name for s in model.resolve_sites(matching or available)]
-        if matching and len(default) > DEFAULT_SERIES:
-            default = [default[(len(default) - 1) // 2], default[-1]]
-        return default
-    chosen: set[str] = set()
-    for raw in (part.strip() for part in spec.split(",")):
-        if raw == "all":
-            chosen.update(available)
-        elif any(c in raw for c in "*?["):
-            hits = [s for s in available if fnmatch.fnmatch(s, raw)]
-            if not hits:
-                raise DictCircuitsError(f"site pattern {raw!r} matches none of the sites with dictionaries in {where}: "
-                                        f"{', '.join(available) or 'none'}")
-            chosen.update(hits)
-        elif raw:
-            model.site(raw)  # refuses names the model does not have
-            if raw not in available:
-                raise DictCircuitsError(f"no dictionary for site {raw} in {where}; sites with dictionaries: "
-                                        f"{', '.join(available) or 'none'}")
-            chosen.add(raw)
+def default_sites(available: list[str], where: str) -> list[str]:
+    """trace without --sites: the DEFAULT_SITES among the sites with dictionaries (`available`, forward order; all of
+    them if none matches), thinned to the deepest and the one halfway up when there are more than DEFAULT_SERIES."""
+    matching = [s for s in available if fnmatch.fnmatch(s, DEFAULT_SITES)]
+    if len(matching) > DEFAULT_SERIES:
+        return [matching[(len(matching) - 1) // 2], matching[-1]]
+    return matching or available
+
+
+def transcoder_sites(available: list[str], where: str) -> list[str]:
+    """graph="replacement": every transcoder (mlp_in.L) of the set, refused when it has none."""
+    chosen = [s for s in available if s.startswith("mlp_in.")]
     if not chosen:
-        raise DictCircuitsError("no sites given: name some (resid.0,mlp.1), a pattern (resid.*) or 'all'")
-    return [s.name for s in model.resolve_sites(sorted(chosen))]
-
-
-def run_folders(root: Path, run: str | None) -> dict[str, Path] | None:
-    """Site -> folder of the sweep run `run` when root is a sweep written by train (root/<site>/<run>/); None when
-    root holds one dictionary per site (a sweep with one run left reads as that). Refuses a missing root, a sweep
-    without `run`, an unknown run, and `run` on a folder that is not a sweep."""
-    if not root.is_dir():
-        raise DictCircuitsError(f"dictionary folder {root} does not exist: train some with `dictcircuits train` "
-                                "or point --dictionaries at a folder of them")
-    runs = sweep_runs(root)
-    if runs is None:
-        if run is not None:
-            raise DictCircuitsError(f"--run {run}: {root} is not a sweep (it holds one dictionary per site); drop --run")
-        return None
-    if run is None:
-        raise DictCircuitsError(f"{root} is a sweep of {len(runs)} runs ({', '.join(sorted(runs))}); pass --run NAME "
-                                "to trace one of them")
-    if run not in runs:
-        raise DictCircuitsError(f"--run {run}: the sweep in {root} has runs {', '.join(sorted(runs))}; pick one "
-                                "of those")
-    return runs[run]
+        raise DictCircuitsError(f"{where} holds no transcoders (mlp_in.L folders): train them with "
+                                "`dictcircuits train --arch transcoder` or convert a transcoder set")
+    return chosen
 
 
 def check_settings(*, n, steps, faithfulness, nodes, per_prompt, max_nodes, node_threshold, keep_influence,
@@ -242,8 +206,10 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
     if isinstance(dictionaries, Mapping) and run is not None:
         raise DictCircuitsError(f"run {run!r} picks a run of a sweep folder; drop it when passing the dictionaries "
                                 "themselves")
-    root = None if isinstance(dictionaries, Mapping) or not dictionaries else Path(dictionaries)
-    folders = run_folders(root, run) if root is not None else None  # known before the model is loaded
+    if not isinstance(dictionaries, Mapping):
+        dictionaries = Path(dictionaries) if dictionaries else None  # None: the model's default folder
+    if isinstance(dictionaries, Path):
+        run_folders(dictionaries, run)  # refused before the model is loaded
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     phases = tqdm(PHASES, desc="trace", unit="phase", disable=not progress, leave=False)
@@ -260,27 +226,8 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
 
     try:  # the bar is cleared before an error is printed
         model = model if isinstance(model, Model) else load_model(model, device=device)
-        if isinstance(dictionaries, Mapping):
-            chosen = pick_sites(model, sites, list(dictionaries), "the dictionaries given")
-            dictionaries = {s: dictionaries[s] for s in chosen}
-        else:
-            if root is None:
-                root = default_dictionaries(model.name)
-                folders = run_folders(root, run)
-            if folders is None and graph == "replacement":
-                chosen = [s for s in _dictionary_folders(root) if s.startswith("mlp_in.") and s in model.sites]
-                if not chosen:
-                    raise DictCircuitsError(f"{root} holds no transcoders (mlp_in.L folders): train them with "
-                                            "`dictcircuits train --arch transcoder` or convert a transcoder set")
-                dictionaries = load_dictionaries(root, model=model, sites=chosen)
-            elif folders is None:
-                chosen = pick_sites(model, sites, [s for s in _dictionary_folders(root) if s in model.sites], str(root))
-                dictionaries = load_dictionaries(root, model=model, sites=chosen)
-            else:
-                chosen = pick_sites(model, sites, [s for s in folders if s in model.sites], f"run {run} of {root}")
-                dictionaries = {s: load_dictionary(folders[s], d=model.d_model, device=model.device) for s in chosen}
-                for s, dic in dictionaries.items():
-                    dic.meta["site"] = s
+        dictionaries = resolve(model, dictionaries, sites, run=run, default=transcoder_sites if graph == "replacement"
+                               else default_sites)
         target, baseline = None, None
         if prompt is not None:
             batch, target = prompt_target(model, prompt, answer, wrong)

@@ -15,11 +15,11 @@ import torch
 
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
-from .evaluate import SiteEval, _Acc, _bar, _summarise, auto_batch_size
 from .harvest import token_mask
 from .models import Model, Tokens
 from .positions import OFF, rule_for, skip_mask, with_rule
 from .scoring import Scorer
+from .site_eval import SiteEval, SiteSums, auto_batch_size, summarise, token_bar
 from .transcoder import targets
 
 
@@ -36,12 +36,12 @@ def evaluate_transcoders(model: Model, dictionaries: Mapping[str, Dictionary], t
     writes = {s: targets(model, s, d) for s, d in dicts.items()}
     written = [s.name for s in model.resolve_sites(sorted({w for ws in writes.values() for w in ws}))]
     writers = {w: [(s, writes[s].index(w)) for s in reads if w in writes[s]] for w in written}  # site -> pieces
-    acc = {s: _Acc(d.d_out, d.F) for s, d in dicts.items()}
+    acc = {s: SiteSums(d.d_out, d.F) for s, d in dicts.items()}
     y_sum = {w: torch.zeros(model.d_model, dtype=torch.float64) for w in written}  # for the mean ablation
     y_n = dict.fromkeys(written, 0)
     batches = [tokens[i:i + batch_size] for i in range(0, len(tokens), batch_size)]
     skips = []  # per batch: write site -> [b, p] positions the rule passes through
-    bar = _bar(progress, tokens, f"{desc}: reconstruction")
+    bar = token_bar(progress, tokens, f"{desc}: reconstruction")
     with torch.no_grad():
         for tok in batches:
             acts = model.activations(tok, reads + written)  # site -> [b, p, d]
@@ -64,7 +64,7 @@ def evaluate_transcoders(model: Model, dictionaries: Mapping[str, Dictionary], t
         if bar is not None:
             bar.close()
         means = {w: (y_sum[w] / max(y_n[w], 1)).float().to(model.device) for w in written}
-        bar = _bar(progress, tokens, f"{desc}: CE and KL, every MLP replaced")
+        bar = token_bar(progress, tokens, f"{desc}: CE and KL, every MLP replaced")
         for tok, skip in zip(batches, skips):
             scorer = Scorer(model, model.run(tok), tok)
             ruled = any(s.any() for s in skip.values())
@@ -86,7 +86,7 @@ def evaluate_transcoders(model: Model, dictionaries: Mapping[str, Dictionary], t
             bar.close()
     results = {}
     for s in reads:
-        r = _summarise(s, dicts[s], acc[s], plots)
+        r = summarise(s, dicts[s], acc[s], plots)
         r.rule = rule_for(dicts[s], model).describe(model.tokenizer)
         results[s] = r
     return results

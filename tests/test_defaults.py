@@ -87,11 +87,12 @@ def test_eval_reads_a_sweep_run_by_run(saved, tmp_path, monkeypatch, capsys):
     (["attn.1", "mlp.0"], ["mlp.0", "attn.1"]),  # no resid site: every site with a dictionary
 ])
 def test_trace_default_sites_are_at_most_two_resid_sites(available, want):
+    from dictcircuits.dictsets import choose_sites
     from dictcircuits.models import load_model
-    from dictcircuits.trace import pick_sites
+    from dictcircuits.trace import default_sites
 
     model = load_model("dc-mini")
-    assert pick_sites(model, None, available, "here") == want
+    assert choose_sites(None, available, "here", model, default_sites) == want
     resid = sorted(s for s in available if s.startswith("resid."))
     if resid:  # a pattern the user gives keeps every matching site
-        assert pick_sites(model, "resid.*", available, "here") == resid
+        assert choose_sites("resid.*", available, "here", model, default_sites) == resid

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import dictcircuits.dictsets as dictsets
 import dictcircuits.trace as trace_module
 from dictcircuits.cli import main
 from dictcircuits.dictionary import save_dictionary
@@ -50,7 +51,7 @@ def test_trace_reads_the_chosen_run(sweep, tmp_path, monkeypatch):
         loaded.append(Path(path))
         return load_dictionary(path, *args, **kwargs)
 
-    monkeypatch.setattr(trace_module, "load_dictionary", recording)
+    monkeypatch.setattr(dictsets, "load_dictionary", recording)
     out = tmp_path / "out"
     assert main(["trace", *FAST, "--dictionaries", str(sweep), "--run", run, "--sites", "resid.*", "--out", str(out)]) == 0
     assert loaded == [sweep / s / run for s in SITES]
@@ -70,7 +71,7 @@ def test_a_sweep_with_one_run_left_is_read_without_run(sweep, tmp_path, monkeypa
     def stop(root, model=None, sites=None, device=None):
         raise _Loaded({s: d.k for s, d in load_dictionaries(root, model=model, sites=sites).items()})
 
-    monkeypatch.setattr(trace_module, "load_dictionaries", stop)
+    monkeypatch.setattr(dictsets, "load_dictionaries", stop)
     with pytest.raises(_Loaded) as got:
         trace_module.trace("ioi", "dc-mini", one, n=8, steps=2, nodes=5, sites="resid.*", progress=False)
     assert got.value.args[0] == {s: RUNS["topk_F64_k4"] for s in SITES}
