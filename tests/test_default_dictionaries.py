@@ -14,7 +14,21 @@ pytestmark = pytest.mark.skipif(not ROOT.is_dir(), reason=f"{ROOT} is missing: r
 @pytest.fixture(scope="module")
 def setup():
     model = load_model("dc-mini")
-    return model, load_dictionaries(ROOT, model=model)
+    return model, {s: d for s, d in load_dictionaries(ROOT, model=model).items() if not d.is_transcoder}
+
+
+def test_skip_transcoders_replace_every_mlp():
+    """The shipped skip transcoders (mlp_in.L, what `trace --graph replacement` reads) cover every MLP; spliced
+    with their error terms they are the model, without them they keep most of the IOI logit difference."""
+    model = load_model("dc-mini")
+    coders = {s: d for s, d in load_dictionaries(ROOT, model=model).items() if d.is_transcoder}
+    assert list(coders) == [f"mlp_in.{layer}" for layer in range(model.n_layers)]
+    task = load_task("ioi", n=16, seed=3, model=model)
+    batch = task.tokenize(model)
+    real = batch.metric(model.run(batch.clean, last_only=True)).mean()
+    torch.testing.assert_close(splice(model, batch.clean, coders).logits, model.run(batch.clean), atol=1e-3, rtol=1e-3)
+    replaced = batch.metric(splice(model, batch.clean, coders, keep_error=False, last_only=True).logits).mean()
+    assert float(replaced) >= 0.7 * float(real), (float(replaced), float(real))
 
 
 def test_every_site_has_a_dictionary_that_reconstructs(setup):
