@@ -1,16 +1,13 @@
-"""The logit lens of a feature: which tokens its decoder direction promotes and suppresses. The one implementation
-behind the feature dashboards (features.py) and the circuit page's hover cards and labels (render.py), so both show
-the same tokens for a feature.
+"""The logit lens of a feature: the tokens its decoder direction promotes and suppresses. The one implementation
+behind the feature dashboards (features.py) and the circuit page's hover cards and labels (render.py).
 
-A direction v [d] reaches the logits through the final norm and the unembedding: logits = W_U @ norm(x). Per unit of
-feature activation, and ignoring the layers after the site, the norm's division by the residual's size (a positive
-per-token scale) and any final logit soft-capping, the direction adds W_U @ u with u = the norm's linear part
-applied to v: g * v for an RMS norm (Gemma's norms scale by 1 + weight: the module's own forward knows which), and
-g * (v - mean(v)) for a LayerNorm, which also centres. u is read off the family's final-norm module itself
-((norm(w) - norm(-w)) / 2 removes its bias; w is v centred for a LayerNorm and scaled to unit RMS so the norm's eps
-is negligible, then the result is scaled back), so no family needs its own rule. The circuit page used to multiply
-v by the norm's `weight`, which is wrong for Gemma (scale 1 + weight) and skips a LayerNorm's centring; the
-dashboards' rule kept the centring but scaled each feature by rms(v) / std(v), which this rule drops.
+Per unit of activation, a direction v [d] adds W_U @ u to the logits, where u is v through the final norm's linear
+part: g * v for an RMS norm (g = 1 + weight for Gemma's), g * (v - mean(v)) for a LayerNorm. Ignored: the layers
+after the site, the norm's division by the residual's size (a positive per-token scale) and final soft-capping.
+u is read off the family's final-norm module itself ((norm(w) - norm(-w)) / 2 drops its bias, with w = v, centred
+for a LayerNorm, at unit RMS so eps is negligible, then scaled back), so each norm's own parametrisation counts.
+Why this one: the circuit page used to multiply v by the norm's `weight` (wrong for Gemma, no LayerNorm centring);
+the dashboards' rule was right up to a per-feature factor rms(v) / std(v) on LayerNorm values, dropped here.
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ import torch
 from dictcircuits.circuit import CircuitGraph, Node, Verification
 from dictcircuits.cli import main
 from dictcircuits.dictionary import save_dictionary
-from dictcircuits.render import (NODE_W, WRAP, capped, feature_details, graph_key, layout, render_html, vis_assets,
-                                 vis_data, write_html)
+from dictcircuits.render import (NODE_W, VIS_VERSION, WRAP, capped, feature_details, graph_key, layout, render_html,
+                                 vis_assets, vis_data, write_html)
 from dictcircuits.tasks import Task
 from dictcircuits.toy import random_dictionaries, toy_model
 from dictcircuits.trace import summary, trace
@@ -55,6 +55,7 @@ def test_page_is_self_contained_and_escapes_every_token():
     assert EVIL not in page and IMG not in page and "task<&>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # the prompt strip in the header
     vis_js, vis_css = vis_assets()
+    assert f"@version {VIS_VERSION}" in vis_js[:500] and ".vis-network" in vis_css  # the shipped package data
     assert vis_js in page and vis_css in page  # vis-network inlined
     ours = page.replace(vis_js, "")
     assert ours.count("<script") == 2  # vis-network's tag and our own script, nothing injected
