@@ -8,14 +8,13 @@ nonzero activations, which holds the page to about 1 KB per live feature. `#f=12
 from __future__ import annotations
 
 import html
-import json
 import re
 from pathlib import Path
 from typing import Mapping
 
 from .atomic import atomic_write_text, marker_html
-from .features import FeatureStats
-from .render import _esc, _shown
+from .feature_stats import FeatureStats
+from .html_text import esc, script_json, shown
 
 PAGE_FEATURES = 8192  # a page holds at most this many live features, the densest (about 1.2 KB each)
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
@@ -41,7 +40,7 @@ def page_data(st: FeatureStats) -> dict:
     used = sorted({t for rows in ids for row in rows for t in row if t >= 0}
                   | {t for r in top_ids + bot_ids for t in r})
     table = {t: i for i, t in enumerate(used)}
-    strings = [_shown(st.token_strings.get(t, f"<{t}>")) for t in used]
+    strings = [shown(st.token_strings.get(t, f"<{t}>")) for t in used]
     w = 1
     while 64 ** w < max(len(strings), 1):
         w += 1
@@ -74,21 +73,13 @@ def page_data(st: FeatureStats) -> dict:
 def render_page(st: FeatureStats) -> str:
     """The whole page as one string."""
     n_live = int(st.live.sum())
-    head = (f"<b>{_esc(st.site)}</b> · {_esc(st.model)} · {n_live} of {st.F} features fired on {st.tokens} tokens"
-            + (f" of <code>{_esc(st.dataset)}</code>" if st.dataset else ""))
+    head = (f"<b>{esc(st.site)}</b> · {esc(st.model)} · {n_live} of {st.F} features fired on {st.tokens} tokens"
+            + (f" of <code>{esc(st.dataset)}</code>" if st.dataset else ""))
     if n_live > PAGE_FEATURES:
         head += (f" · this page shows the {PAGE_FEATURES} densest; all are in "
-                 f"<code>{_esc(st.site)}/features.safetensors</code>")
-    parts = {"TITLE": _esc(f"{st.site} features · {st.model}"), "HEAD": head, "DATA": _script_json(page_data(st))}
+                 f"<code>{esc(st.site)}/features.safetensors</code>")
+    parts = {"TITLE": esc(f"{st.site} features · {st.model}"), "HEAD": head, "DATA": script_json(page_data(st), compact=True)}
     return re.sub(r"%(TITLE|HEAD|DATA)%", lambda m: parts[m.group(1)], _TEMPLATE)  # one pass: no text is re-read
-
-
-def _script_json(obj) -> str:
-    """Compact JSON safe inside <script>: no '<' or '>' can close the tag or open a comment (as render.py's,
-    without the spaces, which are a tenth of this page)."""
-    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    return (text.replace("<", "\\u003c").replace(">", "\\u003e")
-            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
 def write_page(st: FeatureStats, path: str | Path) -> Path:
@@ -97,7 +88,7 @@ def write_page(st: FeatureStats, path: str | Path) -> Path:
 
 def write_index(sites: Mapping[str, dict], path: str | Path) -> Path:
     """OUT/index.html: one link per site page."""
-    rows = "".join(f"<li><a href='{html.escape(v['page'], quote=True)}'>{_esc(s)}</a> · {_esc(v['model'])} · "
+    rows = "".join(f"<li><a href='{html.escape(v['page'], quote=True)}'>{esc(s)}</a> · {esc(v['model'])} · "
                    f"{int(v['live'])}/{int(v['features'])} features fired on {int(v['tokens'])} tokens</li>"
                    for s, v in sites.items())
     text = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>feature dashboards</title>"

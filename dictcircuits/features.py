@@ -5,11 +5,11 @@ deepest); each site's dictionary encodes it, and every nonzero activation is kep
 position, feature, value). From these, per feature: firing density, a histogram of the nonzero activations, the
 top-activating contexts (one per context, ranked by the feature's maximum there), contexts sampled across
 activation quantiles, and for each context a window of tokens around the maximum with the feature's activation at
-every token. The tokens a feature promotes and suppresses are read through the unembedding (`promoted_tokens`).
+every token. The tokens a feature promotes and suppresses come from the logit lens (logit_lens.py), the same
+one the circuit page uses.
 
-Stored per site as `OUT/<site>/features.safetensors` (tensors only) and `OUT/<site>/index.json` (schema, model, site,
-tokens seen, settings, and the strings of the token ids used), with one offline page `OUT/<site>.html` per site and
-`OUT/index.html` linking them; `OUT/dashboard.json` marks the folder as ours. Memory: about 16 bytes per nonzero
+The result is one `FeatureStats` per site, saved as feature_stats.py describes, with one offline page
+`OUT/<site>.html` per site (dashboard.py) and `OUT/index.html` linking them. Memory: about 16 bytes per nonzero
 activation (tokens x L0 per site) while the pass runs.
 """
 from __future__ import annotations
@@ -18,122 +18,27 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .atomic import GENERATOR, atomic_write, atomic_write_text, marked, writable_target
+from .atomic import atomic_write_text, marked, writable_target
+from .dashboard import write_index, write_page
 from .dictionary import Dictionary
 from .dictsets import choose_sites, resolve
 from .errors import DictCircuitsError
+from .feature_stats import (FORMAT, INDEX_NAME, MARKER, SCHEMA_VERSION, TENSORS_NAME, FeatureStats, is_dashboard,
+                            save_feature_stats)
+from .formats import _dictionary_folders
 from .harvest import ContextStream, check_ctx_len, check_dataset, token_mask
-from .models import Model, Tokens
+from .logit_lens import promoted_tokens
+from .models import Model, Tokens, load_model
+from .options import check_folder, check_memory, out_path, parse_count, resolve_device
 
-SCHEMA_VERSION = 1
-FORMAT = "dictcircuits-features"
-MARKER = "dashboard.json"  # OUT/dashboard.json: written first, names the folder as a dashboard of ours
-TENSORS_NAME, INDEX_NAME = "features.safetensors", "index.json"
 DEFAULT_TOKENS = "64k"
-TENSOR_FIELDS = ("density", "max_act", "hist", "hist_lo", "hist_hi", "example_ids", "example_acts", "example_context",
-                 "example_pos", "top_ids", "top_values", "bottom_ids", "bottom_values")
-
-
-@dataclass
-class FeatureStats:
-    """One site's dashboard data. E = n_top + n_bins * per_bin examples per feature: slots [0, n_top) are the
-    top-activating contexts (best first), then per_bin slots for each quantile bin: the other contexts where the
-    feature fired, ranked by its maximum there, are cut into n_bins equal shares (bin 0 = highest) and per_bin of
-    each are drawn at random (seeded).
-    A missing example (the feature fired in too few contexts) has context -1 and token ids -1. Each example is a
-    window of W = left + 1 + right tokens with its maximum at offset `left` (cells outside the context hold -1)."""
-
-    site: str
-    model: str
-    tokens: int  # tokens seen (positions whose activations were used: BOS excluded when exclude_bos)
-    contexts: int  # contexts run
-    ctx_len: int
-    dataset: str | None
-    n_top: int
-    n_bins: int
-    per_bin: int
-    left: int
-    right: int
-    density: torch.Tensor  # [F] fraction of the tokens where the feature is nonzero
-    max_act: torch.Tensor  # [F] largest activation (0 for a feature that never fired)
-    hist: torch.Tensor  # [F, B] int64 counts of the nonzero activations in B equal bins over [hist_lo, hist_hi]
-    hist_lo: torch.Tensor  # [F] smallest nonzero activation (0 when dead)
-    hist_hi: torch.Tensor  # [F] largest nonzero activation (0 when dead)
-    example_ids: torch.Tensor  # [F, E, W] int64 token ids, -1 outside the context or for a missing example
-    example_acts: torch.Tensor  # [F, E, W] float32 the feature's activation at each token (0 where not used)
-    example_context: torch.Tensor  # [F, E] int64 index of the context in the sample (-1: missing)
-    example_pos: torch.Tensor  # [F, E] int64 position of the maximum in that context (-1: missing)
-    top_ids: torch.Tensor  # [F, k] int64 token ids the decoder direction promotes most (through the unembedding)
-    top_values: torch.Tensor  # [F, k] their logit contributions per unit of feature activation
-    bottom_ids: torch.Tensor  # [F, k] the most suppressed
-    bottom_values: torch.Tensor  # [F, k]
-    token_strings: dict[int, str] = field(default_factory=dict)  # id -> text of every token id used above
-
-    @property
-    def F(self) -> int:
-        return int(self.density.shape[0])
-
-    @property
-    def live(self) -> torch.Tensor:  # [F] bool: fired at least once
-        return self.density > 0
-
-    @property
-    def slot_kinds(self) -> list[int]:
-        """For each example slot: 0 for a top-activating context, i + 1 for quantile bin i."""
-        return [0] * self.n_top + [1 + q for q in range(self.n_bins) for _ in range(self.per_bin)]
-
-    def card(self, feature: int, n_examples: int = 3, n_logits: int = 6) -> dict:
-        """One feature in the shape of render.feature_details' values (the circuit page's hover cards):
-        {"top_logits", "bottom_logits": [[token, value]], "examples": [{"tokens", "acts", "max"}]}, examples from
-        the top-activating contexts, with "density" and "page" (the anchor of its dashboard view, `#f=<feature>`)
-        added."""
-        text = self.token_strings.get
-        examples = []
-        for e in range(min(n_examples, self.n_top)):
-            if int(self.example_context[feature, e]) < 0:
-                break
-            keep = self.example_ids[feature, e] >= 0  # [W]
-            examples.append({"tokens": [text(int(t), "") for t in self.example_ids[feature, e][keep]],
-                             "acts": [round(float(a), 4) for a in self.example_acts[feature, e][keep]],
-                             "max": round(float(self.example_acts[feature, e, self.left]), 4)})
-        return {"top_logits": [[text(int(t), ""), float(v)] for t, v in
-                               zip(self.top_ids[feature, :n_logits], self.top_values[feature, :n_logits])],
-                "bottom_logits": [[text(int(t), ""), float(v)] for t, v in
-                                  zip(self.bottom_ids[feature, :n_logits], self.bottom_values[feature, :n_logits])],
-                "examples": examples, "density": float(self.density[feature]),
-                "page": f"{self.site}.html#f={feature}"}
-
-
-# --- promoted tokens ------------------------------------------------------------------------------------
-def promoted_tokens(model: Model, directions: torch.Tensor, k: int = 10,
-                    chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(top_ids, top_values, bottom_ids, bottom_values), each [F, k], for decoder directions [F, d]: the logit
-    change W_U @ u, where u is the direction as the final norm passes it on. Approximation: u = (norm(v) -
-    norm(-v)) / 2 * rms(v), which removes the norm's bias and keeps its per-channel scale (LayerNorm also centres
-    v); for an RMS norm with weight g this is exactly v * g. The norm's division by the residual's size (a positive
-    per-token scale), the layers after the site and any logit soft-capping are ignored."""
-    norm = model.hf.get_submodule(model.family.final_norm)
-    W_U = model.hf.get_submodule(model.family.unembed).weight.detach()  # [vocab, d]
-    k = min(k, W_U.shape[0])
-    parts: list[list[torch.Tensor]] = [[], [], [], []]
-    with torch.no_grad():
-        for lo in range(0, directions.shape[0], chunk):
-            v = directions[lo:lo + chunk].detach().to(W_U.device, W_U.dtype)  # [c, d]
-            rms = v.pow(2).mean(-1, keepdim=True).sqrt()  # [c, 1]
-            u = (norm(v) - norm(-v)) / 2 * rms  # [c, d]
-            logits = (u @ W_U.T).float()  # [c, vocab]
-            top, bottom = logits.topk(k, -1), logits.topk(k, -1, largest=False)
-            for out, t in zip(parts, (top.indices, top.values, bottom.indices, bottom.values)):
-                out.append(t.cpu())
-    ids_top, val_top, ids_bot, val_bot = (torch.cat(p) for p in parts)
-    return ids_top.long(), val_top, ids_bot.long(), val_bot
 
 
 # --- the pass -------------------------------------------------------------------------------------------
@@ -159,8 +64,6 @@ def feature_dashboard(model: Model, dicts: Mapping[str, Dictionary], tokens_or_s
                       progress: bool = True) -> dict[str, FeatureStats]:
     """{site: FeatureStats} for every dictionary in `dicts` from one pass over `tokens_or_stream`: packed contexts
     (Tokens or ids [n, ctx_len], all of them unless n_tokens caps them) or a ContextStream (n_tokens from it)."""
-    from tqdm.auto import tqdm
-
     for name, value, low in (("batch_size", batch_size, 1), ("n_top", n_top, 0), ("n_bins", n_bins, 0),
                              ("per_bin", per_bin, 0), ("left", left, 0), ("right", right, 0),
                              ("hist_bins", hist_bins, 1), ("n_logits", n_logits, 1)):
@@ -208,10 +111,11 @@ def feature_dashboard(model: Model, dicts: Mapping[str, Dictionary], tokens_or_s
         parts = [np.concatenate(p) if p else np.zeros(0, dtype=np.int32) for p in entries[s]]
         entries[s] = []  # free as we go
         stats = _site_stats(parts, dic.F, ids_all, seen, hist_bins, n_top, n_bins, per_bin, left, right, rng)
-        top = promoted_tokens(model, dic.directions, n_logits)
+        lens = promoted_tokens(model, dic.directions, n_logits)
         out[s] = FeatureStats(site=s, model=model.name, tokens=seen, contexts=done, ctx_len=ctx_len,
                               dataset=dataset, n_top=n_top, n_bins=n_bins, per_bin=per_bin, left=left, right=right,
-                              **stats, top_ids=top[0], top_values=top[1], bottom_ids=top[2], bottom_values=top[3])
+                              **stats, top_ids=lens.top_ids, top_values=lens.top_values, bottom_ids=lens.bottom_ids,
+                              bottom_values=lens.bottom_values)
         out[s].token_strings = _token_strings(model.tokenizer, out[s])
     return out
 
@@ -282,20 +186,9 @@ def _token_strings(tokenizer, st: FeatureStats) -> dict[int, str]:
 
 
 # --- files ----------------------------------------------------------------------------------------------
-def is_dashboard(folder: Path) -> bool:
-    """Whether `folder` holds a dashboard written by this module (its marker names our format)."""
-    try:
-        meta = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT
-
-
 def check_out(out: Path, sites: Sequence[str] = ()) -> None:
     """Refuse an --out that is a file, cannot be written, or is a non-empty folder we did not write; and any file
     the dashboard of `sites` would replace that is not ours (a page, index.html, a site's files), before any work."""
-    from .options import check_folder
-
     check_folder(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not is_dashboard(out):
         raise DictCircuitsError(f"--out {out} already holds files that are not a feature dashboard (no {MARKER} of "
@@ -308,55 +201,9 @@ def check_out(out: Path, sites: Sequence[str] = ()) -> None:
             raise DictCircuitsError(f"--out {out}: {exc}") from None
 
 
-def save_feature_stats(stats: FeatureStats, folder: str | Path) -> Path:
-    """OUT/<site>/features.safetensors and OUT/<site>/index.json (atomic each); returns the site folder."""
-    from safetensors.torch import save_file
-
-    site_dir = Path(folder) / stats.site
-    tensors = {name: getattr(stats, name).contiguous() for name in TENSOR_FIELDS}
-    atomic_write(site_dir / TENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"generator": GENERATOR}))
-    index = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "model": stats.model, "site": stats.site,
-             "tokens": stats.tokens, "contexts": stats.contexts, "ctx_len": stats.ctx_len, "dataset": stats.dataset,
-             "features": stats.F, "live": int(stats.live.sum()), "n_top": stats.n_top, "n_bins": stats.n_bins,
-             "per_bin": stats.per_bin, "left": stats.left, "right": stats.right,
-             "token_strings": {str(i): t for i, t in sorted(stats.token_strings.items())}}
-    atomic_write_text(site_dir / INDEX_NAME, json.dumps(marked(index), ensure_ascii=False, indent=1, allow_nan=False))
-    return site_dir
-
-
-def load_feature_stats(folder: str | Path, site: str) -> FeatureStats:
-    """The FeatureStats of `site` saved by `dictcircuits features --out folder` (or save_feature_stats)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    site_dir = Path(folder) / site
-    try:
-        index = json.loads((site_dir / INDEX_NAME).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DictCircuitsError(f"{folder} has no feature dashboard for site {site} ({site_dir / INDEX_NAME} is "
-                                "missing): run dictcircuits features for that site") from None
-    except (OSError, ValueError) as exc:
-        raise DictCircuitsError(f"cannot read {site_dir / INDEX_NAME} ({exc}); rerun dictcircuits features") from exc
-    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("schema_version") != SCHEMA_VERSION:
-        raise DictCircuitsError(f"{site_dir / INDEX_NAME} is not a schema-{SCHEMA_VERSION} feature dashboard index; "
-                                "rerun dictcircuits features with this version")
-    try:
-        tensors = load_file(str(site_dir / TENSORS_NAME))
-    except (OSError, SafetensorError) as exc:
-        raise DictCircuitsError(f"cannot read {site_dir / TENSORS_NAME} ({exc}); rerun dictcircuits features") from exc
-    missing = [n for n in TENSOR_FIELDS if n not in tensors]
-    if missing:
-        raise DictCircuitsError(f"{site_dir / TENSORS_NAME} lacks {', '.join(missing)}; rerun dictcircuits features")
-    keys = ("model", "site", "tokens", "contexts", "ctx_len", "dataset", "n_top", "n_bins", "per_bin", "left", "right")
-    return FeatureStats(**{k: index[k] for k in keys}, **{n: tensors[n] for n in TENSOR_FIELDS},
-                        token_strings={int(i): t for i, t in index.get("token_strings", {}).items()})
-
-
 def write_dashboard(stats: Mapping[str, FeatureStats], out: str | Path) -> list[Path]:
     """Every site's files and page, the marker and OUT/index.html; refuses a folder we did not write. Sites of an
     earlier run into the same folder that this run did not redo stay listed."""
-    from .dashboard import write_index, write_page
-
     out = Path(out)
     check_out(out, list(stats))
     listed: dict[str, dict] = {}
@@ -411,9 +258,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def check_args(args) -> tuple[int, Path | None]:
     """Refuse every bad option in one line before the model is loaded; returns (token count, dictionary folder or
     None for the default one, found once the model's name is known)."""
-    from .formats import _dictionary_folders
-    from .options import out_path, parse_count, resolve_device
-
     n_tokens = parse_count(args.tokens, "--tokens")
     for flag, value, low in (("--ctx-len", args.ctx_len, 2), ("--batch-size", args.batch_size, 1),
                              ("--top", args.top, 0), ("--bins", args.bins, 0), ("--per-bin", args.per_bin, 0),
@@ -444,9 +288,6 @@ def check_args(args) -> tuple[int, Path | None]:
 
 
 def run(args) -> int:
-    from .models import load_model
-    from .options import check_memory, resolve_device
-
     n_tokens, root = check_args(args)
     model = load_model(args.model, device=resolve_device(args.device))
     check_ctx_len(model, args.ctx_len)

@@ -1,7 +1,7 @@
-"""One self-contained interactive HTML page per circuit: vis-network (inlined from the pyvis package, so the page
-works with no network), a layered layout (rows = sites from the embeddings up to the metric, columns = token
+"""One self-contained interactive HTML page per circuit: vis-network (shipped in dictcircuits/assets/ and inlined,
+so the page works with no network), a layered layout (rows = sites from the embeddings up to the metric, columns = token
 positions), hover details for every feature (top-activating contexts from a feature dashboard or the task
-prompts, promoted and suppressed tokens), short auto labels, search, filters, a legend and the summary in the
+prompts, promoted and suppressed tokens from the logit lens the dashboards use), short auto labels, search, filters, a legend and the summary in the
 header. In the browser: user labels, pins and the pinned subgraph, supernodes (groups whose edges are the sums of
 their members' edges), kept in localStorage under the graph's identity and exported/imported as JSON. Graphs over
 MAX_SHOWN nodes are capped to the strongest. Every token string is HTML-escaped; user labels only ever reach the
@@ -9,7 +9,6 @@ page as text (textContent, canvas)."""
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import math
 import os
@@ -23,12 +22,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import marker_html
+from .circuit import LOGIT, CircuitGraph, Node, atomic_write, format_metric, shown_curve
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
-from .circuit import LOGIT, CircuitGraph, Node, atomic_write, format_metric, shown_curve
+from .feature_stats import is_dashboard, load_feature_stats
+from .html_text import esc, script_json, shown
+from .logit_lens import promoted_tokens
 from .models import Model
 
-VIS_VERSION = "vis-9.1.2"
+VIS_VERSION = "9.1.2"  # dictcircuits/assets/vis-network/: its JS, CSS, license and NOTICE
 ROW_GAP, LINE_H, NODE_W, LABEL_W, WRAP = 150, 54, 165, 170, 4  # layout units (pixels at zoom 1)
 MAX_SHOWN = 1000  # larger graphs are capped to their strongest nodes before rendering
 POS, NEG = (33, 102, 172), (178, 24, 43)  # blue: supports the clean answer; red: opposes it
@@ -41,8 +43,6 @@ def _token_text(tokenizer, ids) -> list[str]:
 
 def check_dashboard(folder: str | Path | None) -> Path | None:
     """The dashboard folder for feature cards (`dictcircuits features --out`), refused in one line if it is not one."""
-    from .features import is_dashboard
-
     if folder is None:
         return None
     folder = Path(folder)
@@ -56,8 +56,6 @@ def dashboard_cards(dashboard: str | Path, dictionaries: Mapping[str, Dictionary
                     n_examples: int = 3, n_logits: int = 6) -> dict[str, dict]:
     """Feature cards from a dashboard's corpus contexts for every feature node whose site it covers (with the same
     number of features); "page" becomes the absolute path of the feature's dashboard view."""
-    from .features import load_feature_stats
-
     folder = check_dashboard(dashboard).resolve()
     out: dict[str, dict] = {}
     for site in dict.fromkeys(n.site for n in nodes if n.kind == "feature"):
@@ -79,7 +77,7 @@ def feature_details(model: Model, dictionaries: Mapping[str, Dictionary], nodes:
                     progress: bool = True, dashboard: str | Path | None = None) -> dict[str, dict]:
     """{node id: {"top_logits", "bottom_logits": [[token, value]], "examples": [{"tokens", "acts"}]}} for every
     feature node: its top-activating contexts among `texts` (each cut to max_tokens) and the tokens its direction
-    promotes and suppresses through the final norm's scale and the unembedding. With `dashboard` (a folder written
+    promotes and suppresses (logit_lens.py, as the dashboards). With `dashboard` (a folder written
     by `dictcircuits features`), features of the sites it covers take its corpus contexts instead, plus "density"
     and "page" (the path of their dashboard view)."""
     cards = dashboard_cards(dashboard, dictionaries, nodes, n_examples, n_logits) if dashboard is not None else {}
@@ -93,20 +91,16 @@ def feature_details(model: Model, dictionaries: Mapping[str, Dictionary], nodes:
     by_site: dict[str, list[Node]] = {}
     for n in feats:
         by_site.setdefault(n.site, []).append(n)
-    W_U = model.hf.get_submodule(model.family.unembed).weight.detach()  # [vocab, d]
-    gamma = getattr(model.hf.get_submodule(model.family.final_norm), "weight", None)
     out: dict[str, dict] = {}
     tok = model.tokenizer
     with torch.no_grad():
         for site, group in by_site.items():
-            dirs = dictionaries[site].directions[[n.feature for n in group]].detach()  # [k, d]
-            if gamma is not None and gamma.shape == dirs.shape[1:]:
-                dirs = dirs * gamma.detach()
-            logits = dirs.to(W_U.dtype) @ W_U.T  # [k, vocab]
-            top, bottom = logits.topk(n_logits, -1), (-logits).topk(n_logits, -1)
+            lens = promoted_tokens(model, dictionaries[site].directions[[n.feature for n in group]], n_logits)
             for i, n in enumerate(group):
-                out[n.id] = {"top_logits": [[tok.decode([int(t)]), float(v)] for t, v in zip(top.indices[i], top.values[i])],
-                             "bottom_logits": [[tok.decode([int(t)]), -float(v)] for t, v in zip(bottom.indices[i], bottom.values[i])],
+                out[n.id] = {"top_logits": [[tok.decode([int(t)]), float(v)]
+                                            for t, v in zip(lens.top_ids[i], lens.top_values[i])],
+                             "bottom_logits": [[tok.decode([int(t)]), float(v)]
+                                               for t, v in zip(lens.bottom_ids[i], lens.bottom_values[i])],
                              "examples": []}
         if not texts:
             return out
@@ -138,15 +132,6 @@ def feature_details(model: Model, dictionaries: Mapping[str, Dictionary], nodes:
 
 
 # --- the page ------------------------------------------------------------------------------------------
-def _esc(text) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _shown(token: str) -> str:
-    """A token as shown: spaces and newlines visible."""
-    return token.replace(" ", "␣").replace("\n", "⏎") or "∅"
-
-
 def _rgba(sign_pos: bool, alpha: float) -> str:
     r, g, b = POS if sign_pos else NEG
     return f"rgba({r},{g},{b},{alpha:.3f})"
@@ -165,17 +150,17 @@ def _tooltip(node_id: str, a: dict, tokens: Sequence[str], details: dict | None,
     pos = a.get("position")
     where = "all positions" if pos is None else f"position {pos}"
     if pos is not None and 0 <= pos < len(tokens):
-        where += f" <code>{_esc(_shown(tokens[pos]))}</code>"
+        where += f" <code>{esc(shown(tokens[pos]))}</code>"
     kind = {"feature": f"feature {a.get('feature')}", "error": "error term ε", "logit": "metric",
             "embed": "token embedding"}[a["kind"]]
-    parts = [f"<div class='tt-h'>{_esc(a['site'])} · {_esc(kind)}</div>", f"<div>{where}</div>",
+    parts = [f"<div class='tt-h'>{esc(a['site'])} · {esc(kind)}</div>", f"<div>{where}</div>",
              f"<div>effect <b>{a['effect']:+.4g}</b> · {'‖err‖' if a['kind'] == 'error' else 'activation'} "
              f"{a.get('activation', 0.0):.4g}</div>"]
     if a.get("share") is not None:
         parts.append(f"<div>kept by <b>{100 * a['share']:.0f}%</b> of the prompts (per-prompt circuit)</div>")
     if details:
         for key, label in (("top_logits", "promotes"), ("bottom_logits", "suppresses")):
-            toks = " ".join(f"<code>{_esc(_shown(t))}</code>" for t, _ in details.get(key, []))
+            toks = " ".join(f"<code>{esc(shown(t))}</code>" for t, _ in details.get(key, []))
             parts.append(f"<div><span class='tt-k'>{label}</span> {toks}</div>")
         source = "corpus contexts (dashboard)" if details.get("page") else "contexts among the task prompts"
         if details.get("density") is not None:
@@ -184,12 +169,12 @@ def _tooltip(node_id: str, a: dict, tokens: Sequence[str], details: dict | None,
         for ex in details.get("examples", []):
             peak = max(ex["acts"] + [1e-9])
             spans = "".join(f"<span style='background:{_rgba(True, max(0.0, min(1.0, act / peak)) * 0.8)}'>"
-                            f"{_esc(t)}</span>" for t, act in zip(ex["tokens"], ex["acts"]))
+                            f"{esc(t)}</span>" for t, act in zip(ex["tokens"], ex["acts"]))
             parts.append(f"<div class='tt-ex'>{spans} <span class='tt-k'>max {ex['max']:.3g}</span></div>")
         if details.get("page"):
-            parts.append(f"<div><a href='{_esc(_page_href(details['page'], base))}' target='_blank' rel='noopener'>"
+            parts.append(f"<div><a href='{esc(_page_href(details['page'], base))}' target='_blank' rel='noopener'>"
                          "open in the feature dashboard</a></div>")
-    parts.append(f"<div class='tt-k'>{_esc(node_id)}</div>")
+    parts.append(f"<div class='tt-k'>{esc(node_id)}</div>")
     return "".join(parts)
 
 
@@ -206,7 +191,7 @@ def auto_label(a: dict, details: dict | None) -> str:
     if not words:
         words = [ex["tokens"][ex["acts"].index(max(ex["acts"]))] for ex in (details or {}).get("examples", [])[:2]
                  if ex["acts"]]
-    words = list(dict.fromkeys((w.strip() or _shown(w))[:12] for w in words))
+    words = list(dict.fromkeys((w.strip() or shown(w))[:12] for w in words))
     return f"{a['site']} #{a['feature']}" + (f' "{"/".join(words)}"' if words else "")
 
 
@@ -238,7 +223,7 @@ def layout(cg: CircuitGraph) -> tuple[dict[str, tuple[float, float]], list[float
     for n, a in sorted(g.nodes(data=True), key=lambda kv: (kv[1].get("feature") is None, -abs(kv[1]["effect"]))):
         cells.setdefault((row_of[a["order"]], a["position"] if a["position"] is not None else 0), []).append(n)
     P = max([len(cg.tokens)] + [p + 1 for _, p in cells])
-    label = [len(_shown(cg.tokens[p])) * 11 + 16 if p < len(cg.tokens) else NODE_W for p in range(P)]
+    label = [len(shown(cg.tokens[p])) * 11 + 16 if p < len(cg.tokens) else NODE_W for p in range(P)]
     width = [max([min(len(v), WRAP) * NODE_W for (_, p), v in cells.items() if p == pos] + [label[pos]]) for pos in range(P)]
     centre = [sum(width[:i]) + width[i] / 2 for i in range(P)]
     lines = [max([math.ceil(len(v) / WRAP) for (r, _), v in cells.items() if r == row] + [1]) for row in range(len(row_of))]
@@ -282,7 +267,7 @@ def vis_data(cg: CircuitGraph, base: Path | None = None) -> dict:
               for i, (_, site) in enumerate(rows)]
     if any(a["position"] is not None for _, a in g.nodes(data=True)):  # token columns (not for summed nodes)
         bottom = max(y for _, y in xy.values()) + ROW_GAP * 0.6
-        labels += [{"id": f"__tok{p}", "x": x, "y": bottom, "label": f"{_shown(tok)}\n{p}"}
+        labels += [{"id": f"__tok{p}", "x": x, "y": bottom, "label": f"{shown(tok)}\n{p}"}
                    for p, (x, tok) in enumerate(zip(col_x, cg.tokens))]
     for lab in labels:
         lab.update(shape="text", font={"size": 20, "color": "#444", "face": "monospace"})
@@ -296,25 +281,20 @@ def _node_color(kind: str, positive: bool, rel: float) -> dict:
     return {"background": _rgba(positive, 0.2 + 0.8 * rel), "border": _rgba(positive, 1.0)}
 
 
-def _script_json(obj) -> str:
-    """JSON safe inside <script>: no '<' or '>' can close the tag or open a comment."""
-    text = json.dumps(obj, ensure_ascii=False, allow_nan=False)
-    return (text.replace("<", "\\u003c").replace(">", "\\u003e")
-            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
-
-
-def _vis_assets() -> tuple[str, str]:
+def vis_assets() -> tuple[str, str]:
+    """vis-network's JS and CSS, shipped as package data (dictcircuits/assets/vis-network/)."""
+    lib = resources.files(__package__) / "assets" / "vis-network"
     try:
-        lib = resources.files("pyvis") / "lib" / VIS_VERSION
         return (lib / "vis-network.min.js").read_text(encoding="utf-8"), (lib / "vis-network.css").read_text(encoding="utf-8")
-    except (ModuleNotFoundError, FileNotFoundError) as exc:
-        raise DictCircuitsError(f"pyvis's bundled vis-network ({VIS_VERSION}) was not found ({exc}); install pyvis==0.3.2") from exc
+    except FileNotFoundError as exc:
+        raise DictCircuitsError(f"this install of dictcircuits lacks vis-network {VIS_VERSION} ({exc}); reinstall "
+                                "dictcircuits") from exc
 
 
 def render_html(cg: CircuitGraph, base: str | Path | None = None) -> str:
     """The whole page as one string (no external resources). base: the folder the page will be written to (for
     relative links to feature dashboards)."""
-    js, css = _vis_assets()
+    js, css = vis_assets()
     data = vis_data(cg, None if base is None else Path(base).resolve())
     ver = cg.verification
     stats = [("model", cg.model), ("prompts", cg.n_prompts), ("method", cg.method),
@@ -328,7 +308,7 @@ def render_html(cg: CircuitGraph, base: str | Path | None = None) -> str:
     if cg.settings.get("graph") == "replacement":  # circuit-tracer's scores of the full graphs (docs/replacement.md)
         stats += [("replacement score", format_metric(cg.settings.get("replacement_score"))),
                   ("completeness score", format_metric(cg.settings.get("completeness_score")))]
-    header = " · ".join(f"<span class='k'>{_esc(k)}</span> <b>{_esc(v)}</b>" for k, v in stats)
+    header = " · ".join(f"<span class='k'>{esc(k)}</span> <b>{esc(v)}</b>" for k, v in stats)
     if ver is not None and ver.curve:
         header += ("<div class='k'>faithfulness of " + ("each prompt's top-n nodes: " if ver.per_prompt else "the top-n nodes: ")
                    + " ".join(f"{n}:&nbsp;{format_metric(f, 2)}" for n, f in shown_curve(ver)) + "</div>")
@@ -336,14 +316,14 @@ def render_html(cg: CircuitGraph, base: str | Path | None = None) -> str:
         header += (f"<div id='capnote' class='note'>showing the {MAX_SHOWN} strongest nodes by |effect|: "
                    f"{data['left_out']} weaker nodes (and their edges) are left out of this page; the graph's "
                    ".json and .graphml hold them all</div>")
-    prompt = "".join(f"<code title='position {p}'>{_esc(_shown(t))}</code>" for p, t in enumerate(cg.tokens))
+    prompt = "".join(f"<code title='position {p}'>{esc(shown(t))}</code>" for p, t in enumerate(cg.tokens))
     sites = sorted({(a["order"], a["site"]) for _, a in cg.graph.nodes(data=True) if a["kind"] != "logit"})
     kinds = sorted({s.split(".")[0] for _, s in sites})
     layers = sorted({a["layer"] for _, a in cg.graph.nodes(data=True) if a["kind"] != "logit"})
-    opts_kind = "".join(f"<option value='{_esc(k)}'>{_esc(k)}</option>" for k in kinds)
+    opts_kind = "".join(f"<option value='{esc(k)}'>{esc(k)}</option>" for k in kinds)
     opts_layer = "".join(f"<option value='{int(l)}'>{'embed' if l < 0 else int(l)}</option>" for l in layers)
-    values = {"TITLE": _esc(f"{cg.task} circuit · {cg.model}"), "TASK": _esc(cg.task), "HEADER": header,
-              "PROMPT": prompt, "KINDS": opts_kind, "LAYERS": opts_layer, "DATA": _script_json(data),
+    values = {"TITLE": esc(f"{cg.task} circuit · {cg.model}"), "TASK": esc(cg.task), "HEADER": header,
+              "PROMPT": prompt, "KINDS": opts_kind, "LAYERS": opts_layer, "DATA": script_json(data),
               "ASSETS": f"<style>{css}</style>\n<script>{js}</script>"}
     # one pass over the template: a value is never searched again, so a task name or token holding "__DATA__"
     # stays text instead of becoming a placeholder

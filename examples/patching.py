@@ -17,7 +17,8 @@ from dictcircuits.attribute import node_effects
 from dictcircuits.intervene import ablate, compare_bases, patch
 from dictcircuits.models import DEFAULT_MODELS_DIR
 from dictcircuits.paths import default_dictionaries
-from dictcircuits.render import _shown, _token_text
+from dictcircuits.html_text import shown
+from dictcircuits.render import _token_text
 from dictcircuits.tasks import load_task
 from dictcircuits.toy import random_dictionaries, toy_model, toy_tokenizer
 
@@ -60,7 +61,7 @@ def main():
     nodes = [(float(v), site, p, j) for site, fx in eff.features.items()
              for v, (p, j) in zip(*_top(fx, TOP_K))]
     nodes = sorted(nodes, key=lambda n: -abs(n[0]))[:TOP_K]
-    tokens = [_shown(t) for t in _token_text(model.tokenizer, batch.clean.input_ids[0])]  # as the page shows them
+    tokens = [shown(t) for t in _token_text(model.tokenizer, batch.clean.input_ids[0])]  # as the page shows them
     for v, site, p, j in nodes:
         print(f"   {site:>8} feature {j:>5} at position {p:>2} ({tokens[p]!r:>10}): {v:+.4f}")
 

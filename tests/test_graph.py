@@ -2,7 +2,7 @@
 verification by real patching, JSON / GraphML round trips.
 
 The task batch and node effects here are small stand-ins with the interfaces of tasks.TaskBatch and
-attribute.NodeEffects (attribution patching), so these tests check graph.py on its own."""
+attribute.NodeEffects (attribution patching), so these tests check dictcircuits.circuit on its own."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,9 +11,9 @@ import networkx as nx
 import pytest
 import torch
 
+from dictcircuits.circuit import (LOGIT, CircuitGraph, Node, Patcher, build_graph, compute_edges, metric_parents,
+                                  node_activations, rank_nodes, select_count, verify)
 from dictcircuits.errors import DictCircuitsError
-from dictcircuits.graph import (LOGIT, CircuitGraph, Node, Patcher, build_graph, compute_edges, metric_parents,
-                                node_activations, rank_nodes, select_count, verify)
 from dictcircuits.splice import splice
 from dictcircuits.toy import random_dictionaries, toy_model
 

@@ -10,11 +10,11 @@ import networkx as nx
 import pytest
 import torch
 
+from dictcircuits.circuit import CircuitGraph, Node, Verification
 from dictcircuits.cli import main
 from dictcircuits.dictionary import save_dictionary
-from dictcircuits.graph import CircuitGraph, Node, Verification
-from dictcircuits.render import (NODE_W, WRAP, _vis_assets, capped, feature_details, graph_key, layout, render_html,
-                                 vis_data, write_html)
+from dictcircuits.render import (NODE_W, VIS_VERSION, WRAP, capped, feature_details, graph_key, layout, render_html,
+                                 vis_assets, vis_data, write_html)
 from dictcircuits.tasks import Task
 from dictcircuits.toy import random_dictionaries, toy_model
 from dictcircuits.trace import summary, trace
@@ -54,7 +54,8 @@ def test_page_is_self_contained_and_escapes_every_token():
     page = render_html(cg)
     assert EVIL not in page and IMG not in page and "task<&>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # the prompt strip in the header
-    vis_js, vis_css = _vis_assets()
+    vis_js, vis_css = vis_assets()
+    assert f"@version {VIS_VERSION}" in vis_js[:500] and ".vis-network" in vis_css  # the shipped package data
     assert vis_js in page and vis_css in page  # vis-network inlined
     ours = page.replace(vis_js, "")
     assert ours.count("<script") == 2  # vis-network's tag and our own script, nothing injected
@@ -111,7 +112,8 @@ def test_feature_details(toy_setup):
     info = feature_details(model, dicts, [node, Node("resid.0", 3)], task.clean, n_examples=2, progress=False)
     assert list(info) == [node.id]
     W_U = model.hf.lm_head.weight
-    direction = dicts["resid.0"].directions[5] * model.hf.transformer.ln_f.weight
+    v = dicts["resid.0"].directions[5]
+    direction = (v - v.mean()) * model.hf.transformer.ln_f.weight  # the LayerNorm's linear part (logit_lens.py)
     want = model.tokenizer.decode([int((W_U @ direction).argmax())])
     assert info[node.id]["top_logits"][0][0] == want
     exs = info[node.id]["examples"]
@@ -227,7 +229,8 @@ def test_auto_labels_key_and_cap():
 
 def test_feature_cards_from_a_dashboard(toy_setup, tmp_path):
     from dictcircuits.errors import DictCircuitsError
-    from dictcircuits.features import feature_dashboard, load_feature_stats, write_dashboard
+    from dictcircuits.feature_stats import load_feature_stats
+    from dictcircuits.features import feature_dashboard, write_dashboard
 
     model, dicts, task = toy_setup
     toks = model.tokenize(task.clean + task.corrupt)

@@ -27,7 +27,8 @@ from dictcircuits.cli import main
 from dictcircuits.dashboard import write_index
 from dictcircuits.dictionary import save_dictionary
 from dictcircuits.errors import DictCircuitsError
-from dictcircuits.features import MARKER, check_out
+from dictcircuits.feature_stats import MARKER
+from dictcircuits.features import check_out
 from dictcircuits.paths import default_dictionaries
 from dictcircuits.render import write_html
 from dictcircuits.tasks import Task
