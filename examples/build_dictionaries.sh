@@ -18,8 +18,13 @@ dictcircuits train "${common[@]}" --sites 'embed,mlp.1,mlp.2,resid.1,resid.2' --
 dictcircuits train "${common[@]}" --sites 'mlp.0,resid.0' --width 2x --out "$work/w2"
 dictcircuits train "${common[@]}" --sites 'attn.*' --width 1x --out "$work/w1"
 
-# 3. ship them and measure them
+# 3. skip transcoders for every MLP (mlp_in.L): the replacement model of `trace --graph replacement`
+dictcircuits train --model dc-mini --arch skip-transcoder --sites all --width 4x --k 16 --tokens 400k \
+    --batch-size 2048 --lr 2e-3 --dataset "$work/corpus.jsonl" --checkpoint-every 50 --save-dtype float16 \
+    --out "$work/skip"
+
+# 4. ship them and measure them
 rm -rf dictionaries/dc-mini/*/ dictionaries/dc-mini/eval.json
-for site in "$work"/w4/*/ "$work"/w2/*/ "$work"/w1/*/; do cp -r "$site" dictionaries/dc-mini/; done
+for site in "$work"/w4/*/ "$work"/w2/*/ "$work"/w1/*/ "$work"/skip/mlp_in.*/; do cp -r "$site" dictionaries/dc-mini/; done
 dictcircuits eval --model dc-mini --dictionaries dictionaries/dc-mini --dataset "$work/corpus.jsonl" \
     --tokens 32768 --skip 6500 --plots dictionaries/dc-mini/plots --json > dictionaries/dc-mini/eval.json

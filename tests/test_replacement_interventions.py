@@ -1,6 +1,8 @@
 """Interventions on transcoder features (dictcircuits/replacement_interventions.py): no edit is the clean run in both
 worlds; in the frozen world with every other feature held, an edit moves each target logit by exactly its graph
 edge scaled by the change; with attention free it is the real model plus the edited features' change."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from dictcircuits.replacement_interventions import FeatureEdit, intervene_featur
 from dictcircuits.splice import splice
 from dictcircuits.toy import TOY_FAMILIES
 
+from test_docs import blocks
 from test_replacement import PROMPT, transcoder_set
 
 
@@ -86,3 +89,18 @@ def test_bad_edits_are_refused(toy_models, edits, kwargs, message):
     model = toy_models[TOY_FAMILIES[0]]
     with pytest.raises(DictCircuitsError, match=message):
         intervene_features(model, PROMPT, transcoder_set(model), edits, **kwargs)
+
+
+def test_the_python_blocks_of_docs_replacement_run(capsys):
+    """docs/replacement.md's Python, run in order on dc-mini's shipped transcoders: a graph, its scores and an
+    intervention in both worlds."""
+    page = Path(__file__).parents[1] / "docs" / "replacement.md"
+    code = ["\n".join(lines) for lang, lines in blocks(page.read_text()) if lang == "python"]
+    assert len(code) == 2
+    scope: dict = {}
+    for block in code:
+        exec(compile(block, str(page), "exec"), scope)
+    printed = capsys.readouterr().out.splitlines()
+    assert "nodes kept" in printed[0]
+    assert printed[1].startswith("frozen [(") and printed[2].startswith("free [(")
+    assert scope["graph"].count("feature") > 0
