@@ -287,8 +287,10 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
         target, baseline = None, None
         if prompt is not None:
             batch, target = prompt_target(model, prompt, answer, wrong)
-            baseline = kind.values(AblationContext(model, dictionaries, batch.clean, dataset=dataset,
-                                                   mean_tokens=mean_tokens, progress=progress))
+            context = AblationContext(model, dictionaries, batch.clean, dataset=dataset, mean_tokens=mean_tokens,
+                                      progress=progress)
+            kind.check(context)
+            baseline = kind.values(context)
             name, texts = prompt, [prompt]
         else:
             if not isinstance(task, Task):  # generate extra prompts so that n of them share one token length

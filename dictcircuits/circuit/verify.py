@@ -75,8 +75,10 @@ class Patcher:
             rows = torch.arange(len(batch.clean), device=probs.device)
             self.answer_prob = float(probs[rows, batch.answer_ids.to(probs.device)].mean())
         if baseline is None:
+            kind = get_ablation(ablation, "task")
             context = AblationContext(model, self.dictionaries, batch.clean, corrupt=batch.corrupt)
-            baseline = get_ablation(ablation, "task").values(context)
+            kind.check(context)
+            baseline = kind.values(context)
         self.ablation = baseline.kind
         # site -> (f [1|batch, pos, F], err [1|batch, pos, d])
         self.abl = {s: tuple(v.to(model.device) for v in baseline.values(s, P)) for s in self.dictionaries}
