@@ -52,7 +52,9 @@ class NodeEffects:
 
 
 @dataclass
-class _SiteData:
+class SiteData:
+    """One site's activations at both ends of the attribution path and the node differences between them."""
+
     x_clean: torch.Tensor  # [batch, pos, d]
     x_corrupt: torch.Tensor  # [batch, pos, d]
     delta_f: torch.Tensor  # [batch, pos, F]
@@ -138,7 +140,7 @@ def node_effects(
     m_clean = narrow.metric(logits_clean)
     m_corrupt = narrow.metric(logits_corrupt, batch.corrupt)
     real = batch.clean.attention_mask.to(logits_clean.device).bool()  # [batch, pos]
-    data: dict[str, _SiteData] = {}
+    data: dict[str, SiteData] = {}
     with torch.no_grad():
         for s in sites:
             dic, xc, xk = dictionaries[s], acts_clean[s], acts_corrupt[s]
@@ -147,7 +149,7 @@ def node_effects(
             # positions the dictionary's rule passes through are never intervened on (positions.py): no effect there
             skip = skip_mask(dic, model, batch.clean.input_ids, xc) | skip_mask(dic, model, batch.corrupt.input_ids, xk)
             mask = (real & ~skip.to(real.device))[..., None]  # [batch, pos, 1]
-            data[s] = _SiteData(xc, xk, (fc - fk) * mask, (ec - ek) * mask)
+            data[s] = SiteData(xc, xk, (fc - fk) * mask, (ec - ek) * mask)
 
     grads = site_grads(model, batch, data, sites, method, steps, batch_size)
     if method == "exact":
@@ -182,7 +184,7 @@ def _check_nodes(nodes, dictionaries, P: int) -> dict[str, list[tuple[int, int |
     return checked
 
 
-def site_grads(model: Model, batch: TaskBatch, data: Mapping[str, _SiteData], sites: Sequence[str], method: str,
+def site_grads(model: Model, batch: TaskBatch, data: Mapping[str, SiteData], sites: Sequence[str], method: str,
                steps: int, batch_size: int | None) -> dict[str, torch.Tensor]:
     """Per site, the metric's gradient [batch, pos, d] at the site: averaged along the path from x_corrupt to x_clean
     for ig, at the clean run otherwise; batch_size caps the prompts per trace."""
@@ -195,7 +197,7 @@ def site_grads(model: Model, batch: TaskBatch, data: Mapping[str, _SiteData], si
     return {s: torch.cat([g[s] for g in per_span]) for s in sites}
 
 
-def linear_effects(dictionaries: Mapping[str, Dictionary], data: Mapping[str, _SiteData],
+def linear_effects(dictionaries: Mapping[str, Dictionary], data: Mapping[str, SiteData],
                    grads: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Attribution / IG effects from gradients: feature effects Δf · (g Dᵀ) [pos, F] and error effects Δerr · g
     [pos], averaged over prompts."""
@@ -213,7 +215,7 @@ def _start(model: Model, site: str) -> str | None:
     return site if model.site(site).kind == "resid" else None
 
 
-def _ig_grads(model: Model, batch: TaskBatch, site: str, data: _SiteData, span: slice, steps: int) -> torch.Tensor:
+def _ig_grads(model: Model, batch: TaskBatch, site: str, data: SiteData, span: slice, steps: int) -> torch.Tensor:
     """Mean gradient [batch, pos, d] over x_a = x_corrupt + a (x_clean - x_corrupt), a = (k + 0.5) / steps."""
     xc, xk = data.x_clean[span], data.x_corrupt[span]
     alphas = (torch.arange(steps, dtype=xc.dtype, device=xc.device) + 0.5) / steps

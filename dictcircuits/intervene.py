@@ -1,6 +1,7 @@
 """Interventions on dictionary features, all written as splice edits of (f, err): sub-rank feature patching,
-ablation (zero, mean, resample) of features, error terms or whole sites, steering (pin or add a feature), and the
-greedy "how many features does it take?" search with its PCA and neuron-basis baselines.
+ablation of features, error terms or whole sites (the kinds ablation.py registers for "intervene": zero, mean,
+resample), steering (pin or add a feature), and the greedy "how many features does it take?" search with its PCA and
+neuron-basis baselines.
 
 Patching at a site replaces the chosen features' activations by the source run's values and keeps everything else:
 x' = x_target + sum_{i in S} (c_i - cbar_i) f_i, with c the source's and cbar the target's feature activations and
@@ -17,6 +18,7 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from .ablation import DEFAULTS, AblationContext, ablation_names, get_ablation, listed, site_states, users_of
 from .dictionary import Dictionary, IdentityDictionary, LinearDictionary
 from .errors import DictCircuitsError, check_int, check_real
 from .models import Model, Tokens
@@ -25,7 +27,6 @@ from .tasks import TaskBatch
 
 # which features of a site: "all", feature indices, or a bool mask [F] or [pos, F] (per-position choice)
 FeatureSpec = Union[str, Sequence[int], torch.Tensor]
-ABLATIONS = ("zero", "mean", "resample")
 
 
 @dataclass
@@ -122,12 +123,6 @@ def _apply(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Tokens,
     return InterventionResult(res.logits, metric, res.states)
 
 
-def _source_states(model, dictionaries, tokens: Tokens, sites: Iterable[str]) -> dict[str, SiteState]:
-    sites = [s.name for s in model.resolve_sites(list(sites))]
-    with torch.no_grad():
-        return splice(model, tokens, {s: dictionaries[s] for s in sites}, stop_after=sites[-1]).states
-
-
 def patch(
     model: Model,
     dictionaries: Mapping[str, Dictionary],
@@ -162,7 +157,7 @@ def patch(
             logits = model.run(target)
         return InterventionResult(logits, batch.metric(logits, target), {})
     source, target = (batch.clean, batch.corrupt) if into == "corrupt" else (batch.corrupt, batch.clean)
-    src = _source_states(model, dictionaries, source, list(masks))
+    src = site_states(model, {s: dictionaries[s] for s in masks}, source)
     rules = {}
     for site, (fm, em) in masks.items():
         rules[site] = lambda f, err, fm=fm, em=em, s=src[site]: (torch.where(fm.to(f.device), s.f, f),
@@ -177,19 +172,21 @@ def ablate(
     features: Mapping[str, FeatureSpec] | None = None,
     errors: Iterable[str] = (),
     sites: Iterable[str] = (),
-    how: str = "zero",
+    how: str = DEFAULTS["intervene"],
     reference: Tokens | None = None,
     positions: Sequence[int] | None = None,
     seed: int = 0,
 ) -> InterventionResult:
     """Ablate features, error terms, or whole sites (all features and the error) of the clean prompts (or tokens).
 
-    zero: features to 0, errors to 0, whole sites to x = 0. mean: to the mean over every real token of `reference`
-    (default: the prompts being run). resample: row i takes the values of reference row perm[i] (a seeded random
-    permutation) at the same positions; reference defaults to the corrupt prompts and must have the same width.
+    how: an ablation registered for "intervene" (ablation.py). zero: features to 0, errors to 0, whole sites to
+    x = 0. mean: to the mean over every real token of `reference` (default: the prompts being run). resample: row i
+    takes the values of reference row perm[i] (a seeded random permutation) at the same positions; reference
+    defaults to the corrupt prompts and must have the same width.
     """
-    if how not in ABLATIONS:
-        raise DictCircuitsError(f"how={how!r}: ablate with one of {', '.join(ABLATIONS)}")
+    if how not in ablation_names("intervene"):
+        raise DictCircuitsError(f"how={how!r}: ablate with one of {', '.join(ablation_names('intervene'))}")
+    kind = get_ablation(how, "intervene")
     batch, tokens = _data(model, data)
     check_dictionaries(model, dictionaries)
     features = _feature_specs(features)
@@ -202,39 +199,26 @@ def ablate(
     P = tokens.input_ids.shape[1]
     positions = _positions(positions, P)
     if reference is not None:
-        if how == "zero":
-            raise DictCircuitsError("reference= is only used by mean and resample ablation; drop it for how='zero'")
+        if kind.needs != "reference":
+            raise DictCircuitsError(f"reference= is only used by {listed(users_of('reference', 'intervene'), 'and')} "
+                                    f"ablation; drop it for how={how!r}")
         check_tokens(model, reference, "reference")
-    if how == "resample":
-        reference = reference if reference is not None else (batch.corrupt if batch is not None else None)
-        if reference is None or reference.input_ids.shape[1] != P:
-            raise DictCircuitsError("resample ablation needs reference tokens of the same width as the prompts "
-                                    "(pass reference=, or a TaskBatch whose corrupt prompts are used)")
+    context = AblationContext(model, {s: dictionaries[s] for s in chosen}, tokens,
+                              corrupt=batch.corrupt if batch is not None else None, reference=reference, seed=seed)
+    kind.check(context)
     masks = {site: (_mask("all" if site in whole else features.get(site, []), (P, dictionaries[site].F), positions,
                           f"features at {site}"),
                     _mask("all" if site in whole or site in errors else [], (P, 1), positions, f"error at {site}"))
              for site in chosen}
-    replacement = {}
-    if how != "zero":
-        ref = _source_states(model, dictionaries, reference if reference is not None else tokens, chosen)
-        for site in chosen:
-            st = ref[site]
-            if how == "mean":
-                mask = (reference if reference is not None else tokens).attention_mask.bool().to(st.f.device)
-                replacement[site] = (st.f[mask].mean(0), st.err[mask].mean(0))  # [F], [d]
-            else:
-                perm = torch.randperm(len(st.f), generator=torch.Generator().manual_seed(seed))
-                rows = perm[torch.arange(len(tokens)) % len(perm)]
-                replacement[site] = (st.f[rows], st.err[rows])  # [batch, pos, F], [batch, pos, d]
+    values = kind.values(context)
     rules = {}
     for site, (fm, em) in masks.items():
-        def rule(f, err, fm=fm, em=em, site=site, dic=dictionaries[site]):
-            if how == "zero":
-                zero_err = -dic.decode(torch.zeros_like(f[:1, :1])) if site in whole else torch.zeros_like(err[:1, :1])
-                new_f, new_err = torch.zeros_like(f), zero_err.expand_as(err)
-            else:
-                new_f, new_err = (t.to(f.device).expand_as(like) for t, like in zip(replacement[site], (f, err)))
-            return torch.where(fm.to(f.device), new_f, f), torch.where(em.to(err.device), new_err, err)
+        def rule(f, err, fm=fm, em=em, site=site):
+            new_f, new_err = (t.to(f.device) for t in values.values(site, P))  # [1|batch, pos, F], [1|batch, pos, d]
+            if site in whole:
+                new_f, new_err = kind.whole_site(dictionaries[site], new_f, new_err)
+            return (torch.where(fm.to(f.device), new_f.expand_as(f), f),
+                    torch.where(em.to(err.device), new_err.expand_as(err), err))
 
         rules[site] = rule
     return _apply(model, dictionaries, tokens, rules, batch)

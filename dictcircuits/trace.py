@@ -21,14 +21,15 @@ from typing import Mapping
 
 from tqdm.auto import tqdm
 
+from .ablation import DEFAULTS, AblationContext, ablation_names, describe, get_ablation, listed
 from .atomic import writable_target
 from .attribute import METHODS, node_effects
 from .circuit import (RANKINGS, CircuitGraph, Patcher, build_graph, choose_nodes, compute_edges, format_metric,
                       metric_parents, node_activations, rank_nodes, shown_curve)
 from .circuit.nodes import Node
-from .circuit.prompt import (MEAN_TOKENS, baseline_effects, check_prompt_args, mean_baseline, prompt_target,
-                             zero_baseline)
+from .circuit.prompt import baseline_effects, check_prompt_args, prompt_target
 from .circuit.replacement_circuit import MIN_SHARE, replacement_circuit
+from .corpus_means import MEAN_TOKENS
 from .dictionary import Dictionary
 from .dictsets import resolve, run_folders
 from .errors import DictCircuitsError, check_int, check_real
@@ -41,7 +42,6 @@ from .terminal import printable
 
 PHASES = ("load", "effects", "verify", "edges", "details")
 GRAPHS = ("residual", "replacement")  # dictionaries at residual-stream sites, or transcoders replacing every MLP
-ABLATIONS = ("corrupt", "mean", "zero")
 EXACT_CANDIDATES = 3  # --method exact measures this many times the node cap of attribution-patching candidates
 EFFECTS_ROWS = 320  # prompts x IG steps per trace for node effects: bigger traces turn memory-bound on CPU
 OVERSAMPLE = 32  # built-in tasks generate n * OVERSAMPLE prompts; the first n of the commonest length and template are kept
@@ -85,8 +85,8 @@ def check_settings(*, n, steps, faithfulness, nodes, per_prompt, max_nodes, node
     check_int(max_nodes, "max_nodes", lo=1)
     if method not in METHODS:
         raise DictCircuitsError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    if ablation not in ABLATIONS:
-        raise DictCircuitsError(f"ablation {ablation!r} is not {', '.join(ABLATIONS[:-1])} or {ABLATIONS[-1]}")
+    if ablation not in ablation_names("task", "prompt"):
+        raise DictCircuitsError(f"ablation {ablation!r} is not {listed(ablation_names('task', 'prompt'))}")
     if rank not in RANKINGS:
         raise DictCircuitsError(f"unknown ranking {rank!r}: use one of {', '.join(RANKINGS)}")
     if faithfulness is not None:
@@ -147,7 +147,7 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
     None: the model's top token) or, with wrong, logit(answer) - logit(wrong); nodes are ablated to each dictionary's
     mean over mean_tokens positions of `dataset` (default: harvest's default corpus) or to zero (ablation "mean",
     the default, or "zero"); n, seed and strict do not apply. ablation (tasks): corrupt (default), mean (over the
-    corrupt prompts) or zero.
+    corrupt prompts) or zero. The ablations of either are the kinds dictcircuits.ablation registers for it.
 
     graph="replacement": the replacement model's attribution graphs (docs/replacement.md) from the transcoders of
     the dictionary set (mlp_in.* folders, one writing every MLP) instead of effects at residual sites: each prompt's
@@ -180,18 +180,21 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
                                 "of France is')" if task is None else "give a task or a prompt, not both")
     if prompt is None and (answer is not None or wrong is not None or dataset is not None):
         raise DictCircuitsError("answer, wrong and dataset apply to a single prompt; a task brings its own answers")
-    ablation = ablation or ("corrupt" if prompt is None else "mean")
+    scope = "task" if prompt is None else "prompt"
+    ablation = ablation or DEFAULTS[scope]
     check_dashboard(dashboard)
     if prompt is not None:
         check_prompt_args(prompt, answer, wrong, ablation)
         check_int(mean_tokens, "mean_tokens", lo=1, hi=MAX_MEAN_TOKENS)
         if method == "exact":
             raise DictCircuitsError("method exact is for tasks; use ig or attrib for a single prompt")
-        dataset = check_dataset(dataset) if ablation == "mean" else None
     check_settings(n=n, steps=steps, faithfulness=faithfulness, nodes=nodes, per_prompt=per_prompt,
                    max_nodes=max_nodes, node_threshold=node_threshold, keep_influence=keep_influence,
                    edge_threshold=edge_threshold, keep_edge_influence=keep_edge_influence, method=method,
                    ablation=ablation, rank=rank, refine=refine, seed=seed)
+    kind = get_ablation(ablation, scope)
+    if prompt is not None:
+        dataset = check_dataset(dataset) if kind.needs == "corpus" else None
     if prompt is None and not isinstance(task, Task):
         check_task_spec(task)
         if str(task) in GENERATORS and n > MAX_GENERATED // OVERSAMPLE:
@@ -231,8 +234,10 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
         target, baseline = None, None
         if prompt is not None:
             batch, target = prompt_target(model, prompt, answer, wrong)
-            baseline = (mean_baseline(model, dictionaries, dataset, mean_tokens, progress=progress)
-                        if ablation == "mean" else zero_baseline(dictionaries))
+            context = AblationContext(model, dictionaries, batch.clean, dataset=dataset, mean_tokens=mean_tokens,
+                                      progress=progress)
+            kind.check(context)
+            baseline = kind.values(context)
             name, texts = prompt, [prompt]
         else:
             if not isinstance(task, Task):  # generate extra prompts so that n of them share one token length
@@ -242,7 +247,6 @@ def trace(task: str | Task | None = None, model: Model | str | None = None, dict
             batch = task.tokenize(model)
             if batch.metric_name == "kl":
                 batch = batch.with_reference(model)
-            baseline = zero_baseline(dictionaries) if ablation == "zero" else None
             name, texts = task.name, list(dict.fromkeys(task.clean + task.corrupt))
         lap("load")
 
@@ -471,9 +475,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     edges.add_argument("--edge-threshold", type=float, default=None, help="keep edges with |weight| >= T")
     edges.add_argument("--keep-edge-influence", type=float, default=0.98,
                        help="keep the fewest edges carrying this share of the total |weight| (default 0.98)")
-    parser.add_argument("--ablation", choices=ABLATIONS, default=None,
-                        help="value of nodes outside the circuit: tasks: corrupt (default), mean (over the corrupt "
-                             "prompts) or zero; --prompt: mean (over a corpus sample, default) or zero")
+    parser.add_argument("--ablation", choices=ablation_names("task", "prompt"), default=None,
+                        help=f"value of nodes outside the circuit: tasks: {describe('task')}; --prompt: "
+                             f"{describe('prompt')}")
     parser.add_argument("--graph", choices=GRAPHS, default="residual",
                         help="residual: dictionaries at residual-stream sites (default); replacement: the replacement "
                              "model's attribution graph from the set's transcoders (mlp_in.L), token embeddings and "
@@ -556,7 +560,7 @@ def run(args: argparse.Namespace) -> int:
         if given:
             raise DictCircuitsError(f"{given[0]} applies to --prompt; a task brings its own answers")
     else:
-        check_prompt_args(args.prompt, args.answer, args.wrong, args.ablation or "mean")
+        check_prompt_args(args.prompt, args.answer, args.wrong, args.ablation or DEFAULTS["prompt"])
     faithfulness = args.faithfulness
     if faithfulness is not None and args.per_prompt not in (None, "auto"):
         raise DictCircuitsError("--faithfulness sizes the circuit, --per-prompt N fixes its size; give one")
@@ -564,7 +568,8 @@ def run(args: argparse.Namespace) -> int:
                     nodes=args.nodes, per_prompt=args.per_prompt, max_nodes=args.max_nodes,
                     node_threshold=args.node_threshold, keep_influence=args.keep_influence,
                     edge_threshold=args.edge_threshold, keep_edge_influence=args.keep_edge_influence,
-                    method=args.method, ablation=args.ablation or ("corrupt" if args.prompt is None else "mean"), rank=args.rank, refine=args.refine, seed=args.seed)
+                    method=args.method, ablation=args.ablation or DEFAULTS["task" if args.prompt is None else "prompt"],
+                    rank=args.rank, refine=args.refine, seed=args.seed)
     check_settings(**settings)
     resolve_device(args.device)
     out = out_path(args.out)

@@ -11,8 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dictcircuits import DictCircuitsError, load_model
+from dictcircuits.ablation import mean_baseline
 from dictcircuits.cache import CacheEntry
-from dictcircuits.circuit.prompt import _means_entry, mean_baseline
+from dictcircuits.corpus_means import _means_entry
 from dictcircuits.errors import DictCircuitsWarning
 from dictcircuits.model_sources import float_cache
 from dictcircuits.models import Model

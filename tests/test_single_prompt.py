@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from dictcircuits.circuit import Patcher, faithfulness_of
-from dictcircuits.circuit.prompt import (MEAN_BATCH, ablated_metric, mean_baseline, prompt_target, zero_baseline)
+from dictcircuits.ablation import mean_baseline, zero_baseline
+from dictcircuits.circuit.prompt import ablated_metric, prompt_target
 from dictcircuits.cli import main
+from dictcircuits.corpus_means import MEAN_BATCH
 from dictcircuits.formats import load_dictionaries
 from dictcircuits.harvest import ContextStream, default_dataset
 from dictcircuits.models import Tokens, load_model

@@ -1,8 +1,9 @@
 """The circuit pipeline, one module per step: effects (node effects laid out flat, per prompt) -> select (rankings,
 per-prompt top-N) -> verify (real patching, the auto-size search) -> sizing (choose the circuit's nodes) -> edges
 (direct effects) -> files (the graph, JSON, GraphML, the circuit-tracer / Neuronpedia export). Imports flow that way
-only (nodes is shared); trace.py runs the steps in order. prompt (single-prompt targets, mean/zero ablation baselines
-and node effects from them) stands beside effects and is imported as dictcircuits.circuit.prompt."""
+only (nodes is shared); trace.py runs the steps in order. prompt (single-prompt targets and node effects from an
+ablation baseline) stands beside effects and is imported as dictcircuits.circuit.prompt. What ablated nodes are set
+to comes from dictcircuits.ablation."""
 from .edges import compute_edges, metric_parents
 from .effects import FlatEffects, flat_effects, node_activations, node_effect
 from .files import SCHEMA_VERSION, CircuitGraph, atomic_write, build_graph

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..ablation import DEFAULTS, AblationContext, Baseline, ablation_names, get_ablation, listed
 from ..dictionary import Dictionary
 from ..errors import DictCircuitsError
 from ..models import Model
@@ -27,7 +28,7 @@ SEARCH_SPLIT = 8  # each refinement round tries SEARCH_SPLIT - 1 sizes inside th
 class Verification:
     """Metrics (means over prompts) of the model with everything outside a node set ablated."""
 
-    ablation: str  # corrupt | mean | zero
+    ablation: str  # the ablation's name (ablation.py)
     m_model: float  # the unmodified model on the clean prompts
     m_corrupt: float | None  # the unmodified model on the corrupt prompts; None for single prompts (none exist)
     m_empty: float  # every node ablated
@@ -48,18 +49,17 @@ class Patcher:
     """Runs the clean prompts with all nodes outside given node sets set to their ablation values, several
     node sets per trace (one replica of the batch each, as many as fit in max_features feature values)."""
 
-    def __init__(self, model: Model, dictionaries: Mapping[str, Dictionary], batch, ablation: str = "corrupt",
-                 max_features: int = 50_000_000, baseline=None):
-        """ablation corrupt: each prompt's corrupt values; mean: their mean over the corrupt prompts. A baseline
-        (circuit.prompt.Baseline: corpus mean or zero per site) replaces both; its prompts' corrupt side is not run
-        when it equals the clean side (single prompts), and m_corrupt is then None."""
-        if baseline is not None:
-            ablation = baseline.kind
-        elif ablation not in ("corrupt", "mean"):
-            raise DictCircuitsError(f"ablation {ablation!r} is not corrupt or mean")
+    def __init__(self, model: Model, dictionaries: Mapping[str, Dictionary], batch, ablation: str = DEFAULTS["task"],
+                 max_features: int = 50_000_000, baseline: Baseline | None = None):
+        """ablation: a kind ablation.py registers for tasks (corrupt: each prompt's corrupt values; mean: their mean
+        over the corrupt prompts; zero), its values drawn from the batch. A baseline (values already computed, such
+        as a single prompt's) replaces it; its prompts' corrupt side is not run when it equals the clean side
+        (single prompts), and m_corrupt is then None."""
+        if baseline is None and ablation not in ablation_names("task"):
+            raise DictCircuitsError(f"ablation {ablation!r} is not {listed(ablation_names('task'))}")
         if batch.clean.input_ids.shape != batch.corrupt.input_ids.shape:
             raise DictCircuitsError("clean and corrupt prompts differ in token length: align the task (Task.aligned) first")
-        self.model, self.dictionaries, self.batch, self.ablation = model, dict(dictionaries), batch, ablation
+        self.model, self.dictionaries, self.batch = model, dict(dictionaries), batch
         self.max_features = max_features
         P = batch.clean.input_ids.shape[1]
         paired = not torch.equal(batch.clean.input_ids, batch.corrupt.input_ids)
@@ -74,15 +74,14 @@ class Patcher:
             probs = torch.softmax(clean_logits.float(), -1)  # [batch, vocab]
             rows = torch.arange(len(batch.clean), device=probs.device)
             self.answer_prob = float(probs[rows, batch.answer_ids.to(probs.device)].mean())
-        self.abl = {}  # site -> (f [batch|1, pos, F], err [batch|1, pos, d])
-        if baseline is not None:
-            self.abl = {s: tuple(v.to(model.device) for v in baseline.values(s, P)) for s in self.dictionaries}
-        else:
-            with torch.no_grad():
-                states = splice(model, batch.corrupt, self.dictionaries).states
-            for s, st in states.items():
-                f, e = st.f.detach(), st.err.detach()
-                self.abl[s] = (f.mean(0, keepdim=True), e.mean(0, keepdim=True)) if ablation == "mean" else (f, e)
+        if baseline is None:
+            kind = get_ablation(ablation, "task")
+            context = AblationContext(model, self.dictionaries, batch.clean, corrupt=batch.corrupt)
+            kind.check(context)
+            baseline = kind.values(context)
+        self.ablation = baseline.kind
+        # site -> (f [1|batch, pos, F], err [1|batch, pos, d])
+        self.abl = {s: tuple(v.to(model.device) for v in baseline.values(s, P)) for s in self.dictionaries}
         self.shapes = {s: (P, d.F) for s, d in self.dictionaries.items()}
 
     def prompt_metrics(self, masks: Sequence[Masks]) -> torch.Tensor:
