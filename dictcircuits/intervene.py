@@ -17,7 +17,9 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .dictionary import Dictionary, IdentityDictionary, LinearDictionary
+from .archs.identity import IdentityDictionary
+from .archs.linear import LinearDictionary
+from .dictionary import Dictionary
 from .errors import DictCircuitsError, check_int, check_real
 from .models import Model, Tokens
 from .splice import SiteState, check_batch, check_dictionaries, check_tokens, splice

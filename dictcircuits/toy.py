@@ -6,6 +6,7 @@ import torch
 
 from .dictionary import Dictionary
 from .models import Model
+from .registry import ARCHS
 
 TOY_TEXT = (
     "When Mary and John went to the store, John gave a drink to Mary. "
@@ -75,10 +76,9 @@ def random_dictionary(arch: str, d: int, F: int, seed: int = 0, **hyper) -> Dict
                 p.copy_(torch.randn(p.shape, generator=g) / d ** 0.5)
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        if arch == "jumprelu":
-            dic.threshold.abs_()
-        if arch == "linear":  # make it a proper basis: encoder = pseudo-inverse of decoder
-            dic.W_enc.copy_(torch.linalg.pinv(dic.W_dec))
+        fix = ARCHS[arch].fix_random if arch in ARCHS else None  # e.g. thresholds >= 0, a linear basis' pinv
+        if fix is not None:
+            fix(dic)
     return dic
 
 
