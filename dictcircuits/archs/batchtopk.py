@@ -10,7 +10,7 @@ from ..registry import Arch, DLClass, ForeignNames, register
 from ..sparse import SparseFeatures
 from ..trainers import world_size
 from ..transcoder import Transcoder
-from .relu import _LINEAR, ReLUDictionary
+from .relu import DL_LINEAR, ReLUDictionary
 from .topk import TopKTrainer
 
 
@@ -80,5 +80,5 @@ register(Arch(
     "batchtopk", BatchTopKDictionary, recipes=(BatchTopKTrainer,), transcoder=BatchTopKTranscoder,
     defaults={"k": 32},
     foreign=ForeignNames(
-        dictionary_learning={"BatchTopKSAE": DLClass(True, {**_LINEAR, "b_dec": "b_dec", "threshold": "threshold"},
+        dictionary_learning={"BatchTopKSAE": DLClass(True, {**DL_LINEAR, "b_dec": "b_dec", "threshold": "threshold"},
                                                      optional=frozenset({"k"}), scalars=("threshold",))})))

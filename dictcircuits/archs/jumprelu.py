@@ -81,6 +81,7 @@ class JumpReLUTrainer(Trainer):
 
 
 def _nonnegative_thresholds(dic: JumpReLUDictionary) -> None:
+    """Random thresholds made valid: a JumpReLU threshold is >= 0."""
     dic.threshold.abs_()
 
 

@@ -10,7 +10,8 @@ from ..registry import Arch, DLClass, ForeignNames, register
 from ..trainers import Trainer, sse
 from ..transcoder import Transcoder
 
-_LINEAR = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "decoder.weight"}  # nn.Linear names in dictionary_learning
+# dictionary_learning's nn.Linear names (its encoder and decoder layers)
+DL_LINEAR = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "decoder.weight"}
 
 
 class ReLUDictionary(Dictionary):
@@ -128,6 +129,6 @@ class Standard2024Trainer(Trainer):
 register(Arch(
     "relu", ReLUDictionary, recipes=(StandardTrainer, Standard2024Trainer), transcoder=ReLUTranscoder,
     foreign=ForeignNames(
-        dictionary_learning={"AutoEncoder": DLClass(True, {**_LINEAR, "b_dec": "bias"}),
-                             "AutoEncoderNew": DLClass(False, {**_LINEAR, "b_dec": "decoder.bias"})},
+        dictionary_learning={"AutoEncoder": DLClass(True, {**DL_LINEAR, "b_dec": "bias"}),
+                             "AutoEncoderNew": DLClass(False, {**DL_LINEAR, "b_dec": "decoder.bias"})},
         saelens=("standard",), saelens_transcoders={"transcoder": False, "skip_transcoder": True})))

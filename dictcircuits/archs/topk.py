@@ -11,7 +11,7 @@ from ..registry import Arch, DLClass, ForeignNames, register
 from ..sparse import sparse_autoencoder, sparse_decode
 from ..trainers import SPARSE_MIN_WIDTH_PER_K, Trainer, first_output, sse
 from ..transcoder import Transcoder
-from .relu import _LINEAR, ReLUDictionary
+from .relu import DL_LINEAR, ReLUDictionary
 
 
 class TopKDictionary(ReLUDictionary):
@@ -105,6 +105,6 @@ class TopKTrainer(Trainer):
 register(Arch(
     "topk", TopKDictionary, recipes=(TopKTrainer,), transcoder=TopKTranscoder, defaults={"k": 32},
     foreign=ForeignNames(
-        dictionary_learning={"AutoEncoderTopK": DLClass(True, {**_LINEAR, "b_dec": "b_dec"},
+        dictionary_learning={"AutoEncoderTopK": DLClass(True, {**DL_LINEAR, "b_dec": "b_dec"},
                                                         optional=frozenset({"k", "threshold"}))},
         saelens=("topk",), sparsify=("topk",))))
