@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from dictcircuits import DictCircuitsError, load_dictionaries, load_model
-from dictcircuits.dictionary import Dictionary, IdentityDictionary
+from dictcircuits.archs.identity import IdentityDictionary
+from dictcircuits.dictionary import Dictionary
 from dictcircuits.harvest import check_dataset, collect
 from dictcircuits.intervene import fit_pca
 from dictcircuits.models import Model

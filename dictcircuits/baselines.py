@@ -1,6 +1,7 @@
-"""Baseline dictionaries with the same interface as trained ones (LinearDictionary, arch "linear"): PCA,
-ICA (FastICA written in torch), NMF (for non-negative sites) and random directions; the neuron basis is
-IdentityDictionary. Each fit takes activations x [n, d] in model units."""
+"""Baselines: dictionaries fitted in one go with the same interface as trained ones (the linear ones of
+archs/linear.py: PCA, ICA, NMF, random directions; the neuron basis of archs/identity.py), each registered by
+its architecture (registry.BASELINES). `fit_baseline` fits one to activations x [n, d] in model units;
+`train_baselines` is `dictcircuits train --arch <baseline>`."""
 from __future__ import annotations
 
 import time
@@ -8,156 +9,34 @@ from pathlib import Path
 
 import torch
 
-from .dictionary import Dictionary, IdentityDictionary, LinearDictionary, save_dictionary
-from .errors import DictCircuitsError, check_int, check_real
-
-
-def _linear(W_dec: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor | None, nonneg: bool = False,
-            kind: str = "") -> LinearDictionary:
-    """A LinearDictionary from decoder rows [F, d] and encoder [d, F], rows rescaled to unit norm."""
-    norms = W_dec.norm(dim=-1).clamp_min(1e-12)  # [F]
-    F, d = W_dec.shape
-    dic = LinearDictionary(d, F, center_input=b_dec is not None, nonneg=nonneg)
-    with torch.no_grad():
-        dic.W_dec.copy_(W_dec / norms[:, None])
-        dic.W_enc.copy_(W_enc * norms[None, :])
-        if b_dec is not None:
-            dic.b_dec.copy_(b_dec)
-    dic.meta["baseline"] = kind
-    return dic
-
-
-def _check(x: torch.Tensor, F: int | None) -> tuple[torch.Tensor, int]:
-    """x as float64 [n, d] and the number of directions (default d), both checked."""
-    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1:
-        raise DictCircuitsError(f"baselines need activations [n, d] with n >= 2; got "
-                                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if not torch.isfinite(x).all():
-        raise DictCircuitsError("the activations hold NaN or Inf; check the model run that produced them")
-    d = x.shape[1]
-    return x.double(), d if F is None else check_int(F, "F (number of directions)", 1)
-
-
-def pca(x: torch.Tensor, F: int | None = None) -> LinearDictionary:
-    """The top-F principal directions (F <= d); features are the centred coordinates along them."""
-    x, F = _check(x, F)
-    if F > x.shape[1]:
-        raise DictCircuitsError(f"PCA has at most d={x.shape[1]} directions; asked for {F}: ask for {x.shape[1]} "
-                                "or fewer")
-    mu = x.mean(0)  # [d]
-    _, _, Vh = torch.linalg.svd(x - mu, full_matrices=False)  # Vh [d, d], rows by decreasing variance
-    V = Vh[:F]  # [F, d]
-    return _linear(V.float(), V.T.float(), mu.float(), kind="pca")
-
-
-def ica(x: torch.Tensor, F: int | None = None, iters: int = 200, tol: float = 1e-5, seed: int = 0) -> LinearDictionary:
-    """FastICA (symmetric, logcosh contrast) on the top-F whitened principal components."""
-    x, F = _check(x, F)
-    if F > x.shape[1]:
-        raise DictCircuitsError(f"ICA has at most d={x.shape[1]} components; asked for {F}: ask for {x.shape[1]} "
-                                "or fewer")
-    iters, tol, seed = check_int(iters, "iters", 1), check_real(tol, "tol", 0.0, above=True), check_int(seed, "seed")
-    mu = x.mean(0)
-    xc = x - mu  # [n, d]
-    cov = xc.T @ xc / xc.shape[0]  # [d, d]
-    evals, evecs = torch.linalg.eigh(cov)
-    evals, evecs = evals.flip(0)[:F].clamp_min(1e-12), evecs.flip(1)[:, :F]
-    K = evecs / evals.sqrt()  # [d, F] whitening
-    z = xc @ K  # [n, F] white
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(F, F, generator=g, dtype=torch.float64)
-
-    def decorrelate(W):  # (W Wᵀ)^{-1/2} W
-        s, u = torch.linalg.eigh(W @ W.T)
-        return u @ torch.diag(s.clamp_min(1e-12).rsqrt()) @ u.T @ W
-
-    W = decorrelate(W)
-    for _ in range(iters):
-        y = z @ W.T  # [n, F]
-        gy = torch.tanh(y)
-        W_new = decorrelate(gy.T @ z / z.shape[0] - (1 - gy ** 2).mean(0)[:, None] * W)
-        converged = (torch.einsum("ij,ij->i", W_new, W).abs() - 1).abs().max() < tol
-        W = W_new
-        if converged:
-            break
-    W_enc = K @ W.T  # [d, F]: f = (x - mu) W_enc
-    W_dec = torch.linalg.pinv(W_enc)  # [F, d]
-    return _linear(W_dec.float(), W_enc.float(), mu.float(), kind="ica")
-
-
-def nmf(x: torch.Tensor, F: int, iters: int = 300, seed: int = 0) -> LinearDictionary:
-    """Non-negative factorisation x ≈ H W (H [n, F], W [F, d] >= 0, multiplicative updates); encoding new
-    activations uses ReLU(x pinv(W)). Only for sites whose activations are non-negative."""
-    if F is None:
-        raise DictCircuitsError("NMF needs the number of directions F; pass F (e.g. the site width)")
-    x, F = _check(x, F)
-    iters, seed = check_int(iters, "iters", 1), check_int(seed, "seed")
-    if x.min() < -1e-6 * x.abs().max():
-        raise DictCircuitsError(f"NMF needs non-negative activations but this site reaches {float(x.min()):.3g}: "
-                                "use pca, ica or random here")
-    x = x.clamp_min(0)
-    g = torch.Generator().manual_seed(seed)
-    scale = (x.mean() / F).sqrt()
-    H = torch.rand(x.shape[0], F, generator=g, dtype=torch.float64) * scale  # [n, F]
-    W = torch.rand(F, x.shape[1], generator=g, dtype=torch.float64) * scale  # [F, d]
-    eps = 1e-12
-    for _ in range(iters):
-        H *= (x @ W.T) / (H @ (W @ W.T) + eps)
-        W *= (H.T @ x) / ((H.T @ H) @ W + eps)
-    return _linear(W.float(), torch.linalg.pinv(W).float(), None, nonneg=True, kind="nmf")
-
-
-def random_directions(x: torch.Tensor, F: int | None = None, seed: int = 0) -> LinearDictionary:
-    """F random unit directions with least-squares codes (pseudo-inverse encoder), centred on the data mean."""
-    x, F = _check(x, F)
-    g = torch.Generator().manual_seed(check_int(seed, "seed"))
-    W_dec = torch.randn(F, x.shape[1], generator=g, dtype=torch.float64)  # [F, d]
-    W_dec /= W_dec.norm(dim=-1, keepdim=True)
-    return _linear(W_dec.float(), torch.linalg.pinv(W_dec).float(), x.mean(0).float(), kind="random")
-
-
-def identity(x: torch.Tensor, F: int | None = None) -> IdentityDictionary:
-    """The neuron basis of the site (exactly d directions)."""
-    x, F = _check(x, F)
-    if F != x.shape[1]:
-        raise DictCircuitsError(f"the neuron basis has exactly d={x.shape[1]} directions; asked for {F}: "
-                                "drop the width")
-    dic = IdentityDictionary(x.shape[1])
-    dic.meta["baseline"] = "identity"
-    return dic
-
-
-BASELINES = {"pca": pca, "ica": ica, "nmf": nmf, "random": random_directions, "identity": identity}
+from .dictionary import Dictionary, save_dictionary
+from .errors import DictCircuitsError, check_int
+from .harvest import collect
+from .registry import BASELINES
+from .train_result import TrainResult
 
 
 def fit_baseline(kind: str, x: torch.Tensor, F: int | None = None, seed: int = 0) -> Dictionary:
     """Fit the named baseline to activations x [n, d]."""
     if kind not in BASELINES:
         raise DictCircuitsError(f"unknown baseline {kind!r}: choose one of {', '.join(BASELINES)}")
-    if kind == "nmf":
-        return nmf(x, F or x.shape[1], seed=seed)
-    if kind in ("ica", "random"):
-        return BASELINES[kind](x, F, seed=seed)
-    return BASELINES[kind](x, F)
+    return BASELINES[kind].fit(x, F, seed)
 
 
 def train_baselines(model, sites, kind: str, dataset: str, n_tokens: int, out: Path, summary: dict,
                     width: int | None = None, ctx_len: int = 128, seed: int = 0):
     """`dictcircuits train --arch <baseline>`: fit on about n_tokens activations per site and save."""
-    from .harvest import collect
-    from .train import TrainResult
-
     if kind not in BASELINES:
         raise DictCircuitsError(f"unknown baseline {kind!r}: choose one of {', '.join(BASELINES)}")
     width = None if width is None else check_int(width, "--width", 1)
-    if kind == "identity" and width is not None and width < model.d_model:
-        raise DictCircuitsError(f"the neuron basis has exactly d={model.d_model} directions; --width {width} "
+    if BASELINES[kind].exactly_d and width is not None and width < model.d_model:
+        raise DictCircuitsError(f"--arch {kind} has exactly d={model.d_model} directions; --width {width} "
                                 "would not apply: drop --width")
     start = time.perf_counter()
     acts = collect(model, sites, dataset, n_tokens, ctx_len=ctx_len)  # site -> [n, d]
     dicts, final = {}, {}
     for site, x in acts.items():
-        F = width if kind in ("nmf", "random") else min(width or x.shape[1], x.shape[1])
+        F = min(width or x.shape[1], x.shape[1]) if BASELINES[kind].at_most_d else width
         dic = fit_baseline(kind, x, F, seed=seed)
         with torch.no_grad():
             x_hat, f = dic(x)

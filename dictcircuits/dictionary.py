@@ -27,14 +27,15 @@ from torch import nn
 from .atomic import follow_umask, json_safe, pid_alive
 from .errors import DictCircuitsError
 from .options import nearest_existing
+from .registry import ARCHITECTURES
 
 FORMAT_VERSION = 1
-ARCHITECTURES: dict[str, type["Dictionary"]] = {}
 
 
 class Dictionary(nn.Module, metaclass=ABCMeta):
     """Base class: subclasses define `arch`, their parameters, `_encode` (on scaled, centred input) and
-    `encoder_direction` (each feature's gradient where it fires)."""
+    `encoder_direction` (each feature's gradient where it fires); each lives in its architecture's module of
+    dictcircuits/archs/ and is registered there (registry.py)."""
 
     arch: ClassVar[str] = ""
     is_transcoder: ClassVar[bool] = False  # reads one site and writes another (transcoder.py)
@@ -48,11 +49,6 @@ class Dictionary(nn.Module, metaclass=ABCMeta):
         self.b_dec = nn.Parameter(torch.zeros(self.d))
         self.register_buffer("input_scale", torch.tensor(1.0))
         self.meta: dict = {}  # site, model, training summary: carried into cfg.json
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if cls.arch:
-            ARCHITECTURES[cls.arch] = cls
 
     # --- the interface -------------------------------------------------------------------------
     def hyperparams(self) -> dict:
@@ -142,172 +138,6 @@ def _k_in_range(k, F: int) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 < k <= F:
         raise DictCircuitsError(f"k={k!r} must be a whole number in 1..F={F}")
     return int(k)
-
-
-class ReLUDictionary(Dictionary):
-    """Standard SAE: f = ReLU((x - b_dec) W_enc + b_enc), untied decoder (Bricken et al. 2023)."""
-
-    arch = "relu"
-
-    def __init__(self, d: int, F: int, center_input: bool = True):
-        super().__init__(d, F, center_input)
-        self.W_enc = nn.Parameter(torch.zeros(self.d, self.F))
-        self.b_enc = nn.Parameter(torch.zeros(self.F))
-
-    def pre_acts(self, x_prepared: torch.Tensor) -> torch.Tensor:
-        return x_prepared @ self.W_enc + self.b_enc
-
-    def _encode(self, x):
-        return torch.relu(self.pre_acts(x))
-
-    def encoder_direction(self, idx):
-        return self.W_enc.T[idx] * self.input_scale
-
-
-class TiedDictionary(Dictionary):
-    """Tied SAE (Cunningham et al. 2023): the encoder is the decoder's transpose."""
-
-    arch = "tied"
-
-    def __init__(self, d: int, F: int, center_input: bool = True):
-        super().__init__(d, F, center_input)
-        self.b_enc = nn.Parameter(torch.zeros(self.F))
-
-    def _encode(self, x):
-        return torch.relu(x @ self.W_dec.T + self.b_enc)
-
-    def encoder_direction(self, idx):
-        return self.W_dec[idx] * self.input_scale
-
-
-class GatedDictionary(Dictionary):
-    """Gated SAE (Rajamanoharan et al. 2024): a gate decides which features fire, a magnitude path how much."""
-
-    arch = "gated"
-
-    def __init__(self, d: int, F: int, center_input: bool = True):
-        super().__init__(d, F, center_input)
-        self.W_enc = nn.Parameter(torch.zeros(self.d, self.F))
-        self.b_gate = nn.Parameter(torch.zeros(self.F))
-        self.b_mag = nn.Parameter(torch.zeros(self.F))
-        self.r_mag = nn.Parameter(torch.zeros(self.F))
-
-    def gate_pre(self, x_prepared):
-        return x_prepared @ self.W_enc + self.b_gate
-
-    def _encode(self, x):
-        pre = x @ self.W_enc
-        gate = (pre + self.b_gate) > 0
-        mag = torch.relu(pre * torch.exp(self.r_mag) + self.b_mag)
-        return mag * gate
-
-    def encoder_direction(self, idx):  # the magnitude path's; the gate is flat
-        return self.W_enc.T[idx] * torch.exp(self.r_mag[idx])[..., None] * self.input_scale
-
-
-class JumpReLUDictionary(ReLUDictionary):
-    """JumpReLU SAE (Rajamanoharan et al. 2024b): a feature fires only above its own threshold."""
-
-    arch = "jumprelu"
-
-    def __init__(self, d: int, F: int, center_input: bool = True):
-        super().__init__(d, F, center_input)
-        self.threshold = nn.Parameter(torch.zeros(self.F))
-
-    def _encode(self, x):
-        pre = self.pre_acts(x)
-        return torch.relu(pre) * (pre > self.threshold)
-
-
-class TopKDictionary(ReLUDictionary):
-    """TopK SAE (Gao et al. 2024): keep the k largest ReLU pre-activations of each token."""
-
-    arch = "topk"
-
-    def __init__(self, d: int, F: int, k: int = 32, center_input: bool = True):
-        super().__init__(d, F, center_input)
-        self.k = _k_in_range(k, self.F)
-
-    def hyperparams(self):
-        return {**super().hyperparams(), "k": self.k}
-
-    def _encode(self, x):
-        pre = torch.relu(self.pre_acts(x))
-        vals, idx = pre.topk(self.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter(-1, idx, vals)
-
-
-class BatchTopKDictionary(ReLUDictionary):
-    """BatchTopK SAE (Bussmann et al. 2024): trained with top-(k*B) over a batch; at inference a single
-    learned threshold decides which features fire, so encoding does not depend on the batch."""
-
-    arch = "batchtopk"
-
-    def __init__(self, d: int, F: int, k: int = 32, center_input: bool = True):
-        super().__init__(d, F, center_input)
-        self.k = _k_in_range(k, self.F)
-        self.register_buffer("threshold", torch.tensor(0.0))
-
-    def hyperparams(self):
-        return {**super().hyperparams(), "k": self.k}
-
-    def _encode(self, x):
-        pre = torch.relu(self.pre_acts(x))
-        return pre * (pre > self.threshold)
-
-
-class LinearDictionary(Dictionary):
-    """A linear basis: f = (x - b_dec) W_enc, x_hat = f W_dec + b_dec. PCA, ICA, random directions and
-    NMF baselines are linear dictionaries with different matrices."""
-
-    arch = "linear"
-
-    def __init__(self, d: int, F: int, center_input: bool = True, nonneg: bool = False):
-        super().__init__(d, F, center_input)
-        self.W_enc = nn.Parameter(torch.zeros(self.d, self.F))
-        self.nonneg = _flag("nonneg", nonneg)
-
-    def hyperparams(self):
-        return {**super().hyperparams(), "nonneg": self.nonneg}
-
-    def _encode(self, x):
-        f = x @ self.W_enc
-        return torch.relu(f) if self.nonneg else f
-
-    def encoder_direction(self, idx):
-        return self.W_enc.T[idx] * self.input_scale
-
-    def fires(self, f):
-        return f != 0 if self.nonneg else torch.ones_like(f, dtype=torch.bool)
-
-
-class IdentityDictionary(Dictionary):
-    """The neuron basis: features are the activation's coordinates, so every method runs 'without a
-    dictionary' as a baseline. Reconstruction is exact and the error term is zero."""
-
-    arch = "identity"
-
-    def __init__(self, d: int, F: int | None = None, center_input: bool = False):
-        F = d if F is None else F
-        if F != d:
-            raise DictCircuitsError(f"the identity dictionary has F = d; got d={d}, F={F}")
-        super().__init__(d, F, center_input=False)
-        with torch.no_grad():
-            self.W_dec.copy_(torch.eye(d))
-        self.W_dec.requires_grad_(False)
-        self.b_dec.requires_grad_(False)
-
-    def hyperparams(self):
-        return {}
-
-    def _encode(self, x):
-        return x
-
-    def encoder_direction(self, idx):
-        return self.W_dec[idx] * self.input_scale  # W_dec is the identity
-
-    def fires(self, f):
-        return torch.ones_like(f, dtype=torch.bool)
 
 
 # --- our format -------------------------------------------------------------------------------------

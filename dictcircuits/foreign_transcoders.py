@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from .dictionary import check_finite, create_checked, load_checked, read_json_object
 from .errors import DictCircuitsError
+from .registry import ARCHS
 from .transcoder import Transcoder, read_site, write_sites
 
 # --- hooks -> sites --------------------------------------------------------------------------------------
@@ -380,14 +381,13 @@ def load_gemma_scope_2(path: str | Path) -> Transcoder:
 
 
 # --- SAELens ----------------------------------------------------------------------------------------------
-SAELENS_TRANSCODERS = {  # architecture -> (activation, skip)
-    "transcoder": ("relu", False), "skip_transcoder": ("relu", True),
-    "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True),
-}
+def saelens_transcoders() -> dict[str, tuple[str, bool]]:
+    """SAELens transcoder architecture -> (our activation, skip), from the registered architectures."""
+    return {name: (arch.name, skip) for arch in ARCHS.values() for name, skip in arch.foreign.saelens_transcoders.items()}
 
 
 def is_saelens_transcoder(cfg: dict) -> bool:
-    return cfg.get("architecture") in SAELENS_TRANSCODERS
+    return cfg.get("architecture") in saelens_transcoders()
 
 
 def _saelens_hooks(cfg: dict) -> tuple[str | None, str | None, str | None, str | None]:
@@ -418,7 +418,7 @@ def load_saelens_transcoder(path: str | Path) -> Transcoder:
     path = Path(path)
     cfg_path, where = path / "cfg.json", path / "sae_weights.safetensors"
     cfg = read_json_object(cfg_path)
-    activation, skip = SAELENS_TRANSCODERS[cfg["architecture"]]
+    activation, skip = saelens_transcoders()[cfg["architecture"]]
     layer = saelens_layer(cfg, cfg_path)
     if cfg.get("apply_b_dec_to_input") is True:
         raise DictCircuitsError(f"{cfg_path}: apply_b_dec_to_input is true, which SAELens refuses for transcoders; "

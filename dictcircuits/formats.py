@@ -21,6 +21,7 @@ from .dictionary import (CFG_NAME, FLOAT_DTYPES, SET_MARKER, WEIGHTS_NAME, Dicti
                          save_dictionary, temp_target, write_folder)
 from . import foreign_transcoders as ftc
 from .errors import DictCircuitsError, DictCircuitsWarning
+from .registry import ARCHS, DLClass
 
 
 def _first_line(exc: BaseException) -> str:
@@ -91,33 +92,24 @@ def _whole(value, what: str, where) -> int:
 
 
 # --- dictionary_learning -----------------------------------------------------------------------------
-_LINEAR = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "decoder.weight"}
-_DL_CLASSES = {  # class -> (our arch, center_input, {our tensor: its name in ae.pt}, optional extra tensors)
-    "AutoEncoder": ("relu", True, {**_LINEAR, "b_dec": "bias"}, set()),
-    "AutoEncoderNew": ("relu", False, {**_LINEAR, "b_dec": "decoder.bias"}, set()),
-    "GatedAutoEncoder": ("gated", True, {"W_enc": "encoder.weight", "b_gate": "gate_bias", "b_mag": "mag_bias",
-                                         "r_mag": "r_mag", "W_dec": "decoder.weight", "b_dec": "decoder_bias"}, set()),
-    # apply_b_dec_to_input is a plain attribute that is not saved; its default is False
-    "JumpReluAutoEncoder": ("jumprelu", False, {k: k for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")},
-                            set()),
-    "AutoEncoderTopK": ("topk", True, {**_LINEAR, "b_dec": "b_dec"}, {"k", "threshold"}),
-    "BatchTopKSAE": ("batchtopk", True, {**_LINEAR, "b_dec": "b_dec", "threshold": "threshold"}, {"k"}),
-}
+def _dl_classes() -> dict[str, tuple[str, DLClass]]:
+    """dictionary_learning class -> (our arch, how it saves that class), from the registered architectures."""
+    return {cls: (arch.name, spec) for arch in ARCHS.values() for cls, spec in arch.foreign.dictionary_learning.items()}
 
 
 def _dl_class(sd: dict, trainer: dict, pt: Path) -> str:
     cls = trainer.get("dict_class")
     if cls is not None:
-        if not isinstance(cls, str) or cls not in _DL_CLASSES:
+        if not isinstance(cls, str) or cls not in _dl_classes():
             raise DictCircuitsError(f"{pt.parent / 'config.json'}: dictionary_learning class {cls!r} is not supported; "
-                                    f"supported: {', '.join(_DL_CLASSES)}")
+                                    f"supported: {', '.join(_dl_classes())}")
         return cls
     keys = set(sd)
     if {"r_mag", "gate_bias", "mag_bias"} <= keys:
         return "GatedAutoEncoder"
     if "group_sizes" in keys:
         raise DictCircuitsError(f"{pt}: dictionary_learning MatryoshkaBatchTopKSAE is not supported; supported: "
-                                f"{', '.join(_DL_CLASSES)}")
+                                f"{', '.join(_dl_classes())}")
     if {"k", "b_dec", "encoder.weight"} <= keys:
         return "AutoEncoderTopK"
     if {"W_enc", "threshold"} <= keys:
@@ -167,9 +159,10 @@ def load_dictionary_learning(path: str | Path) -> Dictionary:
     if not isinstance(trainer, dict):
         raise DictCircuitsError(f"{cfg_path}: 'trainer' must be an object of settings, not {type(trainer).__name__}")
     cls = _dl_class(sd, trainer, pt)
-    arch, center, names, optional = _DL_CLASSES[cls]
+    arch, spec = _dl_classes()[cls]
+    names = spec.tensors
     required = set(names.values())
-    missing, extra = sorted(required - set(sd)), sorted(set(sd) - required - optional)
+    missing, extra = sorted(required - set(sd)), sorted(set(sd) - required - spec.optional)
     if missing:
         raise DictCircuitsError(f"{pt} lacks tensor(s) {', '.join(missing)} that a dictionary_learning {cls} has; "
                                 "the file is incomplete or of another class: re-export it")
@@ -181,14 +174,14 @@ def load_dictionary_learning(path: str | Path) -> Dictionary:
          for ours, theirs in names.items()}
     labels = {ours: theirs + (", transposed" if theirs.endswith(".weight") else "")
               for ours, theirs in names.items() if ours != theirs}
-    hyper = {"center_input": center}
-    if arch in ("topk", "batchtopk"):
-        hyper["k"] = _dl_k(sd, trainer, pt)
-    if arch == "batchtopk":
-        if t["threshold"].numel() != 1:
-            raise DictCircuitsError(f"{pt}: tensor threshold has shape {tuple(t['threshold'].shape)}; a BatchTopKSAE "
-                                    "stores one scalar threshold: re-export the file")
-        t["threshold"] = t["threshold"].reshape(())
+    hyper = {"center_input": spec.center_input}
+    if "k" in ARCHS[arch].defaults:
+        hyper["k"] = _dl_k(sd, trainer, pt, ARCHS[arch].defaults["k"])
+    for name in spec.scalars:
+        if t[name].numel() != 1:
+            raise DictCircuitsError(f"{pt}: tensor {name} has shape {tuple(t[name].shape)}; a {cls} stores one scalar "
+                                    f"{name}: re-export the file")
+        t[name] = t[name].reshape(())
     expect = {"activation_dim": ("d", trainer.get("activation_dim")), "dict_size": ("F", trainer.get("dict_size"))}
     dic = _build(arch, t, pt, names=labels, expect=expect, cfg_where=cfg_path if cfg_path.is_file() else None, **hyper)
     dic.meta = {"format": "dictionary_learning", "source": str(pt), "model": trainer.get("lm_name"),
@@ -196,13 +189,14 @@ def load_dictionary_learning(path: str | Path) -> Dictionary:
     return dic
 
 
-def _dl_k(sd: dict, trainer: dict, pt: Path) -> int:
-    """k of a TopK/BatchTopK file: the saved buffer, which must agree with config.json where both exist."""
+def _dl_k(sd: dict, trainer: dict, pt: Path, default: int) -> int:
+    """k of a TopK/BatchTopK file: the saved buffer, which must agree with config.json where both exist (`default`
+    when neither has it)."""
     in_cfg = trainer.get("k")
     if in_cfg is not None:
         in_cfg = _whole(in_cfg, "k", pt.parent / "config.json")
     if "k" not in sd:
-        return 32 if in_cfg is None else in_cfg
+        return default if in_cfg is None else in_cfg
     kt = sd["k"]
     if kt.numel() != 1 or not torch.isfinite(kt.float()).all():
         raise DictCircuitsError(f"{pt}: tensor k has shape {tuple(kt.shape)}; it must hold one whole number")
@@ -215,7 +209,11 @@ def _dl_k(sd: dict, trainer: dict, pt: Path) -> int:
 
 # --- SAELens -----------------------------------------------------------------------------------------
 _SAELENS_HOOK = re.compile(r"blocks\.(\d+)\.hook_(resid_post|resid_pre|mlp_out|attn_out)$")
-_SAELENS_ARCHS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+
+
+def _saelens_archs() -> dict[str, str]:
+    """SAELens SAE architecture string -> our arch, from the registered architectures."""
+    return {name: arch.name for arch in ARCHS.values() for name in arch.foreign.saelens}
 
 
 def _site_from_hook(hook) -> str | None:
@@ -251,9 +249,9 @@ def load_saelens(path: str | Path) -> Dictionary:
         raise DictCircuitsError(f"{cfg_path}: activation_fn_kwargs must be an object")
     if cfg.get("activation_fn_str", cfg.get("activation_fn")) == "topk" and arch == "standard":
         arch = "topk"
-    if not isinstance(arch, str) or arch not in _SAELENS_ARCHS:
+    if not isinstance(arch, str) or arch not in _saelens_archs():
         raise DictCircuitsError(f"{cfg_path}: SAELens architecture {arch!r} is not supported; supported: "
-                                f"{', '.join(_SAELENS_ARCHS)}")
+                                f"{', '.join(_saelens_archs())}")
     if cfg.get("d_out") is not None:
         raise DictCircuitsError(f"{cfg_path}: transcoders (d_out) are not supported; only sparse autoencoders load")
     reshape = cfg.get("reshape_activations", "none")
@@ -281,11 +279,12 @@ def load_saelens(path: str | Path) -> Dictionary:
         t["W_dec"] = t["W_dec"] * scale[:, None]
     if rescale:
         _fold_decoder_norms(t, where)
+    ours = ARCHS[_saelens_archs()[arch]]
     hyper = {"center_input": center}
-    if arch == "topk":
-        hyper["k"] = _whole(cfg.get("k", kwargs.get("k", 32)), "k", cfg_path)
+    if "k" in ours.defaults:
+        hyper["k"] = _whole(cfg.get("k", kwargs.get("k", ours.defaults["k"])), "k", cfg_path)
     expect = {"d_in": ("d", cfg.get("d_in")), "d_sae": ("F", cfg.get("d_sae"))}
-    dic = _build(_SAELENS_ARCHS[arch], t, where, expect=expect, cfg_where=cfg_path, **hyper)
+    dic = _build(ours.name, t, where, expect=expect, cfg_where=cfg_path, **hyper)
     dic.meta = {"format": "saelens", "source": str(path), "model": meta.get("model_name") or cfg.get("model_name"),
                 "site": _site_from_hook(hook), "hook": hook}
     return dic
@@ -315,7 +314,8 @@ def load_sparsify(path: str | Path) -> Dictionary:
     cfg = read_json_object(cfg_path)
     if cfg.get("transcode") is True:
         return ftc.load_sparsify_transcoder(path)
-    if cfg.get("transcode") or cfg.get("skip_connection") or cfg.get("activation", "topk") != "topk":
+    sparsify = {name: arch for arch in ARCHS.values() for name in arch.foreign.sparsify}  # activation -> arch
+    if cfg.get("transcode") or cfg.get("skip_connection") or cfg.get("activation", "topk") not in sparsify:
         raise DictCircuitsError(f"{cfg_path}: sparsify skip connections without transcode, and groupmax, are not "
                                 "supported; only TopK sparse autoencoders and transcoders load")
     where = path / "sae.safetensors"
@@ -332,8 +332,10 @@ def load_sparsify(path: str | Path) -> Dictionary:
     t = {k: v for k, v in t.items() if v is not None}
     num_latents = cfg.get("num_latents")
     expect = {"d_in": ("d", cfg.get("d_in")), "num_latents": ("F", num_latents or None)}
-    dic = _build("topk", t, where, names={"W_enc": "encoder.weight, transposed", "b_enc": "encoder.bias"},
-                 expect=expect, cfg_where=cfg_path, k=_whole(cfg.get("k", 32), "k", cfg_path), center_input=True)
+    ours = sparsify[cfg.get("activation", "topk")]
+    dic = _build(ours.name, t, where, names={"W_enc": "encoder.weight, transposed", "b_enc": "encoder.bias"},
+                 expect=expect, cfg_where=cfg_path, k=_whole(cfg.get("k", ours.defaults["k"]), "k", cfg_path),
+                 center_input=True)
     dic.meta = {"format": "sparsify", "source": str(path), "site": _site_from_name(path.name)}
     return dic
 

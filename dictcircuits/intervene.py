@@ -19,7 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .ablation import DEFAULTS, AblationContext, ablation_names, get_ablation, listed, site_states, users_of
-from .dictionary import Dictionary, IdentityDictionary, LinearDictionary
+from .archs.identity import IdentityDictionary
+from .archs.linear import LinearDictionary
+from .dictionary import Dictionary
 from .errors import DictCircuitsError, check_int, check_real
 from .models import Model, Tokens
 from .splice import SiteState, check_batch, check_dictionaries, check_tokens, splice

@@ -2,10 +2,14 @@
 dictionaries: enough to check shapes, hook placement and exactness with no download."""
 from __future__ import annotations
 
+import tokenizers
 import torch
+import transformers
+from tokenizers import decoders, pre_tokenizers
 
 from .dictionary import Dictionary
 from .models import Model
+from .registry import ARCHS
 
 TOY_TEXT = (
     "When Mary and John went to the store, John gave a drink to Mary. "
@@ -36,27 +40,22 @@ TOY_FAMILIES = tuple(_TOY_CONFIGS)
 
 def toy_tokenizer(extra_text: str = "", vocab_size: int = 400):
     """A byte-level BPE tokenizer trained in milliseconds on a few sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                             show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([TOY_TEXT + extra_text] * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                                pad_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
 def toy_model(family: str = "gpt2", seed: int = 0, tokenizer=None) -> Model:
     """A 2-layer, width-32 random model of the given family."""
-    import transformers as T
-
     tokenizer = tokenizer or toy_tokenizer()
     torch.manual_seed(seed)
-    config = _TOY_CONFIGS[family](T, len(tokenizer))
-    hf = T.AutoModelForCausalLM.from_config(config)
+    config = _TOY_CONFIGS[family](transformers, len(tokenizer))
+    hf = transformers.AutoModelForCausalLM.from_config(config)
     return Model(hf, tokenizer, name=f"toy-{family}")
 
 
@@ -75,10 +74,9 @@ def random_dictionary(arch: str, d: int, F: int, seed: int = 0, **hyper) -> Dict
                 p.copy_(torch.randn(p.shape, generator=g) / d ** 0.5)
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        if arch == "jumprelu":
-            dic.threshold.abs_()
-        if arch == "linear":  # make it a proper basis: encoder = pseudo-inverse of decoder
-            dic.W_enc.copy_(torch.linalg.pinv(dic.W_dec))
+        fix = ARCHS[arch].fix_random if arch in ARCHS else None  # e.g. thresholds >= 0, a linear basis' pinv
+        if fix is not None:
+            fix(dic)
     return dic
 
 

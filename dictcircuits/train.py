@@ -21,24 +21,30 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from . import __version__
-from .dictionary import CFG_NAME, WEIGHTS_NAME, Dictionary, is_dictcircuits_folder, save_dictionary
+from .dictionary import CFG_NAME, WEIGHTS_NAME, is_dictcircuits_folder, save_dictionary
 from .atomic import save_png
+from .baselines import train_baselines
 from .errors import DictCircuitsError
 from .evaluate import DEFAULT_TOKENS as EVAL_TOKENS
+from .evaluate import AblationCache, evaluate
 from .options import check_folder, check_memory, format_duration, out_path, parse_count, resolve_device
 from .harvest import ActivationBuffer, ContextStream, TensorSource, check_ctx_len, check_dataset
 from .models import Model, Tokens, load_model
 from .paths import train_output
 from .positions import NORM_FACTOR, NORM_QUANTILE, PositionRule, parse_skip_tokens, resolve_skip_tokens, set_rule
-from .trainers import METRICS, TRAINERS, TRANSCODER_RECIPES, Trainer, TrainerConfig, clt_step, make_trainer
+from .registry import BASELINES, TRAINERS
+from .splice import splice
+from .train_result import TrainResult
+from .trainers import (METRICS, Trainer, TrainerConfig, clt_step, make_trainer, sweep_key, transcoder_recipes)
 from .transcoder import TRANSCODER_ARCHS, transcoder_sites
 
 CHECKPOINT_NAME, METRICS_NAME, LOCK_NAME = "checkpoint.pt", "metrics.jsonl", ".dictcircuits-train.lock"
@@ -130,29 +136,33 @@ class TrainConfig:
     progress: bool = True
     save_dtype: str | None = None  # e.g. bfloat16 for smaller files
 
+    def recipe(self) -> str:
+        """The trainer recipe: --arch, or for a transcoder its --activation (topk by default)."""
+        return (self.activation or "topk") if self.arch in TRANSCODER_ARCHS else self.arch
+
     def trainer_configs(self, d: int | None) -> list[TrainerConfig]:
         """One TrainerConfig per point of the sweep, each checked; with d=None (model not loaded yet) the
         widths are only parsed and reported as 0."""
         widths = [parse_width(w, d) for w in _split(self.width)] or [8 * d if d else 0]
         kind = TRANSCODER_ARCHS.get(self.arch)
-        recipe = (self.activation or "topk") if kind else self.arch
-        sweep_key = {"topk": "k", "batchtopk": "k", "jumprelu": "l0_coef"}.get(recipe, "l1")
-        raw = _split(getattr(self, sweep_key)) or [None]
+        recipe = self.recipe()
+        sweep = sweep_key(recipe)
+        raw = _split(getattr(self, sweep)) or [None]
         try:
-            values = [None if v is None else (int(v) if sweep_key == "k" else float(v)) for v in raw]
+            values = [None if v is None else (int(v) if sweep == "k" else float(v)) for v in raw]
         except ValueError:
-            raise DictCircuitsError(f"cannot read --{sweep_key.replace('_', '-')} {getattr(self, sweep_key)!r}: "
+            raise DictCircuitsError(f"cannot read --{sweep.replace('_', '-')} {getattr(self, sweep)!r}: "
                                     "give a number or a comma list") from None
         out = []
         for w in widths:
             for v in values:
-                kw = {sweep_key: v} if v is not None else {}
+                kw = {sweep: v} if v is not None else {}
                 cfg = TrainerConfig(
                     arch=recipe, transcoder=kind, width=w, lr=self.lr, warmup_steps=self.warmup_steps, decay_start=self.decay_start,
                     auxk_alpha=self.auxk_alpha, resample_every=self.resample_every, dead_tokens=self.dead_tokens,
                     e2e_kl=self.e2e_kl, **kw)
                 cfg.check()
-                if d is not None and sweep_key == "k" and cfg.k > w:
+                if d is not None and sweep == "k" and cfg.k > w:
                     raise DictCircuitsError(f"--k {cfg.k} exceeds the dictionary width {w} (--width {self.width} at "
                                             f"d={d}): use k <= {w} or a wider dictionary")
                 out.append(cfg)
@@ -161,9 +171,9 @@ class TrainConfig:
         names = [c.run_name() if d else point for c, point in zip(out, points)]
         twice = next((n for n in names if names.count(n) > 1), None)
         if twice is not None:
-            flag = "--" + sweep_key.replace("_", "-")
+            flag = "--" + sweep.replace("_", "-")
             shown = twice if d else f"width {twice[0]}, {flag[2:]} {twice[1]}"
-            raise DictCircuitsError(f"--width {self.width} and {flag} {getattr(self, sweep_key)} give the run {shown} "
+            raise DictCircuitsError(f"--width {self.width} and {flag} {getattr(self, sweep)} give the run {shown} "
                                     "twice (one folder for two runs): give each value once")
         return out
 
@@ -172,7 +182,7 @@ class TrainConfig:
         per feature 2d weights with their gradients and two Adam moments (32d bytes), per buffered token d floats,
         per end-to-end KL context its ids and two rows of logits per position."""
         widths = [parse_width(w, d) for w in _split(self.width)] or [8 * d]
-        sweep = {"topk": "k", "batchtopk": "k", "jumprelu": "l0_coef"}.get(self.arch, "l1")
+        sweep = sweep_key(self.recipe())
         points = max(1, len(_split(getattr(self, sweep))))
         check_memory(n_sites * points * sum(widths) * 32 * d, f"--width {self.width} ({max(widths)} features at "
                      f"d={d}, {n_sites} site(s))", "use a narrower --width or fewer --sites", device)
@@ -186,8 +196,6 @@ class TrainConfig:
     def validate(self) -> "_Checked":
         """Refuse every option outside its domain in one line, before the model is loaded or anything is
         written; returns the parsed token count, device and dataset."""
-        from .baselines import BASELINES
-
         for flag, value in (("--model", self.model), ("--sites", self.sites), ("--split", self.split),
                             ("--text-field", self.text_field)):
             if not str(value or "").strip():
@@ -198,9 +206,9 @@ class TrainConfig:
         if self.activation is not None and self.arch not in TRANSCODER_ARCHS:
             raise DictCircuitsError(f"--activation picks a transcoder's recipe; --arch {self.arch} takes none: drop "
                                     f"--activation or use --arch {'/'.join(TRANSCODER_ARCHS)}")
-        if self.activation is not None and self.activation not in TRANSCODER_RECIPES:
+        if self.activation is not None and self.activation not in transcoder_recipes():
             raise DictCircuitsError(f"--activation {self.activation!r} cannot train transcoders: choose one of "
-                                    f"{', '.join(TRANSCODER_RECIPES)}")
+                                    f"{', '.join(transcoder_recipes())}")
         if self.arch == "clt" and self.e2e_kl > 0:
             raise DictCircuitsError("--e2e-kl does not apply to --arch clt (its pieces write several layers); drop "
                                     "--e2e-kl")
@@ -254,27 +262,6 @@ class _Checked:
     device: torch.device
     dataset: str
     skip_tokens: list[str] | None  # --skip-tokens items (None: the default)
-
-
-@dataclass
-class TrainResult:
-    dictionaries: dict[str, list[Dictionary]]  # site -> one dictionary per sweep point
-    out: Path | None
-    steps: int
-    tokens: int  # tokens seen per dictionary (all ranks)
-    seconds: float  # the training loop alone
-    tokens_per_s: float  # tokens / seconds
-    interrupted: bool = False  # stopped by SIGINT (a checkpoint was written)
-    eval_later: str | None = None  # set when Ctrl-C stopped the held-out evaluation (the dictionaries were saved
-    # before it): how to evaluate them later
-    final: dict[str, list[dict]] = field(default_factory=dict)  # site -> metrics of each dictionary
-    heldout: dict[str, list[dict]] = field(default_factory=dict)  # site -> evaluation on unseen tokens
-    wall_seconds: float | None = None  # end to end: pre-fill, training and held-out evaluation (model load excluded)
-    positions: dict[str, dict] = field(default_factory=dict)  # site -> the position rule stored with its dictionaries
-
-    @property
-    def tokens_per_s_end_to_end(self) -> float | None:
-        return self.tokens / self.wall_seconds if self.wall_seconds else None
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -590,7 +577,6 @@ class _Session:
 
     # --- the loop --------------------------------------------------------------------------------
     def _e2e_term(self, site: str, trainer: Trainer, tokens, clean_logp: torch.Tensor) -> Callable[[], torch.Tensor]:
-        from .splice import splice
 
         def term() -> torch.Tensor:
             logits = splice(self.model, tokens, {site: trainer.dic}, keep_error=False).logits  # [b, p, V]
@@ -623,7 +609,6 @@ class _Session:
         tokens_per_step = self.batch_size * self.world
         bars = {}
         if self.progress:
-            from tqdm.auto import tqdm
             for i, s in enumerate(self.trainers):
                 bars[s] = tqdm(total=self.total_steps * tokens_per_step, initial=self.step * tokens_per_step,
                                unit="tok", unit_scale=True, desc=s, position=i, dynamic_ncols=True)
@@ -729,7 +714,6 @@ def _heldout(model: Model, trainers: dict[str, list[Trainer]], stream: ContextSt
              exclude_bos: bool, progress: bool = False) -> dict[str, list[dict]]:
     """Evaluate every dictionary on the contexts that follow the training data (never trained on); numbers
     that cannot be computed are None, with the reason under "notes"."""
-    from .evaluate import AblationCache, evaluate
 
     ids = stream.take(max(1, math.ceil(n_tokens / stream.ctx_len)))  # [n, ctx_len]
     tokens = Tokens(ids, torch.ones_like(ids))
@@ -962,8 +946,6 @@ def _train(cfg: TrainConfig, checked: _Checked, model: Model | None, on_step, fo
 
 def _train_into(cfg: TrainConfig, checked: _Checked, model: Model, sites: list[str], dataset: str, out: Path,
                 on_step, folder: OutFolder | None) -> TrainResult:
-    from . import baselines
-
     rank, world = _rank_world()
     device = checked.device
     wall_start = time.perf_counter()
@@ -972,12 +954,12 @@ def _train_into(cfg: TrainConfig, checked: _Checked, model: Model, sites: list[s
                "add_bos": model.adds_bos if cfg.add_bos is None else cfg.add_bos, "exclude_bos": cfg.exclude_bos,
                "dictcircuits_version": __version__}
     bos = getattr(model.tokenizer, "bos_token_id", None)
-    if cfg.arch in baselines.BASELINES:  # baselines.collect leaves out the BOS token, and knows no norm limit
+    if cfg.arch in BASELINES:  # baselines.collect leaves out the BOS token, and knows no norm limit
         summary["positions"] = PositionRule(() if bos is None else (int(bos),)).to_meta(model.tokenizer)
         width = parse_width(_split(cfg.width)[0], model.d_model) if cfg.width else None
         if folder is not None:
             folder.claim([out / s for s in sites], cfg.resume, cfg.overwrite)
-        return baselines.train_baselines(model, sites, cfg.arch, dataset, checked.tokens, out, summary,
+        return train_baselines(model, sites, cfg.arch, dataset, checked.tokens, out, summary,
                                          width=width, ctx_len=cfg.ctx_len, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     steps = max(1, math.ceil(checked.tokens / (cfg.batch_size * world)))
@@ -1098,8 +1080,6 @@ def _estimator(source: ActivationBuffer, steps: int, tokens_per_step: int, eval_
     rate = harvested / max(fill_s, 1e-9)  # tokens per second through the model
 
     def announce(step_seconds: float) -> None:
-        from tqdm.auto import tqdm
-
         train_s = steps * step_seconds + steps * tokens_per_step / rate
         eval_s = eval_tokens * (2 + 6 * n_sites) / rate
         tqdm.write(f"expected: about {format_duration(train_s + eval_s)} from now (training {format_duration(train_s)}, of which "
@@ -1130,19 +1110,24 @@ def _eval_command(cfg: TrainConfig, out: Path, stream: ContextStream, trainers: 
 
 
 # --- CLI ---------------------------------------------------------------------------------------------
+def _sweeping(key: str) -> str:
+    """The recipes whose comma lists sweep this TrainerConfig field, as 'topk/batchtopk'."""
+    return "/".join(name for name, t in TRAINERS.items() if t.sweep == key)
+
+
 def add_arguments(p) -> None:
     d = TrainConfig()
     p.add_argument("--model", default=d.model, help="hub id, local folder, .gguf or dc-mini (default)")
     p.add_argument("--sites", default=d.sites, help="all, a comma list (resid.0,mlp.1) or patterns (resid.*)")
     p.add_argument("--arch", default=d.arch, help=f"trainer: {', '.join(TRAINERS)}; a baseline: "
-                   "pca, ica, nmf, random, identity; or a transcoder: transcoder, skip-transcoder, clt (they read "
+                   f"{', '.join(BASELINES)}; or a transcoder: transcoder, skip-transcoder, clt (they read "
                    "mlp_in.L and write mlp.L; --sites then names layers: all, mlp.3, mlp_in.*; docs/transcoders.md)")
     p.add_argument("--activation", default=d.activation,
-                   help=f"transcoders' recipe: {', '.join(TRANSCODER_RECIPES)} (default topk)")
+                   help=f"transcoders' recipe: {', '.join(transcoder_recipes())} (default topk)")
     p.add_argument("--width", default=d.width, help="dictionary width: 8x (times d) or a count; comma list sweeps")
-    p.add_argument("--k", default=d.k, help="active latents for topk/batchtopk; comma list sweeps")
-    p.add_argument("--l1", default=d.l1, help="L1 coefficient for relu/relu-2024/tied/gated; comma list sweeps")
-    p.add_argument("--l0-coef", default=d.l0_coef, help="L0 penalty for jumprelu; comma list sweeps")
+    p.add_argument("--k", default=d.k, help=f"active latents for {_sweeping('k')}; comma list sweeps")
+    p.add_argument("--l1", default=d.l1, help=f"L1 coefficient for {_sweeping('l1')}; comma list sweeps")
+    p.add_argument("--l0-coef", default=d.l0_coef, help=f"L0 penalty for {_sweeping('l0_coef')}; comma list sweeps")
     p.add_argument("--tokens", default=d.tokens, help="training tokens per dictionary, e.g. 10M")
     p.add_argument("--dataset", default=d.dataset, help="hub dataset, .txt/.jsonl file or folder (default: sotu)")
     p.add_argument("--out", default=d.out, help="output folder (default dictionaries/<model name>, where eval and "

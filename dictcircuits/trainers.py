@@ -4,16 +4,18 @@ Trainers see activations already multiplied by the dictionary's `input_scale` (s
 E‖x‖² = d) and work in those units; the saved dictionary undoes the scale itself. Reconstruction losses are
 Σ_d (x − x̂)² averaged over the batch.
 
-Recipes (TRAINERS):
-- relu       Anthropic 2023 "Towards monosemanticity": unit-norm decoder rows, L1, dead-feature resampling.
-- relu-2024  Anthropic April 2024 update: L1 weighted by decoder norms, no constraint, W_enc = W_decᵀ at init,
-             L1 coefficient warmed up, gradients clipped to 1.
-- tied       Cunningham et al. 2023: encoder = decoderᵀ, unit-norm rows, L1 not divided by the width.
-- gated      Rajamanoharan et al. 2024: L1 on the gate, auxiliary reconstruction through a frozen decoder.
-- topk       Gao et al. 2024: k largest latents, AuxK loss on dead latents.
-- batchtopk  Bussmann et al. 2024: top-(k·B) over the batch; learns the inference threshold.
-- jumprelu   Rajamanoharan et al. 2024b: per-feature thresholds trained with a straight-through estimator
-             (rectangle kernel) and an L0 penalty.
+Recipes (TRAINERS, filled by the architecture modules of dictcircuits/archs/, registry.py):
+- relu       (archs/relu.py) Anthropic 2023 "Towards monosemanticity": unit-norm decoder rows, L1, dead-feature
+             resampling.
+- relu-2024  (archs/relu.py) Anthropic April 2024 update: L1 weighted by decoder norms, no constraint,
+             W_enc = W_decᵀ at init, L1 coefficient warmed up, gradients clipped to 1.
+- tied       (archs/tied.py) Cunningham et al. 2023: encoder = decoderᵀ, unit-norm rows, L1 not divided by the width.
+- gated      (archs/gated.py) Rajamanoharan et al. 2024: L1 on the gate, auxiliary reconstruction through a frozen
+             decoder.
+- topk       (archs/topk.py) Gao et al. 2024: k largest latents, AuxK loss on dead latents.
+- batchtopk  (archs/batchtopk.py) Bussmann et al. 2024: top-(k·B) over the batch; learns the inference threshold.
+- jumprelu   (archs/jumprelu.py) Rajamanoharan et al. 2024b: per-feature thresholds trained with a
+             straight-through estimator (rectangle kernel) and an L0 penalty.
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ import torch.distributed as dist
 
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
-from .sparse import SparseFeatures, sparse_autoencoder, sparse_decode
-from .transcoder import TRANSCODERS, create_transcoder
+from .registry import TRAINERS, TRANSCODERS
+from .sparse import SparseFeatures
+from .transcoder import create_transcoder
 
 
 @dataclass
@@ -63,7 +66,7 @@ class TrainerConfig:
         def finite(value) -> bool:
             return isinstance(value, (int, float)) and math.isfinite(value)
 
-        if self.arch in ("topk", "batchtopk") and not (isinstance(self.k, int) and self.k >= 1):
+        if sweep_key(self.arch) == "k" and not (isinstance(self.k, int) and self.k >= 1):
             raise bad("--k", self.k, "a whole number of active latents, at least 1")
         for flag, value in (("--l1", self.l1), ("--l0-coef", self.l0_coef), ("--auxk-alpha", self.auxk_alpha),
                             ("--e2e-kl", self.e2e_kl)):
@@ -86,8 +89,9 @@ class TrainerConfig:
             raise bad("threshold_beta", self.threshold_beta, "a number in [0, 1)")
 
     def run_name(self) -> str:
-        sparsity = {"topk": f"k{self.k}", "batchtopk": f"k{self.k}", "jumprelu": f"l0c{self.l0_coef:g}"}.get(
-            self.arch, f"l1{self.l1:g}" if self.l1 is not None else "l1default")
+        key = sweep_key(self.arch)
+        value = getattr(self, key)
+        sparsity = SWEEP_TAGS[key] + (f"{value:g}" if value is not None else "default")
         kind = {"plt": "transcoder_", "skip": "skip-transcoder_", "clt": "clt_"}.get(self.transcoder or "", "")
         return f"{kind}{self.arch}_F{self.width}_{sparsity}"
 
@@ -111,7 +115,17 @@ def geometric_median(x: torch.Tensor, iters: int = 30) -> torch.Tensor:  # x [n,
 
 
 METRICS = ("loss", "l0", "fvu", "dead")
-TRANSCODER_RECIPES = ("topk", "batchtopk", "relu-2024", "jumprelu")  # recipes that train transcoders too
+SWEEP_TAGS = {"k": "k", "l1": "l1", "l0_coef": "l0c"}  # TrainerConfig fields a recipe may sweep -> run-name tag
+
+
+def sweep_key(recipe: str) -> str:
+    """The TrainerConfig field that comma lists sweep for this recipe (its trainer's `sweep`; l1 when unknown)."""
+    return TRAINERS[recipe].sweep if recipe in TRAINERS else "l1"
+
+
+def transcoder_recipes() -> tuple[str, ...]:
+    """The recipes that train transcoders too (`train --activation`)."""
+    return tuple(name for name, t in TRAINERS.items() if t.trains_transcoders and t.dictionary_arch in TRANSCODERS)
 
 
 def sse(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:  # [b, ...] -> [b]
@@ -125,42 +139,20 @@ def first_output(y: torch.Tensor) -> torch.Tensor:  # [b, d] or [b, n_out, d] ->
 SPARSE_MIN_WIDTH_PER_K = 16  # TopK trains with the sparse k-row kernels when F >= 16 k
 
 
-def _world() -> int:
+def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-class _RectangleSTE(torch.autograd.Function):
-    """JumpReLU pieces with pseudo-derivatives w.r.t. the threshold (rectangle kernel of width eps)."""
-
-    @staticmethod
-    def forward(ctx, z, theta, eps, step_only: bool):
-        ctx.save_for_backward(z, theta)
-        ctx.eps, ctx.step_only = eps, step_only
-        fired = (z > theta).to(z.dtype)
-        return fired if step_only else z * fired
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, theta = ctx.saved_tensors
-        eps = ctx.eps
-        kernel = ((z - theta).abs() < eps / 2).to(z.dtype) / eps  # [.., F]
-        if ctx.step_only:  # H(z - θ): no gradient to z, -K/ε to θ
-            d_theta = -(kernel * grad)
-            d_z = None
-        else:  # z·H(z - θ): exact gradient to z where it fired, -θ K/ε to θ
-            d_theta = -(theta * kernel * grad)
-            d_z = grad * (z > theta).to(z.dtype)
-        d_theta = d_theta.reshape(-1, theta.shape[-1]).sum(0)
-        return d_z, d_theta, None, None
 
 
 class Trainer(ABC):
     """Trains one dictionary: `init_from(x)` once, then `step(x, step)` per batch.
 
-    x is [batch, d] in scaled units. Subclasses set `name` (the recipe), `dictionary_arch` and `loss`."""
+    x is [batch, d] in scaled units. Subclasses set `name` (the recipe), `dictionary_arch` and `loss`; each lives
+    in its architecture's module of dictcircuits/archs/ and is registered there (registry.py)."""
 
     name: ClassVar[str] = ""
     dictionary_arch: ClassVar[str] = ""
+    sweep: ClassVar[str] = "l1"  # the TrainerConfig field that `train`'s comma lists sweep (a key of SWEEP_TAGS)
+    trains_transcoders: ClassVar[bool] = False  # whether the recipe trains transcoders too (its arch has one)
     unit_decoder: ClassVar[bool] = True  # drop the decoder gradient along each (unit) decoder row
     renorm_decoder: ClassVar[bool] = True  # renormalise decoder rows to unit norm after each step
     default_l1: ClassVar[float | None] = None
@@ -182,7 +174,7 @@ class Trainer(ABC):
         self.dic.to(device)
         self.lr = cfg.lr if cfg.lr is not None else min(3e-3, 2e-4 / math.sqrt(cfg.width / 2 ** 14))
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, max(1, total_steps // 20))
-        total_tokens = total_steps * batch_tokens * _world()
+        total_tokens = total_steps * batch_tokens * world_size()
         self.dead_tokens = cfg.dead_tokens if cfg.dead_tokens is not None else min(10_000_000, max(batch_tokens, total_tokens // 8))
         # fused: one pass over each parameter and its moments (issue #14: the default Adam took 0.7 s of a
         # d = 512, F = 16384 TopK step on 2 CPU cores, the fused one 0.15 s); same update, float rounding aside
@@ -315,11 +307,11 @@ class Trainer(ABC):
                 loss = loss + extra()
         loss.backward()
         params = [p for p in dic.parameters() if p.requires_grad]
-        if _world() > 1:
+        if world_size() > 1:
             grads = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
                                for p in params])
             dist.all_reduce(grads)
-            grads /= _world()
+            grads /= world_size()
             offset = 0
             for p in params:
                 n = p.numel()
@@ -341,13 +333,13 @@ class Trainer(ABC):
             fired, nonzero = self.firing(f)
             sums = torch.stack([(x32 - xh).pow(2).sum(), (x32 - x32.mean(0)).pow(2).sum(),
                                 nonzero.float() / x.shape[0], loss.detach().float()])
-            if _world() > 1:
+            if world_size() > 1:
                 fired = fired.float()
                 dist.all_reduce(fired, op=dist.ReduceOp.MAX)
                 fired = fired.bool()
                 dist.all_reduce(sums)
-                sums /= _world()
-            self.since_fired += x.shape[0] * _world()
+                sums /= world_size()
+            self.since_fired += x.shape[0] * world_size()
             self.since_fired[fired] = 0
         self.after_step(x, f, step)
         return torch.stack([sums[3], sums[2], sums[0] / sums[1].clamp_min(1e-12), self.dead_mask().float().mean()])
@@ -392,262 +384,9 @@ class Trainer(ABC):
 
     def broadcast(self) -> None:
         """Make every rank's dictionary equal to rank 0's (after a data-dependent change)."""
-        if _world() > 1:
+        if world_size() > 1:
             for t in [*self.dic.parameters(), *self.dic.buffers()]:
                 dist.broadcast(t.data, 0)
-
-
-class StandardTrainer(Trainer):
-    """Anthropic 2023: unit-norm decoder, L1 on f, dead features resampled from badly reconstructed inputs."""
-
-    name, dictionary_arch, default_l1 = "relu", "relu", 1.0
-    uses = ("l1", "resample_every")
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        every = self.cfg.resample_every
-        self.resample_every = every if every is not None else max(1, self.total_steps // 8)
-
-    def hyperparams(self):
-        return {**super().hyperparams(), "resample_every": self.resample_every}
-
-    def init_from(self, x, y=None):
-        """b_dec at the geometric median, then W_enc scaled to fit (fit_encoder_scale): with W_enc = W_decᵀ about
-        half of the features fire at init and the reconstruction overshoots x many times (FVU ≈ 20 at d = 512,
-        F = 4096 on Gaussian data)."""
-        super().init_from(x)
-        self.fit_encoder_scale(x, lambda sample: torch.relu(self.project(sample, self.dic.W_enc, self.dic.b_enc)))
-
-    def loss(self, x, step, y=None):
-        f = torch.relu(self.project(x, self.dic.W_enc, self.dic.b_enc))  # [b, F]
-        x_hat = self.decode_scaled(f)  # [b, d]
-        err = (x - x_hat).pow(2).sum(-1)  # [b]
-        if self.resample_every:
-            self._last_err = err.detach()  # per-input loss for resampling
-        # f >= 0 after the ReLU, so its L1 norm is its sum (no |f| copy of [b, F])
-        return err.mean() + self.l1 * f.sum() / x.shape[0], x_hat, f
-
-    def after_step(self, x, f, step):
-        if not self.resample_every or (step + 1) % self.resample_every or step + 1 >= self.total_steps:
-            return
-        dead = self.dead_mask().nonzero().squeeze(-1)  # [n_dead]
-        if dead.numel() == 0:
-            return
-        dic = self.dic
-        with torch.no_grad():
-            probs = self._last_err.float().cpu()  # [b] sample inputs ∝ their loss²
-            probs = probs.pow(2) + 1e-12
-            n = min(dead.numel(), x.shape[0])
-            dead = dead[:n]
-            pick = torch.multinomial(probs, n, replacement=False, generator=self.generator).to(x.device)
-            v = self.centred(x[pick]).float()  # [n, d]
-            v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-            alive = ~self.dead_mask()
-            enc_norm = dic.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
-            dic.W_dec[dead] = v.to(dic.W_dec.dtype)
-            dic.W_enc[:, dead] = (v * enc_norm * 0.2).T.to(dic.W_enc.dtype)
-            dic.b_enc[dead] = 0.0
-            self.reset_adam(dic.W_dec, dead, 0)
-            self.reset_adam(dic.W_enc, dead, 1)
-            self.reset_adam(dic.b_enc, dead, 0)
-            self.since_fired[dead] = 0
-        self.broadcast()
-
-
-class Standard2024Trainer(Trainer):
-    """Anthropic April 2024: L1 weighted by decoder row norms, unconstrained decoder (rows start at norm
-    0.1), encoder = decoderᵀ at init, L1 coefficient warmed up linearly, gradient norm clipped to 1."""
-
-    name, dictionary_arch, default_l1 = "relu-2024", "relu", 1.0
-    unit_decoder, renorm_decoder, clip = False, False, 1.0
-    uses = ("l1", "l1_warmup")
-
-    def _init_weights(self):
-        super()._init_weights()
-        with torch.no_grad():
-            self.dic.W_dec.mul_(0.1)
-            if self.dic.is_transcoder:
-                self.dic.W_enc.mul_(0.1)
-            else:
-                self.dic.W_enc.copy_(self.dic.W_dec.T)
-
-    def init_from(self, x, y=None):
-        if y is not None:  # b_dec starts at 0 in this recipe, a transcoder's at its targets' median
-            super().init_from(x, y)
-
-    def loss(self, x, step, y=None):
-        dic = self.dic
-        f = torch.relu(self.project(x, dic.W_enc) + dic.b_enc)  # [b, F]
-        x_hat = self.decode_scaled(f, x)
-        warm = min(1.0, (step + 1) / max(1, self.cfg.l1_warmup * self.total_steps))
-        sparsity = (f * dic.W_dec.norm(dim=-1)).sum(-1).mean()
-        return sse(x if y is None else y, x_hat).mean() + warm * self.l1 * sparsity, x_hat, f
-
-
-class TiedTrainer(Trainer):
-    """Cunningham et al. 2023: tied weights, unit-norm dictionary rows, loss ‖x − x̂‖² + l1·‖f‖₁ (the L1
-    coefficient is used as given, not divided by the dictionary size)."""
-
-    name, dictionary_arch, default_l1 = "tied", "tied", 1.0
-    unit_decoder = False  # W_dec is also the encoder: renormalise rows, but keep the whole gradient
-    uses = ("l1",)
-
-    def loss(self, x, step, y=None):
-        f = torch.relu(self.project(x, self.dic.W_dec.T, self.dic.b_enc))  # [b, F]
-        x_hat = self.decode_scaled(f)
-        return (x - x_hat).pow(2).sum(-1).mean() + self.l1 * f.sum() / x.shape[0], x_hat, f  # f >= 0: ‖f‖₁ = Σ f
-
-
-class GatedTrainer(Trainer):
-    """Rajamanoharan et al. 2024: L = ‖x − x̂‖² + l1·‖ReLU(π_gate)‖₁ + ‖x − (ReLU(π_gate) W_dec + b_dec)‖²
-    with the decoder frozen (detached) in the last, auxiliary term."""
-
-    name, dictionary_arch, default_l1 = "gated", "gated", 1.0
-    uses = ("l1",)
-
-    def loss(self, x, step, y=None):
-        dic = self.dic
-        pre = self.project(x, dic.W_enc)  # [b, F]
-        gate_pre = pre + dic.b_gate
-        f = torch.relu(pre * torch.exp(dic.r_mag) + dic.b_mag) * (gate_pre > 0)  # [b, F]
-        x_hat = self.decode_scaled(f)
-        gate = torch.relu(gate_pre)
-        x_aux = gate @ dic.W_dec.detach() + dic.b_dec.detach()
-        loss = (x - x_hat).pow(2).sum(-1).mean() + self.l1 * gate.sum(-1).mean() + (x - x_aux).pow(2).sum(-1).mean()
-        return loss, x_hat, f
-
-
-class TopKTrainer(Trainer):
-    """Gao et al. 2024: TopK activation, unit-norm decoder, AuxK: the top-(d/2) dead latents reconstruct the
-    residual (loss normalised by the residual's variance, weighted auxk_alpha)."""
-
-    name, dictionary_arch = "topk", "topk"
-    uses = ("k", "auxk_alpha")
-    batch_selection: ClassVar[bool] = False  # the top k of each row (True: the top k·B of the batch)
-
-    def dictionary_hyperparams(self):
-        return {"k": self.cfg.k}
-
-    def pre(self, x):  # [b, F] ReLU pre-activations
-        return torch.relu(self.project(x, self.dic.W_enc, self.dic.b_enc))
-
-    def init_from(self, x, y=None):
-        """b_dec at the geometric median, then W_enc scaled to fit (fit_encoder_scale; c ≈ 0.6 at d = 512,
-        F = 4096, k = 32: the first steps' FVU 0.45 instead of 0.67)."""
-        super().init_from(x, y)
-        self.fit_encoder_scale(x, lambda sample: self.sparsify(self.pre(sample)), y)
-
-    def sparsify(self, pre):
-        vals, idx = pre.topk(self.dic.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter(-1, idx, vals)
-
-    def loss(self, x, step, y=None):
-        # the sparse kernels pay off once the dictionary is wide against k (whole step on CPU, k = 32, B = 4096,
-        # sparse vs dense: a tie at F = 8·k, 1.5x at F = 16·k; benchmarks/README.md at d = 512: 2.8-3.5x at
-        # F = 4096 and 3.0-3.2x at F = 16384); they run in full precision, so under bf16 autocast the step stays dense
-        if self.autocast or self.dic.is_transcoder or self.dic.F < SPARSE_MIN_WIDTH_PER_K * self.dic.k:
-            return self.dense_loss(x, step, y)
-        dic = self.dic
-        self.keep_grads = True  # the fused backward adds into the weights' gradients in place
-        x_hat, f = sparse_autoencoder(x, dic.W_enc, dic.b_enc, dic.W_dec, dic.b_dec, dic.k, self.batch_selection,
-                                      dic.center_input, workspace=self.workspace)  # [b, d], CSR [b, F]
-        loss = (x - x_hat).pow(2).sum(-1).mean()
-        dead = self.dead_mask()
-        if self.cfg.auxk_alpha > 0 and dead.any():
-            dead_idx = dead.nonzero().squeeze(1)  # [n_dead]
-            dead_pre = torch.relu(self.project(x, dic.W_enc[:, dead_idx], dic.b_enc[dead_idx]))  # [b, n_dead]
-            a_vals, a_pos = dead_pre.topk(min(len(dead_idx), max(1, dic.d // 2)), dim=-1, sorted=False)
-            a_pos, order = a_pos.sort(dim=-1)  # sparse_decode takes indices ascending along each row
-            loss = loss + self.auxk(x, x_hat, sparse_decode(a_vals.gather(1, order), dead_idx[a_pos], dic.W_dec))
-        return loss, x_hat, f
-
-    def auxk(self, x, x_hat, e_hat):
-        """AuxK: dead latents reconstruct the residual (a CLT piece's at its own layer), normalised by its
-        variance."""
-        e = first_output(x - x_hat).detach()
-        return self.cfg.auxk_alpha * (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-8)
-
-    def dense_loss(self, x, step, y=None):
-        pre = self.pre(x)
-        f = self.sparsify(pre)
-        x_hat = self.decode_scaled(f, x)
-        y = x if y is None else y
-        loss = sse(y, x_hat).mean()
-        dead = self.dead_mask()
-        if self.cfg.auxk_alpha > 0 and dead.any():
-            k_aux = min(int(dead.sum()), max(1, self.dic.d // 2))
-            dead_pre = pre.masked_fill(~dead, 0.0)  # [b, F] only dead latents compete
-            vals, idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
-            loss = loss + self.auxk(y, x_hat, torch.zeros_like(pre).scatter(-1, idx, vals) @ self.dic.W_dec)
-        return loss, x_hat, f
-
-
-class BatchTopKTrainer(TopKTrainer):
-    """Bussmann et al. 2024: keep the k·B largest activations of the whole batch; the inference threshold
-    (BatchTopKDictionary.threshold) is an EMA of the smallest kept activation."""
-
-    name, dictionary_arch = "batchtopk", "batchtopk"
-    uses = ("k", "auxk_alpha", "threshold_beta")
-
-    batch_selection = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.threshold_seen = False
-
-    def sparsify(self, pre):
-        flat = pre.reshape(-1)
-        vals, idx = flat.topk(min(flat.numel(), self.dic.k * pre.shape[0]), sorted=False)
-        return torch.zeros_like(flat).scatter(-1, idx, vals).view_as(pre)
-
-    def after_step(self, x, f, step):
-        with torch.no_grad():
-            vals = (f.vals if isinstance(f, SparseFeatures) else f).reshape(-1)
-            vals = torch.cat([vals, vals.new_full((1,), torch.inf)])  # a sparse selection may hold no entry at all
-            low = torch.where(vals > 0, vals, torch.inf).min().reshape(1).float()  # smallest kept activation
-            low = torch.where(torch.isfinite(low), low, self.dic.threshold.float().reshape(1))
-            if _world() > 1:
-                dist.all_reduce(low)
-                low /= _world()
-            thr = self.dic.threshold
-            beta = self.cfg.threshold_beta if self.threshold_seen else 0.0
-            thr.copy_(beta * thr + (1 - beta) * low[0].to(thr.dtype))
-            self.threshold_seen = True
-
-    def _extra_state(self):
-        return {"threshold_seen": self.threshold_seen}
-
-    def _load_extra_state(self, state):
-        self.threshold_seen = bool(state["threshold_seen"])
-
-
-class JumpReLUTrainer(Trainer):
-    """Rajamanoharan et al. 2024b: f = z·H(z − θ); the threshold θ learns through a rectangle-kernel
-    straight-through estimator; loss = ‖x − x̂‖² + l0_coef·L0 (L0 also through the STE)."""
-
-    name, dictionary_arch = "jumprelu", "jumprelu"
-    uses = ("l0_coef", "bandwidth")
-
-    def _init_weights(self):
-        super()._init_weights()
-        with torch.no_grad():
-            self.dic.threshold.fill_(0.1)
-
-    def loss(self, x, step, y=None):
-        dic = self.dic
-        z = self.project(x, dic.W_enc, dic.b_enc)  # [b, F]
-        f = _RectangleSTE.apply(torch.relu(z), dic.threshold, self.cfg.bandwidth, False)
-        l0 = _RectangleSTE.apply(z, dic.threshold, self.cfg.bandwidth, True).sum(-1).mean()
-        x_hat = self.decode_scaled(f, x)
-        return sse(x if y is None else y, x_hat).mean() + self.cfg.l0_coef * l0, x_hat, f
-
-    def after_step(self, x, f, step):
-        with torch.no_grad():
-            self.dic.threshold.clamp_(min=0.0)
-
-
-TRAINERS: dict[str, type[Trainer]] = {t.name: t for t in (StandardTrainer, Standard2024Trainer, TiedTrainer,
-                                                         GatedTrainer, TopKTrainer, BatchTopKTrainer, JumpReLUTrainer)}
 
 
 def make_trainer(d: int, cfg: TrainerConfig, total_steps: int, batch_tokens: int, seed: int = 0,
@@ -657,11 +396,10 @@ def make_trainer(d: int, cfg: TrainerConfig, total_steps: int, batch_tokens: int
     if cfg.width < 1:
         raise DictCircuitsError(f"dictionary width {cfg.width} gives no features: use a width of at least 1")
     cfg.check()
-    if cfg.transcoder is not None and (cfg.arch not in TRANSCODER_RECIPES
-                                       or TRAINERS[cfg.arch].dictionary_arch not in TRANSCODERS):
+    if cfg.transcoder is not None and cfg.arch not in transcoder_recipes():
         raise DictCircuitsError(f"--activation {cfg.arch} cannot train transcoders: choose one of "
-                                f"{', '.join(TRANSCODER_RECIPES)}")
-    if cfg.arch in ("topk", "batchtopk") and cfg.k > cfg.width:
+                                f"{', '.join(transcoder_recipes())}")
+    if sweep_key(cfg.arch) == "k" and cfg.k > cfg.width:
         raise DictCircuitsError(f"--k {cfg.k} exceeds the dictionary width {cfg.width}: use k <= {cfg.width} "
                                 "or a wider dictionary")
     return TRAINERS[cfg.arch](d, cfg, total_steps, batch_tokens, seed=seed, device=device)

@@ -11,7 +11,8 @@ one class per activation:
   every piece L ≤ L' (`clt_output`).
 
 The activations are the SAE architectures' own (relu, jumprelu, topk, batchtopk): each transcoder class inherits
-its `_encode` from that SAE class, so encoders are never forked. A new activation is one line in TRANSCODERS.
+its `_encode` from that SAE class, so encoders are never forked. Each is defined beside its SAE class in
+dictcircuits/archs/ and registered with it (registry.TRANSCODERS: activation -> class).
 
 Units: the input is multiplied by `input_scale` before encoding, the decoder works in units where the output is
 multiplied by `output_scale` (both set by training so that E‖·‖² = d), and decode divides by it: callers use the
@@ -24,9 +25,9 @@ from typing import ClassVar, Mapping
 import torch
 from torch import nn
 
-from .dictionary import (BatchTopKDictionary, Dictionary, JumpReLUDictionary, ReLUDictionary, TopKDictionary,
-                         _flag, _positive_int)
+from .dictionary import Dictionary, _flag, _positive_int
 from .errors import DictCircuitsError
+from .registry import TRANSCODERS
 
 READ_KIND, WRITE_KIND = "mlp_in", "mlp"  # a transcoder reads the MLP's input and writes the MLP's output
 TRANSCODER_ARCHS = {"transcoder": "plt", "skip-transcoder": "skip", "clt": "clt"}  # train --arch -> kind
@@ -105,26 +106,6 @@ class Transcoder(Dictionary):
         """What one unit of the features `idx` adds to the output at writes[out] (model units): [d_out] or [n, d_out]."""
         W = self.W_dec if out == 0 else self.W_dec_later[out - 1]
         return W[idx] / self.output_scale
-
-
-class ReLUTranscoder(Transcoder, ReLUDictionary):
-    arch, activation = "relu-transcoder", "relu"
-
-
-class JumpReLUTranscoder(Transcoder, JumpReLUDictionary):
-    arch, activation = "jumprelu-transcoder", "jumprelu"
-
-
-class TopKTranscoder(Transcoder, TopKDictionary):
-    arch, activation = "topk-transcoder", "topk"
-
-
-class BatchTopKTranscoder(Transcoder, BatchTopKDictionary):
-    arch, activation = "batchtopk-transcoder", "batchtopk"
-
-
-TRANSCODERS: dict[str, type[Transcoder]] = {c.activation: c for c in (ReLUTranscoder, JumpReLUTranscoder,
-                                                                      TopKTranscoder, BatchTopKTranscoder)}
 
 
 def create_transcoder(activation: str, d: int, F: int, **hp) -> Transcoder:

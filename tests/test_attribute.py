@@ -6,7 +6,7 @@ import torch
 
 from dictcircuits import DictCircuitsError
 from dictcircuits.attribute import node_effects, run_capture
-from dictcircuits.dictionary import LinearDictionary
+from dictcircuits.archs.linear import LinearDictionary
 from dictcircuits.tasks import Task
 from dictcircuits.toy import TOY_FAMILIES, random_dictionaries, toy_model, toy_tokenizer
 

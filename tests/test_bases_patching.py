@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dictcircuits.dictionary import IdentityDictionary
+from dictcircuits.archs.identity import IdentityDictionary
 from dictcircuits.intervene import patch
 from dictcircuits.tasks import Task
 from dictcircuits.toy import random_dictionaries, toy_model

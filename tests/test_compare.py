@@ -6,7 +6,8 @@ import torch
 
 from dictcircuits.cli import main
 from dictcircuits.compare import activation_correlation, compare, max_cosine, simpson_diversity
-from dictcircuits.dictionary import IdentityDictionary, save_dictionary
+from dictcircuits.archs.identity import IdentityDictionary
+from dictcircuits.dictionary import save_dictionary
 from dictcircuits.models import pad
 from dictcircuits.toy import random_dictionary
 

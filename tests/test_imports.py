@@ -16,15 +16,6 @@ OPTIONAL = {
     "gguf",  # .gguf models only; an extra (pip install 'dictcircuits[gguf]'), not a dependency
     "datasets",  # hub datasets only; seconds to import, and local text files do not need it
 }
-# Files whose function-level imports belong to work in progress elsewhere (issue #26). TEMPORARY: this set must
-# shrink to empty; a file that no longer needs its entry fails the test until the entry is removed.
-NOT_YET = {
-    "baselines.py", "circuit/prompt.py", "toy.py", "train.py",
-}
-# Known circles being broken elsewhere (issue #26). TEMPORARY as well: must shrink to empty.
-NOT_YET_CIRCLES = {
-    frozenset({"baselines", "train"}),
-}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -90,10 +81,16 @@ def _targets(module: str, node: ast.Import | ast.ImportFrom, modules) -> set[str
     return found & set(modules)
 
 
+def _type_only(tree: ast.Module) -> set[int]:
+    """ids of the imports under `if TYPE_CHECKING:`: annotations only, never run, so they close no circle."""
+    return {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) in
+            ("TYPE_CHECKING", "typing.TYPE_CHECKING") for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))}
+
+
 def import_graph(modules: dict[str, ast.Module]) -> dict[str, set[str]]:
-    """module -> the dictcircuits modules it imports, at module level or inside functions."""
+    """module -> the dictcircuits modules it imports when it runs, at module level or inside functions."""
     return {name: {t for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-                   for t in _targets(name, node, modules)} - {name}
+                   and id(node) not in _type_only(tree) for t in _targets(name, node, modules)} - {name}
             for name, tree in modules.items()}
 
 
@@ -139,20 +136,13 @@ def modules():
 
 def test_no_imports_hidden_in_functions(modules):
     hidden = hidden_imports(modules)
-    new = {f: lines for f, lines in hidden.items() if f not in NOT_YET}
-    assert not new, "imports inside functions (move them to the top; break a circle instead of dodging it): " + \
-        "; ".join(f"{f} {', '.join(lines)}" for f, lines in sorted(new.items()))
-    stale = sorted(f for f in NOT_YET if f not in hidden)
-    assert not stale, f"{', '.join(stale)} no longer hide imports: remove them from NOT_YET"
+    assert not hidden, "imports inside functions (move them to the top; break a circle instead of dodging it): " + \
+        "; ".join(f"{f} {', '.join(lines)}" for f, lines in sorted(hidden.items()))
 
 
 def test_no_import_circles(modules):
     found = circles(import_graph(modules))
-    new = [c for c in found if c not in NOT_YET_CIRCLES]
-    assert not new, "import circles: " + "; ".join(" <-> ".join(sorted(c)) for c in new)
-    stale = [c for c in NOT_YET_CIRCLES if c not in found]
-    assert not stale, "circles now broken, remove them from NOT_YET_CIRCLES: " + \
-        "; ".join(" <-> ".join(sorted(c)) for c in stale)
+    assert not found, "import circles: " + "; ".join(" <-> ".join(sorted(c)) for c in found)
 
 
 def test_the_checks_see_a_hidden_import_and_a_circle():
@@ -161,3 +151,6 @@ def test_the_checks_see_a_hidden_import_and_a_circle():
                "b": ast.parse("def f():\n    from .a import y\n    import matplotlib.pyplot\n")}
     assert hidden_imports(planted) == {"b/__init__.py": ["line 2: from .a import y"]}
     assert circles(import_graph(planted)) == [frozenset({"a", "b"})]
+    typed = {"a": ast.parse("from .b import x\n"),
+             "b": ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import y\n")}
+    assert circles(import_graph(typed)) == []

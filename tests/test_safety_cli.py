@@ -17,7 +17,9 @@ import torch
 import dictcircuits
 from dictcircuits import DictCircuitsError, cli
 from dictcircuits.attribute import metric_grads, node_effects, run_capture
-from dictcircuits.baselines import fit_baseline, ica, identity, nmf, pca, random_directions, train_baselines
+from dictcircuits.archs.identity import identity
+from dictcircuits.archs.linear import ica, nmf, pca, random_directions
+from dictcircuits.baselines import fit_baseline, train_baselines
 from dictcircuits.compare import Comparison, activation_correlation, compare, max_cosine
 from dictcircuits.dictionary import save_dictionary
 from dictcircuits.intervene import ablate, compare_bases, fit_pca, greedy_patch, patch, steer

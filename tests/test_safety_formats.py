@@ -638,9 +638,10 @@ KILL_SCRIPT = textwrap.dedent("""
     import os, sys, types
     from pathlib import Path
     repo, mode, path = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-    package = types.ModuleType("dictcircuits")  # import dictionary.py alone: no model libraries, a fast start
-    package.__path__ = [str(repo / "dictcircuits")]
+    package = types.ModuleType("dictcircuits")  # import dictionary.py and the architectures alone: no model
+    package.__path__ = [str(repo / "dictcircuits")]  # libraries, a fast start
     sys.modules["dictcircuits"] = package
+    import dictcircuits.archs  # registers relu
     import dictcircuits.dictionary as dm
     if mode == "after-exchange":
         real = dm._exchange

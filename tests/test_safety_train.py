@@ -293,9 +293,9 @@ def test_refuses_to_replace_what_it_did_not_write(env, ws, capsys):
 def test_save_before_eval_survives_ctrl_c(env, ws, capsys, monkeypatch):
     """A real Ctrl-C (SIGINT) during the held-out evaluation, with --checkpoint-every 0, keeps the trained
     dictionaries and prints how to evaluate them later; that command works."""
-    import dictcircuits.evaluate
+    import dictcircuits.train
 
-    real = dictcircuits.evaluate.evaluate
+    real = dictcircuits.train.evaluate
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -304,7 +304,7 @@ def test_save_before_eval_survives_ctrl_c(env, ws, capsys, monkeypatch):
         time.sleep(10)
         raise AssertionError("SIGINT did not interrupt the evaluation")
 
-    monkeypatch.setattr(dictcircuits.evaluate, "evaluate", interrupted)
+    monkeypatch.setattr(dictcircuits.train, "evaluate", interrupted)  # where train calls it
     out = ws / "out"
     assert main(train_argv(env, ws, eval_tokens="128", checkpoint_every="0")) == 130
     err = capsys.readouterr().err
@@ -314,7 +314,7 @@ def test_save_before_eval_survives_ctrl_c(env, ws, capsys, monkeypatch):
     assert dic.F == 64 and dic.meta["training"]["steps"] == 4 and "heldout" not in dic.meta["training"]
     assert not (out / CHECKPOINT_NAME).exists() and not (out / LOCK_NAME).exists()
 
-    monkeypatch.setattr(dictcircuits.evaluate, "evaluate", real)
+    monkeypatch.setattr(dictcircuits.train, "evaluate", real)
     cmd = shlex.split(err.split("Evaluate them later with: ", 1)[1].strip())
     assert cmd[:2] == ["dictcircuits", "eval"] and "--skip" in cmd
     assert main(cmd[1:] + ["--dataset", str(env / "data.txt"), "--json"]) == 0

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from dictcircuits.baselines import fit_baseline, ica, nmf, pca
+from dictcircuits.archs.linear import ica, nmf, pca
+from dictcircuits.baselines import fit_baseline
 from dictcircuits.errors import DictCircuitsError
 from dictcircuits.harvest import collect, default_dataset
 from dictcircuits.synthetic import Superposition, recovery
