@@ -32,12 +32,12 @@ def choose_sites(spec: str | None, available: Sequence[str], where: str, model: 
         return [s.name for s in model.resolve_sites(names)] if model is not None and names else names
 
     if spec is None:
-        every = ordered(list(available))
+        every = ordered(every_site(available))
         return default(every, where) if default is not None else every
     chosen: list[str] = []
     for raw in (part.strip() for part in spec.split(",")):
         if raw == "all":
-            hits = list(available)
+            hits = every_site(available)
         elif any(c in raw for c in "*?["):
             hits = [s for s in available if fnmatch.fnmatch(s, raw)]
             if not hits:
@@ -58,6 +58,15 @@ def choose_sites(spec: str | None, available: Sequence[str], where: str, model: 
     if not chosen:
         raise DictCircuitsError("--sites names no site: give sites (resid.0,mlp.1), a pattern (resid.*) or 'all'")
     return ordered(chosen)
+
+
+def every_site(available: Sequence[str]) -> list[str]:
+    """What `all` (and no --sites) means: every dictionary, except that transcoders (keyed mlp_in.L) are left out
+    of a folder that also holds dictionaries of other sites. They replace MLP outputs, so they are not spliced
+    beside those (a transcoder and a dictionary at the mlp.L it writes are refused together); name them
+    (`--sites 'mlp_in.*'`, or `trace --graph replacement`) to use them."""
+    others = [s for s in available if not s.startswith("mlp_in.")]
+    return list(others or available)
 
 
 def run_folders(root: Path, run: str | None) -> dict[str, Path] | None:
@@ -97,8 +106,9 @@ def resolve(model: Model, dictionaries: Mapping[str, Dictionary] | str | Path | 
             out[s] = load_dictionary(folders[s], d=model.d_model, device=model.device)
             out[s].meta["site"] = s
         return out
-    if sites is None and default is None:
-        return load_dictionaries(root, model=model)  # every site (a converted set must be complete)
+    if sites is None and default is None:  # every site (a converted set must be complete)
+        loaded = load_dictionaries(root, model=model)
+        return {s: loaded[s] for s in every_site(list(loaded))}
     if ftc.is_circuit_tracer_set(root):  # its transcoders are known once the set is read
         return _pick(model, load_dictionaries(root, model=model), sites, str(root), default)
     return load_dictionaries(root, model=model, sites=choose_sites(sites, list(_dictionary_folders(root)), str(root),
