@@ -74,14 +74,19 @@ class AblationCache:
 
 def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Tokens, batch_size: int | None = None,
              exclude_bos: bool = True, plots: str | Path | None = None, progress: bool = False,
-             desc: str = "eval", cache: AblationCache | None = None) -> dict[str, SiteEval]:
+             desc: str = "eval", cache: AblationCache | None = None, all_positions: bool = False
+             ) -> dict[str, SiteEval]:
     """Evaluate each site's dictionary on `tokens` (right-padded, padding ignored); site -> SiteEval.
     batch_size: contexts per trace (None: auto_batch_size, from the vocabulary size). cache: pass one
-    AblationCache to every evaluation of a sweep on the same tokens, so that the ablations run once."""
+    AblationCache to every evaluation of a sweep on the same tokens, so that the ablations run once.
+    all_positions: also score every position replaced (the *_all numbers) where the position rule skips some;
+    that doubles the scored rows there, so without it those numbers are None (with the reason) unless the rule
+    skipped nothing (then they are the same numbers)."""
     if not dictionaries:
         raise DictCircuitsError("no dictionaries to evaluate")
     if any(getattr(d, "is_transcoder", False) for d in dictionaries.values()):  # MLPs replaced at once
-        return evaluate_transcoders(model, dictionaries, tokens, batch_size, exclude_bos, plots, progress, desc)
+        return evaluate_transcoders(model, dictionaries, tokens, batch_size, exclude_bos, plots, progress, desc,
+                                    all_positions)
     if batch_size is None:
         batch_size = auto_batch_size(model, tokens.input_ids.shape[1])
     if batch_size < 1:
@@ -145,7 +150,10 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
                 # something; the ablations only when not known yet
                 kinds = ["spliced"] + (["zero", "mean"] if ablated is None else [])
                 if skip.any():
-                    kinds += [k + "_all" for k in kinds]
+                    if all_positions:
+                        kinds += [k + "_all" for k in kinds]
+                    else:
+                        a.all_missing = True
 
                 def variants(x, dic=dic, s=s, skip=skip, kinds=kinds):  # x [groups*b, p, d] -> the same
                     x = clean_x[s] if s in clean_x else x[:b]  # [b, p, d]: every row group starts from the clean run
@@ -333,7 +341,10 @@ def format_table(results: Mapping[str, SiteEval]) -> str:
     for r in results.values():
         lines.append(f"{r.site} skips {r.rule}: {r.skipped} position(s) passed through")
     for r in results.values():
-        lines += [f"{r.site} {name}: n/a because {why}" for name, why in r.notes.items()]
+        by_reason: dict[str, list[str]] = {}  # one line per reason, naming every number it applies to
+        for name, why in r.notes.items():
+            by_reason.setdefault(why, []).append(name)
+        lines += [f"{r.site} {', '.join(names)}: n/a because {why}" for why, names in by_reason.items()]
     return "\n".join(lines)
 
 
@@ -365,6 +376,9 @@ def add_arguments(p) -> None:
                    help="include BOS positions in the reconstruction statistics (unless the dictionary skips them)")
     p.add_argument("--plots", default=None, help="folder for the feature-frequency histograms (PNG)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--all-positions", action="store_true", help="also report CE and KL with every position "
+                   "replaced (the 'all' columns, *_all in --json) where the position rule skips some: twice the scored "
+                   "rows there, so off by default (those numbers are then n/a)")
     p.add_argument("--json", action="store_true", help="print the results as JSON, {site: {...}} ({run: {site: {...}}} "
                    "for a sweep), null where a number is n/a; *_all fields are the numbers with the position rule off")
 
@@ -462,7 +476,7 @@ def run(args) -> int:
         plots = None if args.plots is None else (Path(args.plots) / name if name else args.plots)
         results[name] = evaluate(model, dicts, tokens, batch_size=args.batch_size, exclude_bos=args.exclude_bos,
                                  plots=plots, progress=not args.json, desc=f"eval {name}" if name else "eval",
-                                 cache=cache)
+                                 cache=cache, all_positions=args.all_positions)
     if args.json:
         if None in results:
             print(results_json(results[None]))

@@ -72,6 +72,7 @@ class SiteSums:
         self.kl = self.kl_all = 0.0
         self.skipped = self.positions = 0
         self.ce_n = 0
+        self.all_missing = False  # the rule skipped positions but the every-position rows were not scored
 
     def add_recon(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> None:  # [n, d], [n, d], [n, F]
         x, x_hat = x.double(), x_hat.double()
@@ -123,10 +124,18 @@ def summarise(site: str, dic: Dictionary, a: SiteSums, plots) -> SiteEval:
                   "ce_mean_all", "kl_all"):
             notes[k] = "no next-token predictions in the evaluated contexts (each needs 2 tokens or more)"
 
+    if a.all_missing:
+        for k in ("spliced_all", "zero_all", "mean_all"):
+            ce[k] = None
+        for k in ("ce_spliced_all", "ce_zero_all", "ce_mean_all", "ce_recovered_zero_all", "ce_recovered_mean_all",
+                  "kl_all"):
+            notes[k] = ("not computed: the position rule skipped positions and the every-position rows were not "
+                        "scored (pass --all-positions / all_positions=True)")
+
     def recovered(abl: str, rule: str = "") -> float | None:
         name, spliced = f"ce_recovered_{abl}{rule}", f"spliced{rule}"
         if ce[abl + rule] is None or ce["clean"] is None or ce[spliced] is None:
-            notes[name] = "the cross-entropies are missing"
+            notes.setdefault(name, "the cross-entropies are missing")
             return None
         gap = ce[abl + rule] - ce["clean"]
         if abs(gap) <= 1e-12:
@@ -163,7 +172,7 @@ def summarise(site: str, dic: Dictionary, a: SiteSums, plots) -> SiteEval:
         skipped=a.skipped, skipped_frac=a.skipped / a.positions if a.positions else None,
         ce_spliced_all=ce["spliced_all"], ce_zero_all=ce["zero_all"], ce_mean_all=ce["mean_all"],
         ce_recovered_zero_all=recovered("zero", "_all"), ce_recovered_mean_all=recovered("mean", "_all"),
-        kl_all=a.kl_all / a.ce_n if a.ce_n else None, freq_hist=hist, notes=notes)
+        kl_all=a.kl_all / a.ce_n if a.ce_n and not a.all_missing else None, freq_hist=hist, notes=notes)
     for f in NUMBER_FIELDS:  # a NaN or Inf that got through (e.g. from the model's own logits) becomes None
         value = getattr(result, f)
         if value is not None and not math.isfinite(value):

@@ -1252,10 +1252,14 @@ def run(args) -> int:
             print(f"{site:10s} {dic.meta['training']['run']:24s} train: L0 {_num(m.get('l0'), '7.2f')} "
                   f"FVU {_num(m.get('fvu'), '.4f')} dead {_num(m.get('dead'), '.3f')}"
                   + (f" | held-out: FVU {_num(h['fvu'], '.4f')} CE recovered {_num(h['ce_recovered_zero'], '.3f')} "
-                     f"(zero) {_num(h['ce_recovered_mean'], '.3f')} (mean) KL {_num(h['kl'], '.4f')} (every position "
-                     f"replaced: KL {_num(h['kl_all'], '.4f')})" if h else ""))
+                     f"(zero) {_num(h['ce_recovered_mean'], '.3f')} (mean) KL {_num(h['kl'], '.4f')}"
+                     + (f" (every position replaced: KL {_num(h['kl_all'], '.4f')})" if h["kl_all"] is not None else "")
+                     if h else ""))
+            by_reason: dict[str, list[str]] = {}
             for name, why in h.get("notes", {}).items():
-                print(f"{'':10s} {name}: n/a because {why}")
+                by_reason.setdefault(why, []).append(name)
+            for why, names in by_reason.items():
+                print(f"{'':10s} {', '.join(names)}: n/a because {why}")
     if result.wall_seconds:
         print(f"{result.tokens} tokens in {result.wall_seconds:.1f}s end to end ({result.tokens_per_s_end_to_end:.0f} "
               f"tok/s, with buffer pre-fill and held-out evaluation; the training loop alone: {result.seconds:.1f}s, "

@@ -25,8 +25,8 @@ from .transcoder import targets
 
 def evaluate_transcoders(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Tokens,
                          batch_size: int | None = None, exclude_bos: bool = True, plots=None, progress: bool = False,
-                         desc: str = "eval") -> dict[str, SiteEval]:
-    """read site -> SiteEval for a set of transcoders (see the module's docstring)."""
+                         desc: str = "eval", all_positions: bool = False) -> dict[str, SiteEval]:
+    """read site -> SiteEval for a set of transcoders (see the module's docstring); all_positions as evaluate()'s."""
     if not all(d.is_transcoder for d in dictionaries.values()):
         raise DictCircuitsError("a set mixes transcoders and dictionaries of the residual stream; evaluate them apart")
     if batch_size is None:
@@ -68,6 +68,10 @@ def evaluate_transcoders(model: Model, dictionaries: Mapping[str, Dictionary], t
         for tok, skip in zip(batches, skips):
             scorer = Scorer(model, model.run(tok), tok)
             ruled = any(s.any() for s in skip.values())
+            if ruled and not all_positions:
+                for a in acc.values():
+                    a.all_missing = True
+            ruled = ruled and all_positions
             kinds = ["spliced", "zero", "mean"] + (["spliced_all", "zero_all", "mean_all"] if ruled else [])
             hidden = model.run(_rows(tok, len(kinds)), _replace_all(model, dicts, writers, means, tok, kinds),
                                hidden=True)

@@ -134,7 +134,7 @@ def test_ablation_cache_shares_a_sweeps_ablations_and_changes_no_number(model, m
             dic.W_dec.mul_(0.05)
         set_rule(dic, PositionRule((5,)) if seed < 3 else PositionRule((7,)))  # run 3 skips another token
         runs.append({"resid.1": dic})
-    alone = [evaluate(model, r, tokens, batch_size=2)["resid.1"] for r in runs]
+    alone = [evaluate(model, r, tokens, batch_size=2, all_positions=True)["resid.1"] for r in runs]
     groups = []
     real_score = scoring.Scorer.score
 
@@ -144,7 +144,7 @@ def test_ablation_cache_shares_a_sweeps_ablations_and_changes_no_number(model, m
 
     monkeypatch.setattr(scoring.Scorer, "score", counted)
     cache = AblationCache()
-    shared = [evaluate(model, r, tokens, batch_size=2, cache=cache)["resid.1"] for r in runs]
+    shared = [evaluate(model, r, tokens, batch_size=2, cache=cache, all_positions=True)["resid.1"] for r in runs]
     # 2 batches a run; run 2 reuses run 1's ablations; run 3 skips another token (only in the second batch's
     # context, so its first batch has nothing to leave out and no rule-off rows)
     assert groups == [6, 6, 2, 2, 3, 6]
@@ -156,5 +156,12 @@ def test_ablation_cache_shares_a_sweeps_ablations_and_changes_no_number(model, m
     assert alone[0].ce_zero != pytest.approx(alone[2].ce_zero, rel=1e-4)  # and so do the rules' ablations
     groups.clear()
     other = pad([[5, 17, 33, 8, 90, 12, 4], [44, 3, 19, 250], [7, 5, 100, 21, 61]], model.pad_id)
-    evaluate(model, runs[0], other, batch_size=2, cache=cache)
+    evaluate(model, runs[0], other, batch_size=2, cache=cache, all_positions=True)
     assert groups == [6, 6]  # one token changed in the second batch moves the site's mean: nothing is reused
+    # by default the every-position rows are not scored: half the rows, and the *_all numbers are None with why
+    groups.clear()
+    default = evaluate(model, runs[0], tokens, batch_size=2)["resid.1"]
+    assert groups == [3, 3]
+    for name in ("ce_spliced", "ce_zero", "ce_mean", "ce_recovered_zero", "ce_recovered_mean", "kl"):
+        assert getattr(default, name) == pytest.approx(getattr(alone[0], name), rel=1e-6), name
+        assert getattr(default, name + "_all") is None and "--all-positions" in default.notes[name + "_all"]

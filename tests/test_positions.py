@@ -151,7 +151,7 @@ def test_eval_reports_the_rule_and_its_effect(sink, data, trained):
     ids = _contexts(sink, data, n=6)
     tok = Tokens(ids, torch.ones_like(ids))
     dicts = {s: d[0] for s, d in result.dictionaries.items()}
-    res = evaluate(sink, dicts, tok, batch_size=3)
+    res = evaluate(sink, dicts, tok, batch_size=3, all_positions=True)
     off = evaluate(sink, {s: with_rule(d, OFF) for s, d in dicts.items()}, tok, batch_size=3)
     for site in SITES:
         r, o = res[site], off[site]

@@ -169,8 +169,12 @@ def test_ce_recovered_is_shown_with_and_without_the_passed_through_positions(tex
         random_dictionary("topk", model.d_model, 64, seed=1, k=4)
     set_rule(passes, PositionRule((model.tokenizer.bos_token_id,)))  # skips BOS: 1 position in 16
     set_rule(replaces, PositionRule(()))
-    got = {name: evaluate(model, {"resid.1": dic}, tokens, batch_size=3)["resid.1"]
+    got = {name: evaluate(model, {"resid.1": dic}, tokens, batch_size=3, all_positions=True)["resid.1"]
            for name, dic in (("passes", passes), ("replaces", replaces))}
+    # without all_positions the rule-off columns are n/a, with one line saying how to get them
+    quick = format_table({"resid.1": evaluate(model, {"resid.1": passes}, tokens, batch_size=3)["resid.1"]})
+    assert quick.splitlines()[1].split()[7] == "n/a"
+    assert sum("--all-positions" in line for line in quick.splitlines()) == 1
     r = got["passes"]
     assert r.skipped == 6 and r.skipped_frac == pytest.approx(6 / 96)
     assert r.ce_recovered_mean != pytest.approx(r.ce_recovered_mean_all)  # the rule changes the headline ...
