@@ -6,7 +6,10 @@ faithfulness reached, circuit-tracer's replacement and completeness scores (repl
 
     python benchmarks/replacement_compare.py --model dc-mini --task ioi \
         --residual dictionaries/dc-mini --transcoder runs/tc/transcoder --skip-transcoder runs/tc/skip-transcoder \
-        --clt runs/tc/clt --n 32 --out runs/compare
+        --clt runs/tc/clt --neurons runs/neurons --n 32 --out runs/compare
+
+--neurons: the neuron basis (`dictcircuits train --arch identity` at the residual set's sites), traced as the
+residual dictionaries are.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ def main() -> int:
     parser.add_argument("--task", default="ioi")
     parser.add_argument("--prompt", default=None, help="a single prompt instead of the task")
     parser.add_argument("--residual", help="a set of residual-stream dictionaries")
+    parser.add_argument("--neurons", help="the neuron basis at residual-stream sites (train --arch identity)")
     for kind in ("transcoder", "skip-transcoder", "clt"):
         parser.add_argument(f"--{kind}", help=f"a {kind} set (mlp_in.L folders for every layer)")
     parser.add_argument("--n", type=int, default=32, help="prompts of the task")
@@ -60,12 +64,12 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rows = {}
-    sets = {"residual": args.residual, "transcoder": args.transcoder, "skip-transcoder": args.skip_transcoder,
-            "clt": getattr(args, "clt")}
+    sets = {"residual": args.residual, "neurons": args.neurons, "transcoder": args.transcoder,
+            "skip-transcoder": args.skip_transcoder, "clt": args.clt}
     for name, folder in sets.items():
         if not folder:
             continue
-        graph = "residual" if name == "residual" else "replacement"
+        graph = "residual" if name in ("residual", "neurons") else "replacement"
         out = Path(args.out) / name
         print(f"tracing {name} ({folder})", file=sys.stderr, flush=True)
         extra = ([] if args.prompt else ["--n", str(args.n)]) + args.extra.split()

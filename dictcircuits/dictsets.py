@@ -31,9 +31,8 @@ def choose_sites(spec: str | None, available: Sequence[str], where: str, model: 
     def ordered(names: list[str]) -> list[str]:
         return [s.name for s in model.resolve_sites(names)] if model is not None and names else names
 
-    if spec is None:
-        every = ordered(every_site(available))
-        return default(every, where) if default is not None else every
+    if spec is None:  # a command's own default chooses among every dictionary (trace's replacement graph: transcoders)
+        return default(ordered(list(available)), where) if default is not None else ordered(every_site(available))
     chosen: list[str] = []
     for raw in (part.strip() for part in spec.split(",")):
         if raw == "all":

@@ -10,6 +10,7 @@ from dictcircuits.dictsets import choose_sites, every_site, resolve
 from dictcircuits.errors import DictCircuitsError
 from dictcircuits.models import load_model
 from dictcircuits.paths import SHIPPED_DICTIONARIES
+from dictcircuits.trace import default_sites, transcoder_sites
 
 SHIPPED = SHIPPED_DICTIONARIES / "dc-mini"
 ALL = ["embed", "attn.0", "mlp.0", "resid.0", "attn.1", "mlp.1", "resid.1", "attn.2", "mlp.2", "resid.2"]
@@ -64,3 +65,6 @@ def test_all_leaves_transcoders_out_beside_other_dictionaries(model):
     assert list(resolve(model, SHIPPED, "all")) == ALL
     coders = resolve(model, SHIPPED, "mlp_in.*")
     assert list(coders) == ["mlp_in.0", "mlp_in.1", "mlp_in.2"] and all(d.is_transcoder for d in coders.values())
+    # a command's own default still sees them: trace --graph replacement on the folder takes its transcoders
+    assert list(resolve(model, SHIPPED, None, default=transcoder_sites)) == list(coders)
+    assert list(resolve(model, SHIPPED, None, default=default_sites)) == ["resid.1", "resid.2"]
