@@ -193,7 +193,7 @@ def test_trace_builtin_task_finds_n_prompts_of_one_length():
     dicts = random_dictionaries(model, "resid.*", expansion=2)
     cg = trace("ioi", model, dicts, n=16, method="attrib", max_nodes=8, progress=False)
     assert cg.n_prompts == 16 and cg.task == "ioi"
-    assert len(cg.tokens) == len(model.tokenize([cg.settings["prompt"]]).input_ids[0])
+    assert len(cg.tokens) == len(model.tokenize([cg.settings.prompt]).input_ids[0])
 
 
 def test_undefined_faithfulness_is_saved_as_null_and_shown_as_na(tmp_path):
