@@ -1,11 +1,11 @@
 """The circuit pipeline, one module per step: effects (node effects laid out flat, per prompt) -> select (rankings,
 per-prompt top-N) -> verify (real patching, the auto-size search) -> sizing (choose the circuit's nodes) -> edges
 (direct effects) -> files (the graph, JSON, GraphML, the circuit-tracer / Neuronpedia export). Imports flow that way
-only (nodes and settings, the trace's TraceSettings, are shared). config (TraceConfig: trace's options, defaults
-and checks), pipeline (the steps in order) and summary (the printed summary) sit on top, imported by module name
-as trace.py does (config and pipeline import render, which imports this package). prompt (single-prompt targets and
-node effects from an ablation baseline) stands beside effects and is imported as dictcircuits.circuit.prompt. What
-ablated nodes are set to comes from dictcircuits.ablation."""
+only (shared: nodes; defaults, the default targets and caps; settings, a trace's TraceSettings). config
+(TraceConfig: trace's options, defaults and checks), pipeline (the steps in order) and summary (the printed
+summary) sit on top, imported by module name as trace.py does (config and pipeline import render, which imports
+this package). prompt (single-prompt targets and node effects from an ablation baseline) stands beside effects and
+is imported as dictcircuits.circuit.prompt. What ablated nodes are set to comes from dictcircuits.ablation."""
 from .edges import compute_edges, metric_parents
 from .effects import FlatEffects, flat_effects, node_activations, node_effect
 from .files import SCHEMA_VERSION, CircuitGraph, atomic_write, build_graph

@@ -17,17 +17,15 @@ from ..errors import DictCircuitsError, check_int, check_real
 from ..harvest import check_dataset
 from ..render import check_dashboard
 from ..tasks import GENERATORS, MAX_GENERATED, Task, check_task_spec
+from .defaults import FAITHFULNESS, KEEP_EDGE_INFLUENCE, MAX_NODES
 from .select import RANKINGS
 
 GRAPHS = ("residual", "replacement")  # dictionaries at residual-stream sites, or transcoders replacing every MLP
 EXACT_CANDIDATES = 3  # --method exact measures this many times the node cap of attribution-patching candidates
 EFFECTS_ROWS = 320  # prompts x IG steps per trace for node effects: bigger traces turn memory-bound on CPU
 OVERSAMPLE = 32  # built-in tasks generate n * OVERSAMPLE prompts; the first n of the commonest length and template are kept
-FAITHFULNESS = 0.8  # default auto-sizing target
-MAX_NODES = 1000  # default cap on the circuit's nodes (per prompt for per-prompt circuits)
 MAX_STEPS = 1000  # IG steps at most: each is one more row per prompt in the effect traces (default 10)
 MAX_MEAN_TOKENS = 1_000_000  # --prompt mean ablation: corpus positions at most (dc-mini reads ~7k a second)
-KEEP_EDGE_INFLUENCE = 0.98  # default share of the total |weight| the kept edges carry
 # sites traced when none are given: residual-stream sites with dictionaries, at most DEFAULT_SERIES of them (every
 # site with one if none is a resid site). A circuit must carry the effect through every site it ablates: measured
 # faithfulness at several sites is about the product of each site's own (README, "On a real model"), so every

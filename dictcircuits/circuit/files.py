@@ -30,6 +30,7 @@ from ..atomic import GENERATOR, json_safe, marked, marker_html
 from ..atomic import atomic_write_text as atomic_write
 from ..errors import DictCircuitsError
 from ..models import Model
+from .defaults import KEEP_EDGE_INFLUENCE
 from .effects import node_effect
 from .nodes import LOGIT, Node
 from .settings import TraceSettings
@@ -182,7 +183,7 @@ class CircuitGraph:
 
 def build_graph(model: Model, nodes: Sequence[Node], effects, edges: Mapping[tuple[Node, Node], float],
                 parents: Sequence[str], activations: Mapping[Node, float], positions: bool,
-                edge_threshold: float | None = None, keep_edge_influence: float | None = 0.98,
+                edge_threshold: float | None = None, keep_edge_influence: float | None = KEEP_EDGE_INFLUENCE,
                 shares: Mapping[Node, float] | None = None) -> nx.DiGraph:
     """The DiGraph of `nodes` plus the metric node: edges kept by |weight| >= edge_threshold or as the fewest
     carrying keep_edge_influence of the total |weight|; edges into the metric carry the node effect. shares (per-prompt
