@@ -30,6 +30,7 @@ from .options import out_path, resolve_device
 from .render import write_html
 from .tasks import GENERATORS, Task
 
+
 def trace(task: TraceConfig | str | Task | None = None, model: Model | str | None = None,
           dictionaries: Mapping[str, Dictionary] | str | Path | None = None, **options: Any) -> CircuitGraph:
     """Trace a circuit: `trace(TraceConfig(task="ioi", nodes=20), model, dictionaries)`, or with the config's fields

@@ -23,7 +23,7 @@ from .select import RANKINGS
 GRAPHS = ("residual", "replacement")  # dictionaries at residual-stream sites, or transcoders replacing every MLP
 EXACT_CANDIDATES = 3  # --method exact measures this many times the node cap of attribution-patching candidates
 EFFECTS_ROWS = 320  # prompts x IG steps per trace for node effects: bigger traces turn memory-bound on CPU
-OVERSAMPLE = 32  # built-in tasks generate n * OVERSAMPLE prompts; the first n of the commonest length and template are kept
+OVERSAMPLE = 32  # built-in tasks generate n * OVERSAMPLE prompts; n of the commonest length and template are kept
 MAX_STEPS = 1000  # IG steps at most: each is one more row per prompt in the effect traces (default 10)
 MAX_MEAN_TOKENS = 1_000_000  # --prompt mean ablation: corpus positions at most (dc-mini reads ~7k a second)
 # sites traced when none are given: residual-stream sites with dictionaries, at most DEFAULT_SERIES of them (every
@@ -90,7 +90,31 @@ def option(default: Any, help: str | Callable[[], str] | None = None, *, cli: bo
 @dataclass(frozen=True)
 class TraceConfig:
     """Every option of a trace (trace's keywords and `dictcircuits trace`'s flags; docs/tracing.md). The model and
-    the dictionaries are given beside it, to dictcircuits.trace.trace."""
+    the dictionaries are given beside it, to dictcircuits.trace.trace.
+
+    A task (a built-in name, a task file or a Task) is traced on n prompts of one token length and template (the
+    commonest; built-in tasks generate extra prompts to find them). Sizing (one of): by default the fewest
+    top-ranked nodes whose measured faithfulness reaches `faithfulness`, at most max_nodes; nodes=N keeps the top
+    N; node_threshold (score >= T) or keep_influence (the fewest carrying that share of the total score) keep fewer
+    than max_nodes. per_prompt=N (or "auto": N searched for `faithfulness`) gives each prompt its own top-N nodes by
+    its own effects, verified with each prompt's own mask; the graph is the union, each node with its share of
+    prompts. rank: mean-abs (mean over prompts of |effect|) or abs-mean (|mean effect|). contexts: reference texts
+    for the features' top-activating examples (default: the prompts). strict: refuse task-file rows that cannot be
+    used instead of skipping them. run: the run to trace when the dictionary folder is a sweep written by train.
+
+    Single prompt (prompt= instead of task; see dictcircuits.circuit.prompt): the target is log p(answer) (answer
+    None: the model's top token) or, with wrong, logit(answer) - logit(wrong); nodes are ablated to each
+    dictionary's mean over mean_tokens positions of `dataset` (default: harvest's default corpus) or to zero; n,
+    seed and strict do not apply. ablation: the kinds dictcircuits.ablation registers for the scope (tasks:
+    corrupt by default; a prompt: mean).
+
+    graph="replacement": the replacement model's attribution graphs (docs/replacement.md) from the transcoders of
+    the dictionary set (mlp_in.* folders, one writing every MLP): each prompt's features, error terms and token
+    embeddings with exact direct edges under frozen attention, ranked by influence, auto-sized to `faithfulness` by
+    real patching (per prompt, at most max_nodes); sites, method, steps, nodes, per_prompt, node_threshold,
+    keep_influence, rank, refine and run do not apply. max_feature_nodes: compute the inputs of that many features
+    per prompt only, the most influential first (circuit-tracer's cap; on Gemma-3-270M a prompt of IOI has about
+    8,600 active features, about 13 minutes of rows on 2 shared cores)."""
 
     task: str | Task | None = option(None, "ioi, ioi-s2, parens, sva, sva-pp, sva-rc, greater_than, or a task file")
     prompt: str | None = option(None, "trace one prompt instead of a task (no corrupt prompt: nodes are ablated to "
