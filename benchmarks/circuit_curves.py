@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     from dictcircuits.models import load_model
     from dictcircuits.paths import default_dictionaries
     from dictcircuits.tasks import load_task
-    from dictcircuits.trace import EFFECTS_ROWS, OVERSAMPLE, default_sites
+    from dictcircuits.circuit.config import EFFECTS_ROWS, OVERSAMPLE, default_sites
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model)

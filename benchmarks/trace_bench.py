@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     import dictcircuits
 
     print("RESULT " + json.dumps({
-        **result, "code": dictcircuits.__file__, "sites": len(cg.settings["sites"]), "prompts": cg.n_prompts, "tokens": len(cg.tokens),
+        **result, "code": dictcircuits.__file__, "sites": len(cg.settings.sites), "prompts": cg.n_prompts, "tokens": len(cg.tokens),
         "d": model.d_model, "nodes": g.number_of_nodes(), "edges": g.number_of_edges(),
         "setup_s": round(setup, 3), "timings": {**cg.timings, "write": round(t2 - t1, 3)},
         "trace_s": round(t1 - t0, 3), "total_s": round(t2 - t0, 3),

@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     from dictcircuits.models import Model, load_model
     from dictcircuits.paths import default_dictionaries
     from dictcircuits.tasks import load_task
-    from dictcircuits.trace import OVERSAMPLE
+    from dictcircuits.circuit.config import OVERSAMPLE
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model)

@@ -305,9 +305,9 @@ def render_html(cg: CircuitGraph, base: str | Path | None = None) -> str:
             stats.append(("nodes per prompt", ver.size))
         stats += [("faithfulness", format_metric(ver.faithfulness)), ("completeness", format_metric(ver.completeness)),
                   ("ablation", ver.ablation)]
-    if cg.settings.get("graph") == "replacement":  # circuit-tracer's scores of the full graphs (docs/replacement.md)
-        stats += [("replacement score", format_metric(cg.settings.get("replacement_score"))),
-                  ("completeness score", format_metric(cg.settings.get("completeness_score")))]
+    if cg.settings.graph == "replacement":  # circuit-tracer's scores of the full graphs (docs/replacement.md)
+        stats += [("replacement score", format_metric(cg.settings.replacement_score)),
+                  ("completeness score", format_metric(cg.settings.completeness_score))]
     header = " · ".join(f"<span class='k'>{esc(k)}</span> <b>{esc(v)}</b>" for k, v in stats)
     if ver is not None and ver.curve:
         header += ("<div class='k'>faithfulness of " + ("each prompt's top-n nodes: " if ver.per_prompt else "the top-n nodes: ")

@@ -9,7 +9,7 @@ from dictcircuits import ablation as ablation_module
 from dictcircuits.ablation import (Ablation, AblationContext, Baseline, ablation_names, get_ablation, register,
                                    site_states)
 from dictcircuits.circuit import Patcher
-from dictcircuits.circuit.prompt import check_prompt_args
+from dictcircuits.circuit.config import TraceConfig
 from dictcircuits.errors import DictCircuitsError
 from dictcircuits.intervene import ablate
 from dictcircuits.splice import splice
@@ -95,11 +95,11 @@ def test_a_new_kind_is_one_class(setup, registered):
     assert parser.parse_args(["--task", "ioi", "--ablation", "twice-mean"]).ablation == "twice-mean"
     task = Task("toy-ioi", CLEAN, CORRUPT, [" Mary", " Alice"], [" John", " Bob"])
     cg = trace(task, model, dicts, method="attrib", nodes=3, ablation="twice-mean", progress=False)
-    assert cg.verification.ablation == "twice-mean" and cg.settings["ablation"] == "twice-mean"
+    assert cg.verification.ablation == "twice-mean" and cg.settings.ablation == "twice-mean"
     assert cg.verification.m_empty == pytest.approx(m_empty, abs=1e-4)
     # where it does not apply, the registry says so
     with pytest.raises(DictCircuitsError, match="does not apply to a single prompt; use one of mean, zero"):
-        check_prompt_args("The capital of France is", None, None, "twice-mean")
+        TraceConfig(prompt="The capital of France is", ablation="twice-mean").check()
     with pytest.raises(DictCircuitsError, match="reference= is only used by mean and resample"):
         ablate(model, dicts, batch, sites=[site], how="twice-mean", reference=batch.corrupt)
 

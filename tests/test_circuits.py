@@ -117,7 +117,7 @@ def test_trace_auto_sizes_and_per_prompt_circuits(small):
     cg = trace(task, model, dicts, method="attrib", faithfulness=0.5, max_nodes=200, progress=False)
     ver = cg.verification
     n_nodes = cg.graph.number_of_nodes() - 1
-    assert ver.target == 0.5 and ver.size == n_nodes and cg.settings["rank"] == "mean-abs"
+    assert ver.target == 0.5 and ver.size == n_nodes and cg.settings.rank == "mean-abs"
     assert (ver.faithfulness >= 0.5) == ver.reached
     text = summary(cg)
     if ver.m_model <= ver.m_corrupt:  # the random toy cannot do its task: no circuit to find, no success line
@@ -153,7 +153,7 @@ def test_per_prompt_circuit_round_trips_with_shares(small, tmp_path):
 def test_site_patterns_mean_sites_with_dictionaries(small):
     model, dicts = small  # dictionaries at resid.0 and resid.1 only
     cg = trace(toy_task(), model, dicts, method="attrib", nodes=5, sites="resid.*", progress=False)
-    assert cg.settings["sites"] == ["resid.0", "resid.1"]
+    assert cg.settings.sites == ["resid.0", "resid.1"]
     assert "sites resid.0, resid.1 (those of 'resid.*' with dictionaries)" in summary(cg)
     with pytest.raises(DictCircuitsError, match=r"'mlp\.\*' matches none of the sites with dictionaries.*resid\.0, resid\.1"):
         trace(toy_task(), model, dicts, method="attrib", sites="mlp.*", progress=False)

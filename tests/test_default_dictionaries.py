@@ -52,7 +52,7 @@ def test_trace_with_no_flags_gives_a_faithful_circuit_and_its_size(setup):
     model, _ = setup
     cg = trace("ioi", model, progress=False)
     n_nodes = sum(1 for _, a in cg.graph.nodes(data=True) if a["kind"] != "logit")
-    assert cg.settings["sites"] == ["resid.1", "resid.2"]
+    assert cg.settings.sites == ["resid.1", "resid.2"]
     assert cg.faithfulness >= 0.8, f"faithfulness {cg.faithfulness:.3f} with {n_nodes} nodes"
     assert n_nodes == cg.verification.size <= 100 and cg.verification.reached
     assert abs(cg.completeness) < 0.1, f"completeness {cg.completeness:.3f}: the behaviour survives without the circuit"
@@ -63,7 +63,7 @@ def test_per_prompt_circuits_reach_08_at_all_sites_with_fewer_than_300_nodes_a_p
     """Each prompt's own top-N nodes at all 10 sites (measured: N = 221 reaches 0.8; a shared ranking needs 633)."""
     from dictcircuits.attribute import node_effects
     from dictcircuits.circuit import Patcher, rank_per_prompt, search_size
-    from dictcircuits.trace import OVERSAMPLE
+    from dictcircuits.circuit.config import OVERSAMPLE
     model, dicts = setup
     task = load_task("ioi", n=64 * OVERSAMPLE, model=model).aligned(model)
     batch = task.subset(range(64)).tokenize(model)

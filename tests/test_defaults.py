@@ -89,7 +89,7 @@ def test_eval_reads_a_sweep_run_by_run(saved, tmp_path, monkeypatch, capsys):
 def test_trace_default_sites_are_at_most_two_resid_sites(available, want):
     from dictcircuits.dictsets import choose_sites
     from dictcircuits.models import load_model
-    from dictcircuits.trace import default_sites
+    from dictcircuits.circuit.config import default_sites
 
     model = load_model("dc-mini")
     assert choose_sites(None, available, "here", model, default_sites) == want

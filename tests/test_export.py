@@ -4,7 +4,7 @@ import json
 import networkx as nx
 import pytest
 
-from dictcircuits.circuit import CircuitGraph
+from dictcircuits.circuit import CircuitGraph, TraceSettings
 from dictcircuits.formats import load_dictionaries
 from dictcircuits.models import load_model
 from dictcircuits.paths import default_dictionaries
@@ -70,8 +70,8 @@ def test_export_of_a_trace(traced, tmp_path):
     path = traced.save_neuronpedia(tmp_path / "g.neuronpedia.json", slug="g")
     assert json.loads(path.read_text())["metadata"]["slug"] == "g"
     logit = next(n for n in data["nodes"] if n["feature_type"] == "logit")
-    assert logit["feature"] == traced.settings["answer_id"]
-    assert logit["token_prob"] == pytest.approx(traced.settings["answer_prob"])
+    assert logit["feature"] == traced.settings.answer_id
+    assert logit["token_prob"] == pytest.approx(traced.settings.answer_prob)
 
 
 def test_ids_cannot_collide():
@@ -87,7 +87,7 @@ def test_ids_cannot_collide():
     g.add_edge("embed/4@2", "resid.0/err@2", weight=0.1)
     g.add_edge("resid.0/err@2", "logit@2", weight=0.2)
     g.add_edge("mlp.0/4@2", "logit@2", weight=-0.3)
-    cg = CircuitGraph(g, "t", "m", 1, "ig", tokens=["a", "b", "c"], settings={"answer_id": 9, "answer_prob": 0.25})
+    cg = CircuitGraph(g, "t", "m", 1, "ig", tokens=["a", "b", "c"], settings=TraceSettings(answer_id=9, answer_prob=0.25))
     data = cg.to_neuronpedia()
     check_schema(data)
     by_id = {n["node_id"]: n for n in data["nodes"]}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dictcircuits import DictCircuitsError
-from dictcircuits.circuit import CircuitGraph
+from dictcircuits.circuit import CircuitGraph, TraceSettings
 from dictcircuits.circuit.verify import Verification
 from dictcircuits.tasks import Task, _show_answers, load_task
 from dictcircuits.toy import random_dictionaries
@@ -255,12 +255,12 @@ def test_summary_finds_no_circuit_when_the_model_cannot_do_the_task():
     import networkx as nx
 
     cannot = CircuitGraph(nx.DiGraph(), "nounpp", "m", 18, "ig", verification=verification(-1.57, 1.60),
-                          settings={"sites": ["resid.1"], "metric": "logit_diff"})
+                          settings=TraceSettings(sites=["resid.1"], metric="logit_diff"))
     text = summary(cannot)
     assert "no circuit to find: the model's clean metric (-1.570) is not above the corrupt one (1.600)" in text
     assert "circuit:" not in text and "reaching faithfulness" not in text and "faithfulness 1.020" not in text
     can = CircuitGraph(nx.DiGraph(), "nounpp", "m", 72, "ig", verification=verification(1.60, -1.57),
-                       settings={"sites": ["resid.1"], "metric": "logit_diff"})
+                       settings=TraceSettings(sites=["resid.1"], metric="logit_diff"))
     assert "circuit: 62 nodes" in summary(can) and "no circuit to find" not in summary(can)
 
 

@@ -11,8 +11,8 @@ import networkx as nx
 import pytest
 import torch
 
-from dictcircuits.circuit import (LOGIT, CircuitGraph, Node, Patcher, build_graph, compute_edges, metric_parents,
-                                  node_activations, rank_nodes, select_count, verify)
+from dictcircuits.circuit import (LOGIT, CircuitGraph, Node, Patcher, TraceSettings, build_graph, compute_edges,
+                                  metric_parents, node_activations, rank_nodes, select_count, verify)
 from dictcircuits.errors import DictCircuitsError
 from dictcircuits.splice import splice
 from dictcircuits.toy import random_dictionaries, toy_model
@@ -247,7 +247,7 @@ def traced(toy):
                     node_activations(model, dicts, batch.clean, kept), positions=True)
     toks = [model.tokenizer.decode([int(i)]) for i in batch.clean.input_ids[0]]
     cg = CircuitGraph(g, "toy-ioi", model.name, len(batch.clean), eff.method, toks, ver, {"edges": 0.1},
-                      {"keep_influence": 0.8}, {kept[0].id: {"top_logits": ["<script>"], "examples": []}})
+                      TraceSettings(keep_influence=0.8), {kept[0].id: {"top_logits": ["<script>"], "examples": []}})
     return cg, kept, patcher
 
 

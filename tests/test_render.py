@@ -10,7 +10,7 @@ import networkx as nx
 import pytest
 import torch
 
-from dictcircuits.circuit import CircuitGraph, Node, Verification
+from dictcircuits.circuit import CircuitGraph, Node, TraceSettings, Verification
 from dictcircuits.cli import main
 from dictcircuits.dictionary import save_dictionary
 from dictcircuits.render import (NODE_W, VIS_VERSION, WRAP, capped, feature_details, graph_key, layout, render_html,
@@ -42,7 +42,7 @@ def hand_graph(tokens=("When", " Mary", EVIL, IMG, " to")) -> CircuitGraph:
     ver = Verification("corrupt", 2.0, -1.0, -1.0, 1.4, 0.1, 0.8, 0.367, [(1, 0.2), (16, 0.8)])
     details = {"resid.0/7@2": {"top_logits": [[EVIL, 2.0]], "bottom_logits": [[IMG, -1.0]],
                                "examples": [{"tokens": ["a", EVIL, "b"], "acts": [0.0, 3.0, 1.0], "max": 3.0}]}}
-    return CircuitGraph(g, "task<&>", "toy<model>", 8, "ig", list(tokens), ver, {"edges": 0.1}, {}, details)
+    return CircuitGraph(g, "task<&>", "toy<model>", 8, "ig", list(tokens), ver, {"edges": 0.1}, TraceSettings(), details)
 
 
 def page_data(page: str) -> dict:
@@ -193,7 +193,7 @@ def test_trace_builtin_task_finds_n_prompts_of_one_length():
     dicts = random_dictionaries(model, "resid.*", expansion=2)
     cg = trace("ioi", model, dicts, n=16, method="attrib", max_nodes=8, progress=False)
     assert cg.n_prompts == 16 and cg.task == "ioi"
-    assert len(cg.tokens) == len(model.tokenize([cg.settings["prompt"]]).input_ids[0])
+    assert len(cg.tokens) == len(model.tokenize([cg.settings.prompt]).input_ids[0])
 
 
 def test_undefined_faithfulness_is_saved_as_null_and_shown_as_na(tmp_path):

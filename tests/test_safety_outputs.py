@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from dictcircuits.atomic import (atomic_write, atomic_write_text, clean_stale_temporaries, is_ours, marker_html, save_png,
                                  writable_target)
-from dictcircuits.circuit import CircuitGraph, Verification
+from dictcircuits.circuit import CircuitGraph, TraceSettings, Verification
 from dictcircuits.cli import main
 from dictcircuits.dashboard import write_index
 from dictcircuits.dictionary import save_dictionary
@@ -47,7 +47,7 @@ def graph(task: str = "ioi") -> CircuitGraph:
                activation=2.0, label="metric")
     g.add_edge("resid.0/3@1", "logit@1", weight=0.5)
     ver = Verification("corrupt", 2.0, 0.0, 0.0, 1.8, 0.1, 0.9, 0.5, [(1, 0.9)])
-    return CircuitGraph(g, task, "toy", 4, "ig", ["a", " b"], ver, {}, {"prompt": "a b"}, {})
+    return CircuitGraph(g, task, "toy", 4, "ig", ["a", " b"], ver, {}, TraceSettings(prompt="a b"), {})
 
 
 def _plot(path):

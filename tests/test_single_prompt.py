@@ -106,7 +106,7 @@ def test_trace_prompt_api(mini, tmp_path, monkeypatch):
     monkeypatch.setenv("DICTCIRCUITS_CACHE", str(tmp_path))
     cg = trace(prompt=PROMPT, model=model, dictionaries=dicts, steps=2, mean_tokens=MEAN_TOKENS, progress=False)
     ver = cg.verification
-    assert cg.settings["mode"] == "prompt" and ver.m_corrupt is None and ver.ablation == "mean"
+    assert cg.settings.mode == "prompt" and ver.m_corrupt is None and ver.ablation == "mean"
     assert ver.reached and ver.faithfulness >= 0.8
     kept = sum(1 for _, a in cg.graph.nodes(data=True) if a["kind"] != "logit")
     assert kept == ver.size

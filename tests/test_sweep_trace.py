@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import dictcircuits.circuit.pipeline as pipeline
 import dictcircuits.dictsets as dictsets
 import dictcircuits.trace as trace_module
 from dictcircuits.cli import main
@@ -83,7 +84,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(trace_module, "load_model", refuse)
+    monkeypatch.setattr(pipeline, "load_model", refuse)
 
 
 def test_a_sweep_without_run_is_refused_naming_its_runs(sweep, tmp_path, capsys, no_model):

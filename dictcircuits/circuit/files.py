@@ -30,8 +30,10 @@ from ..atomic import GENERATOR, json_safe, marked, marker_html
 from ..atomic import atomic_write_text as atomic_write
 from ..errors import DictCircuitsError
 from ..models import Model
+from .defaults import KEEP_EDGE_INFLUENCE
 from .effects import node_effect
 from .nodes import LOGIT, Node
+from .settings import TraceSettings
 from .verify import Verification
 
 SCHEMA_VERSION = 1
@@ -51,7 +53,7 @@ class CircuitGraph:
     tokens: list[str] = field(default_factory=list)  # the first clean prompt's tokens (column labels)
     verification: Verification | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
-    settings: dict = field(default_factory=dict)  # thresholds, sites, ablation, ...
+    settings: TraceSettings = field(default_factory=TraceSettings)  # thresholds, sites, ablation, target, ...
     features: dict[str, dict] = field(default_factory=dict)  # node id -> hover details (contexts, logits)
     prompts: list[dict] = field(default_factory=list)  # every prompt traced: clean, corrupt, answer, wrong (+ sets)
     task_file: dict | None = None  # a task file's path and rows read / skipped / left out / used, by reason
@@ -69,7 +71,7 @@ class CircuitGraph:
                 "n_prompts": self.n_prompts, "method": self.method, "prompt_tokens": self.tokens,
                 "faithfulness": self.faithfulness, "completeness": self.completeness,
                 "verification": None if self.verification is None else asdict(self.verification),
-                "timings": self.timings, "settings": self.settings, "task_file": self.task_file,
+                "timings": self.timings, "settings": self.settings.to_dict(), "task_file": self.task_file,
                 "prompts": self.prompts}
 
     def to_dict(self) -> dict:
@@ -94,7 +96,7 @@ class CircuitGraph:
             if ver is not None:
                 ver = Verification(**{**ver, "curve": [tuple(c) for c in ver.get("curve", [])]})
             return cls(g, meta["task"], meta["model"], meta["n_prompts"], meta["method"], meta.get("prompt_tokens", []),
-                       ver, meta.get("timings", {}), meta.get("settings", {}), data.get("features", {}),
+                       ver, meta.get("timings", {}), TraceSettings.from_dict(meta.get("settings", {})), data.get("features", {}),
                        meta.get("prompts", []), meta.get("task_file"))  # both absent from files written before them
         except (KeyError, TypeError) as exc:
             raise DictCircuitsError(f"not a dictcircuits graph JSON (missing or bad field {exc}); write it with CircuitGraph.save_json") from exc
@@ -126,7 +128,7 @@ class CircuitGraph:
         for e in effects:
             acc += e
             cumulative[e] = acc / total  # ties share the larger cumulative value
-        prob = float(st.get("answer_prob") or 0.0)
+        prob = float(st.answer_prob or 0.0)
         ids, nodes = {}, []
         for n, a in g.nodes(data=True):
             pos = last if a.get("position") is None else int(a["position"])
@@ -147,10 +149,10 @@ class CircuitGraph:
                 node.update(node_id=f"E_{pos}_{pos}", feature=pos, layer="E", feature_type="embedding",
                             jsNodeId=f"E_{pos}-0", clerp=f'Emb: "{token}"', activation=None)
             else:
-                token = int(st.get("answer_id") or 0)
-                shown = st.get("answer") or st.get("metric") or "metric"
-                if st.get("wrong"):
-                    shown = f"{shown} - {st['wrong']}"
+                token = int(st.answer_id or 0)
+                shown = st.answer or st.metric or "metric"
+                if st.wrong:
+                    shown = f"{shown} - {st.wrong}"
                 node.update(node_id=f"{layer}_{token}_{pos}", feature=token, layer=str(layer), feature_type="logit",
                             jsNodeId=f"L_{token}-{pos}", clerp=f'Output "{shown}" (p={prob:.3f})', token_prob=prob,
                             is_target_logit=True, influence=None, activation=None)
@@ -160,7 +162,7 @@ class CircuitGraph:
         slug = slug or re.sub(r"[^A-Za-z0-9_.-]+", "_", self.task)[:60].strip("_.") or "circuit"
         name, version = GENERATOR.split(" ")
         metadata = {"info": {"generator": {"name": name, "version": version}}, "slug": slug, "scan": self.model, "transcoder_list": names, "prompt_tokens": list(self.tokens),
-                    "prompt": str(st.get("prompt") or ""), "node_threshold": None, "schema_version": 1}
+                    "prompt": str(st.prompt or ""), "node_threshold": None, "schema_version": 1}
         qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
         return json_safe({"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links})
 
@@ -181,7 +183,7 @@ class CircuitGraph:
 
 def build_graph(model: Model, nodes: Sequence[Node], effects, edges: Mapping[tuple[Node, Node], float],
                 parents: Sequence[str], activations: Mapping[Node, float], positions: bool,
-                edge_threshold: float | None = None, keep_edge_influence: float | None = 0.98,
+                edge_threshold: float | None = None, keep_edge_influence: float | None = KEEP_EDGE_INFLUENCE,
                 shares: Mapping[Node, float] | None = None) -> nx.DiGraph:
     """The DiGraph of `nodes` plus the metric node: edges kept by |weight| >= edge_threshold or as the fewest
     carrying keep_edge_influence of the total |weight|; edges into the metric carry the node effect. shares (per-prompt

@@ -19,7 +19,7 @@ from typing import Mapping
 
 import torch
 
-from ..ablation import Baseline, ablation_names, users_of
+from ..ablation import Baseline
 from ..attribute import NodeEffects, SiteData, linear_effects, run_capture, site_grads
 from ..dictionary import Dictionary
 from ..errors import DictCircuitsError
@@ -41,22 +41,6 @@ class Target:
     metric: str  # readable: "log p(' Paris')" or "logit(' Paris') - logit(' London')"
     answer_prob: float  # the model's probability of the answer on the prompt
     top: bool  # the answer is the model's top token (no --answer given)
-
-
-def check_prompt_args(prompt, answer, wrong, ablation: str) -> None:
-    """Refuse what can be refused before loading anything."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise DictCircuitsError("the prompt is empty: give some text, e.g. --prompt \"The capital of France is\"")
-    for name, word in (("answer", answer), ("wrong", wrong)):
-        if word is not None and (not isinstance(word, str) or word == ""):
-            raise DictCircuitsError(f"--{name} is empty: give one token, e.g. --{name} \" Paris\"")
-    if answer is not None and answer == wrong:
-        raise DictCircuitsError(f"--answer and --wrong are both {answer!r}, so the logit difference is 0; give two "
-                                "different tokens")
-    if ablation not in ablation_names("prompt"):
-        why = ("needs a corrupt prompt, which a single prompt does not have" if ablation in users_of("corrupt", "task")
-               else "does not apply to a single prompt")
-        raise DictCircuitsError(f"--ablation {ablation} {why}; use one of {', '.join(ablation_names('prompt'))}")
 
 
 def _one_token(model: Model, word: str, prompt: str, flag: str) -> int:

@@ -21,6 +21,7 @@ from ..errors import DictCircuitsError
 from ..models import Model
 from ..replacement import AttributionGraph, GraphScores, attribute, check_replacement, metric_direction
 from ..tasks import TaskBatch
+from .defaults import FAITHFULNESS, KEEP_EDGE_INFLUENCE, MAX_NODES
 from .nodes import LOGIT
 from .verify import Patcher, Verification, search_size, verify_masks
 
@@ -54,8 +55,9 @@ def _ranked(graph: AttributionGraph) -> list[int]:
 
 
 def replacement_circuit(model: Model, batch: TaskBatch, transcoders: Mapping[str, Dictionary], patcher: Patcher,
-                        faithfulness: float = 0.8, max_nodes: int = 1000, edge_influence: float = 0.98,
-                        min_share: float = MIN_SHARE, max_feature_nodes: int | None = None, progress: bool = True,
+                        faithfulness: float = FAITHFULNESS, max_nodes: int = MAX_NODES,
+                        edge_influence: float = KEEP_EDGE_INFLUENCE, min_share: float = MIN_SHARE,
+                        max_feature_nodes: int | None = None, progress: bool = True,
                         lap: Callable[[str], None] = lambda phase: None) -> ReplacementCircuit:
     """Attribute every prompt of `batch`, then find the fewest nodes per prompt whose circuit reaches
     `faithfulness` by real patching (up to max_nodes). max_feature_nodes: the rows of that many features per
@@ -107,7 +109,7 @@ def replacement_circuit(model: Model, batch: TaskBatch, transcoders: Mapping[str
 
 
 def shown_graph(model: Model, graphs: list[AttributionGraph], kept: list[list[int]],
-                edge_influence: float = 0.98, min_share: float = MIN_SHARE) -> nx.DiGraph:
+                edge_influence: float = KEEP_EDGE_INFLUENCE, min_share: float = MIN_SHARE) -> nx.DiGraph:
     """The DiGraph of the nodes that at least `min_share` of the prompts keep (with the embeddings and the target
     feeding them; with one prompt, all it keeps): node attributes as CircuitGraph's (kind, site, layer, order,
     position, feature, effect = mean influence, activation = mean value, label, share), edges the mean direct

@@ -9,6 +9,7 @@ import torch
 
 from ..dictionary import Dictionary
 from ..errors import DictCircuitsError
+from .defaults import MAX_NODES
 from .effects import FlatEffects, flat_effects, require_per_prompt
 from .nodes import Node
 
@@ -123,7 +124,7 @@ class PromptRanking:
 
 
 def rank_per_prompt(effects, dictionaries: Mapping[str, Dictionary], positions: bool = True,
-                    limit: int = 1000) -> PromptRanking:
+                    limit: int = MAX_NODES) -> PromptRanking:
     """Each prompt's strongest `limit` nodes by |its own effect| (ig or attrib effects)."""
     flat = flat_effects(effects, dictionaries, positions)
     per = require_per_prompt(flat, "a per-prompt circuit").abs()  # [batch, N]

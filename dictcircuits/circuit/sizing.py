@@ -7,6 +7,7 @@ from typing import Mapping
 
 from ..dictionary import Dictionary
 from ..errors import DictCircuitsError
+from .defaults import FAITHFULNESS, MAX_NODES
 from .nodes import Node
 from .select import rank_nodes, rank_per_prompt, select_count
 from .verify import Patcher, SizeSearch, Verification, log_counts, measure_sizes, search_size, verify, verify_masks
@@ -23,8 +24,8 @@ class Chosen:
 
 
 def choose_nodes(patcher: Patcher, effects, dictionaries: Mapping[str, Dictionary], *, positions: bool = True,
-                 faithfulness: float | None = 0.8, nodes: int | None = None, per_prompt: int | str | None = None,
-                 node_threshold: float | None = None, keep_influence: float | None = None, max_nodes: int = 1000,
+                 faithfulness: float | None = FAITHFULNESS, nodes: int | None = None, per_prompt: int | str | None = None,
+                 node_threshold: float | None = None, keep_influence: float | None = None, max_nodes: int = MAX_NODES,
                  rank: str = "mean-abs", refine: float | None = None, progress: bool = True) -> Chosen:
     """Without nodes / node_threshold / keep_influence, the fewest top-ranked nodes whose measured faithfulness
     reaches `faithfulness` (at most max_nodes); per_prompt=N (or "auto": N searched the same way) gives each prompt

@@ -1,0 +1,7 @@
+"""A trace's default targets and caps, declared once: TraceConfig's field defaults and the keyword defaults of the
+steps that take them (sizing, per-prompt rankings, replacement circuits, build_graph) are these names. Kept apart
+from config.py so the steps can import them without importing the command-line layer."""
+
+FAITHFULNESS = 0.8  # default auto-sizing target
+MAX_NODES = 1000  # default cap on the circuit's nodes (per prompt for per-prompt circuits)
+KEEP_EDGE_INFLUENCE = 0.98  # default share of the total |weight| the kept edges carry
