@@ -10,7 +10,7 @@ from dictcircuits.dictsets import choose_sites, every_site, resolve
 from dictcircuits.errors import DictCircuitsError
 from dictcircuits.models import load_model
 from dictcircuits.paths import SHIPPED_DICTIONARIES
-from dictcircuits.trace import default_sites, transcoder_sites
+from dictcircuits.circuit.config import default_sites, transcoder_sites
 
 SHIPPED = SHIPPED_DICTIONARIES / "dc-mini"
 ALL = ["embed", "attn.0", "mlp.0", "resid.0", "attn.1", "mlp.1", "resid.1", "attn.2", "mlp.2", "resid.2"]

@@ -139,8 +139,8 @@ def shown_graph(model: Model, graphs: list[AttributionGraph], kept: list[list[in
                 w = float(adjacency[t, s])
                 if w != 0:
                     links[(ids[s], ids[t])] = links.get((ids[s], ids[t]), 0.0) + w / n_prompts
-    shown = {key for key, attrs in totals.items()
-             if attrs["kind"] in ("embed", "logit") or attrs["share"] >= min_share - 1e-9}
+    shown = dict.fromkeys(key for key, attrs in totals.items()  # ordered: the files come out the same every run
+                          if attrs["kind"] in ("embed", "logit") or attrs["share"] >= min_share - 1e-9)
     links = {(u, v): w for (u, v), w in links.items() if u in shown and v in shown}
     weights = sorted((abs(w) for w in links.values()), reverse=True)
     cut, acc, total = 0.0, 0.0, sum(weights)
