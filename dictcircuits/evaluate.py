@@ -32,15 +32,15 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from tqdm.auto import tqdm
 
 from .dictionary import CFG_NAME, Dictionary, is_dictcircuits_folder
 from .dictsets import resolve
+from .eta import announce
 from .errors import DictCircuitsError, DictCircuitsWarning
 from .formats import _dictionary_folders, sweep_runs
 from .harvest import ContextStream, check_ctx_len, check_dataset, default_dataset, token_mask
 from .models import DEFAULT_MODEL, Model, Tokens, load_model
-from .options import check_folder, check_memory, format_duration, out_path, parse_count, resolve_device
+from .options import check_folder, check_memory, out_path, parse_count, resolve_device
 from .paths import default_dictionaries
 from .positions import rule_for, skip_mask
 from .scoring import Scorer
@@ -181,21 +181,13 @@ def evaluate(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Token
                 bar.update(tok.input_ids.numel())
                 if i == 0 and len(batches) > 1:
                     now = time.perf_counter()
-                    _announce(now - start, (now - batch_start) * (len(batches) - 1), desc)
+                    announce(desc, now - start, (now - batch_start) * (len(batches) - 1), "the first batch")
     if bar is not None:
         bar.close()
     results = {s: summarise(s, dicts[s], acc[s], plots) for s in sites}
     for s, r in results.items():
         r.rule = rules[s].describe(model.tokenizer)
     return results
-
-
-def _announce(elapsed_s: float, left_s: float, desc: str) -> None:
-    """The expected duration, measured: the reconstruction pass and the first batch of the CE pass took
-    `elapsed_s`; each later batch of the CE pass (a clean trace and per site the spliced and ablated rows, by far
-    the larger part) is expected to take as long as the first, `left_s` in all."""
-    tqdm.write(f"{desc}: expected about {format_duration(elapsed_s + left_s)} in all ({format_duration(left_s)} "
-               "from now, timed on the first batch)", file=sys.stderr)
 
 
 def eval_tokens(model: Model, dataset: str | None, n_tokens: int, ctx_len: int = 128, seed_skip: int = 0,

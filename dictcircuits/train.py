@@ -1075,7 +1075,7 @@ def _estimator(source: ActivationBuffer, steps: int, tokens_per_step: int, eval_
                n_sites: int) -> Callable[[float], None]:
     """Prints the expected duration once the first steps are timed: training steps (measured) + harvesting the
     remaining tokens at the pre-fill's rate + held-out evaluation (at most 2 + 6 forward passes per site over its
-    tokens at the same rate; evaluate._announce times the real thing)."""
+    tokens at the same rate; eta.announce in evaluate() times the real thing)."""
     harvested, fill_s = source.last_fill
     rate = harvested / max(fill_s, 1e-9)  # tokens per second through the model
 

@@ -13,6 +13,7 @@ import torch
 from dictcircuits.attribute import node_effects
 from dictcircuits.circuit import (CircuitGraph, Patcher, rank_nodes, rank_per_prompt, search_size,
                                   verify)
+from dictcircuits.circuit.defaults import MIN_SHARE
 from dictcircuits.cli import main
 from dictcircuits.dictionary import save_dictionary
 from dictcircuits.errors import DictCircuitsError
@@ -131,10 +132,19 @@ def test_trace_auto_sizes_and_per_prompt_circuits(small):
         gap = batch.metric(model.run(batch.clean)) - batch.metric(model.run(batch.corrupt), batch.corrupt)
     usual = int((gap * torch.sign(gap.mean()) >= 0.1 * gap.mean().abs()).sum())
     assert pver.per_prompt and pver.size == 5 and pver.spread["n"] == usual > 0
-    shares = [a["share"] for _, a in pp.graph.nodes(data=True) if a["kind"] != "logit"]
+    full = trace(task, model, dicts, method="attrib", per_prompt=5, full_graph=True, progress=False)
+    assert full.verification == pver  # what is shown changes, not the circuit
+    shares = [a["share"] for _, a in full.graph.nodes(data=True) if a["kind"] != "logit"]
     assert shares and all(0 < s <= 1 for s in shares)
-    # every prompt keeps exactly 5 nodes: the shares add up to 5
+    # every prompt keeps exactly 5 nodes: the union's shares add up to 5
     assert sum(shares) == pytest.approx(5.0, abs=1e-6)
+    assert "the graph is their union" in summary(full)
+    # by default the graph shows the nodes kept by at least MIN_SHARE of the prompts, with the union's shares
+    shown = {n: a["share"] for n, a in pp.graph.nodes(data=True) if a["kind"] != "logit"}
+    union = {n: a["share"] for n, a in full.graph.nodes(data=True) if a["kind"] != "logit"}
+    assert shown == {n: s for n, s in union.items() if s >= MIN_SHARE - 1e-9}
+    assert len(shown) < len(union)  # some node of the toy's union is kept by fewer prompts
+    assert f"kept by at least {MIN_SHARE:.0%} of the prompts" in summary(pp)
     assert "per-prompt circuit: each prompt keeps its own 5 nodes" in summary(pp)
     auto = trace(task, model, dicts, method="attrib", per_prompt="auto", faithfulness=0.5, max_nodes=100, progress=False)
     assert auto.verification.target == 0.5 and auto.verification.per_prompt

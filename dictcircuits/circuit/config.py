@@ -17,7 +17,7 @@ from ..errors import DictCircuitsError, check_int, check_real
 from ..harvest import check_dataset
 from ..render import check_dashboard
 from ..tasks import GENERATORS, MAX_GENERATED, Task, check_task_spec
-from .defaults import FAITHFULNESS, KEEP_EDGE_INFLUENCE, MAX_NODES
+from .defaults import FAITHFULNESS, KEEP_EDGE_INFLUENCE, MAX_NODES, MIN_SHARE
 from .select import RANKINGS
 
 GRAPHS = ("residual", "replacement")  # dictionaries at residual-stream sites, or transcoders replacing every MLP
@@ -97,8 +97,8 @@ class TraceConfig:
     top-ranked nodes whose measured faithfulness reaches `faithfulness`, at most max_nodes; nodes=N keeps the top
     N; node_threshold (score >= T) or keep_influence (the fewest carrying that share of the total score) keep fewer
     than max_nodes. per_prompt=N (or "auto": N searched for `faithfulness`) gives each prompt its own top-N nodes by
-    its own effects, verified with each prompt's own mask; the graph is the union, each node with its share of
-    prompts. rank: mean-abs (mean over prompts of |effect|) or abs-mean (|mean effect|). contexts: reference texts
+    its own effects, verified with each prompt's own mask; the graph shows the nodes kept by at least MIN_SHARE of
+    the prompts, each with its share (full_graph: the union of every prompt's nodes; replacement graphs alike). rank: mean-abs (mean over prompts of |effect|) or abs-mean (|mean effect|). contexts: reference texts
     for the features' top-activating examples (default: the prompts). strict: refuse task-file rows that cannot be
     used instead of skipping them. run: the run to trace when the dictionary folder is a sweep written by train.
 
@@ -149,8 +149,12 @@ class TraceConfig:
     keep_influence: float | None = option(None, "keep the fewest nodes carrying this share of the total score",
                                           type=float, group="size")
     per_prompt: int | str | None = option(None, "per-prompt circuit: each prompt keeps its own N strongest nodes (no "
-                                          "N: N auto-sized to --faithfulness); the graph is their union",
+                                          f"N: N auto-sized to --faithfulness); the graph shows those kept by at least "
+                                          f"{MIN_SHARE:.0%} of the prompts (--full-graph: their union)",
                                           type=_per_prompt, nargs="?", const="auto", metavar="N")
+    full_graph: bool = option(False, f"per-prompt circuits: show and write the union of every prompt's nodes (all "
+                              f"their edges computed; on a real model tens of MB) instead of the nodes kept by at "
+                              f"least {MIN_SHARE:.0%} of the prompts", action="store_true")
     max_nodes: int = option(MAX_NODES, f"cap on the circuit's nodes (per prompt with --per-prompt; default "
                             f"{MAX_NODES})", type=int)
     rank: str = option("mean-abs", "mean-abs: mean over prompts of |effect| (default); abs-mean: |mean effect|",

@@ -5,3 +5,4 @@ from config.py so the steps can import them without importing the command-line l
 FAITHFULNESS = 0.8  # default auto-sizing target
 MAX_NODES = 1000  # default cap on the circuit's nodes (per prompt for per-prompt circuits)
 KEEP_EDGE_INFLUENCE = 0.98  # default share of the total |weight| the kept edges carry
+MIN_SHARE = 0.25  # per-prompt circuits: the graph shows the nodes kept by at least this share of the prompts

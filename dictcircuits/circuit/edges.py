@@ -7,6 +7,7 @@ direct effect; only adjacent sites come out connected, with no edge list.
 from __future__ import annotations
 
 import math
+import time
 from typing import Mapping, Sequence
 
 import torch
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..dictionary import Dictionary
 from ..errors import DictCircuitsError
+from ..eta import announce
 from ..models import Model, Tokens
 from ..splice import splice
 from .nodes import LOGIT, Node
@@ -129,7 +131,9 @@ def _edges(model, dictionaries, batch, effects, nodes, mode, per_pass, max_rows,
     for P, chunk in plan if mode == "vmap" else []:
         stop[P] = max(stop.get(P, chunk[0].site), chunk[0].site, key=lambda s: _site_order(model, s))
     graph, graph_len = None, None
-    for P, chunk in plan:
+    costs = _chunk_costs(model, dictionaries, sites, plan, mode == "vmap") if plan else []
+    start = time.perf_counter()
+    for i, (P, chunk) in enumerate(plan):
         deepest = max((n.site for n in chunk), key=lambda s: _site_order(model, s))
         ups = [s for s in sites if _site_order(model, s) < _site_order(model, deepest)]
         if mode == "rows":
@@ -157,6 +161,9 @@ def _edges(model, dictionaries, batch, effects, nodes, mode, per_pass, max_rows,
                 for j, u in enumerate(by_site[s]):
                     weights[(u, d)] = w[k][j]
         bar.update(len(chunk))
+        if i == 0 and len(plan) > 1:  # the rest, scaled by the cost model's estimate of each chunk
+            first = time.perf_counter() - start
+            announce("edges", first, first * sum(costs[1:]) / max(costs[0], 1), "the first chunk of nodes", progress)
     bar.close()
     edges: dict[tuple[Node, Node], float] = {}  # nonzero weights, in one fixed order whatever the chunking
     for chunk in in_order:
@@ -178,10 +185,7 @@ def _prefix_plan(model: Model, dictionaries: Mapping[str, Dictionary], by_site: 
     for s in sites[1:]:
         for n in by_site[s]:
             need.setdefault(_prefix(n, n_pos), []).append(n)
-    block = 2 * sum(p.numel() for p in model.hf.get_submodule(model.family.layers)[0].parameters())  # FLOP/token
-    layer = {s: model.site(s).layer for s in sites}
-    forward = (layer[sites[-1]] + 2) * block + sum(4 * d.d * d.F for d in dictionaries.values())  # per token
-    back = {s: max(1, layer[s] - layer[below]) * block for below, s in zip(sites, sites[1:])}  # per node, token
+    forward, back = _flops(model, dictionaries, sites)
     lengths = sorted(need)
     work = [sum(back[n.site] for n in need[L]) for L in lengths]
     best, cut = [0.0] + [math.inf] * len(lengths), [0] * (len(lengths) + 1)
@@ -200,6 +204,29 @@ def _prefix_plan(model: Model, dictionaries: Mapping[str, Dictionary], by_site: 
             mine = [n for n in nodes if n.site == s]
             plan += [(L, mine[i : i + K]) for i in range(0, len(mine), K)]
     return plan
+
+
+def _flops(model: Model, dictionaries: Mapping[str, Dictionary], sites: list[str]) -> tuple[int, dict[str, int]]:
+    """FLOPs per prompt token of one spliced forward up to the deepest site, and of each downstream node's backward
+    over the blocks below its site (by site): the edges' cost model."""
+    block = 2 * sum(p.numel() for p in model.hf.get_submodule(model.family.layers)[0].parameters())  # FLOP/token
+    layer = {s: model.site(s).layer for s in sites}
+    forward = (layer[sites[-1]] + 2) * block + sum(4 * d.d * d.F for d in dictionaries.values())  # per token
+    back = {s: max(1, layer[s] - layer[below]) * block for below, s in zip(sites, sites[1:])}  # per node, token
+    return forward, back
+
+
+def _chunk_costs(model: Model, dictionaries: Mapping[str, Dictionary], sites: list[str],
+                 plan: list[tuple[int, list[Node]]], shared_forward: bool) -> list[float]:
+    """The estimated FLOPs of each chunk of the plan, in order: its nodes' backward passes over its prefix, plus
+    the spliced forward (shared_forward, vmap mode: only where the prefix length changes; rows mode: every chunk
+    runs its own)."""
+    forward, back = _flops(model, dictionaries, sites)
+    costs, last = [], None
+    for P, chunk in plan:
+        costs.append(P * (sum(back[n.site] for n in chunk) + (forward if P != last or not shared_forward else 0)))
+        last = P
+    return costs
 
 
 def metric_parents(model: Model, dictionaries: Mapping[str, Dictionary], batch) -> list[str]:

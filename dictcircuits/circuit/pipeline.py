@@ -23,6 +23,7 @@ from ..models import Model, load_model
 from ..render import feature_details
 from ..tasks import GENERATORS, Task, TaskBatch, load_task
 from .config import EFFECTS_ROWS, EXACT_CANDIDATES, OVERSAMPLE, TraceConfig, default_sites, transcoder_sites
+from .defaults import MIN_SHARE
 from .edges import compute_edges, metric_parents
 from .effects import node_activations
 from .files import CircuitGraph, build_graph
@@ -31,7 +32,7 @@ from .prompt import Target, baseline_effects, prompt_target
 from .replacement_circuit import replacement_circuit
 from .select import rank_nodes
 from .settings import TraceSettings
-from .sizing import choose_nodes
+from .sizing import Chosen, choose_nodes
 from .verify import Patcher, Verification
 
 PHASES = ("load", "effects", "verify", "edges", "details")
@@ -170,18 +171,28 @@ def residual_circuit(config: TraceConfig, loaded: Loaded, lap: Laps) -> Found:
                                 "with faithfulness or nodes")
     lap("verify")
 
-    edges = compute_edges(model, dictionaries, batch, found_effects, chosen.nodes, mode=config.edge_mode,
+    shown = shown_nodes(chosen, config.full_graph)  # edges only among the nodes the files and page will carry
+    edges = compute_edges(model, dictionaries, batch, found_effects, shown, mode=config.edge_mode,
                           progress=config.progress)
     parents = metric_parents(model, dictionaries, batch)
-    graph = build_graph(model, chosen.nodes, found_effects, edges, parents,
-                        node_activations(model, dictionaries, batch.clean, chosen.nodes), config.positions,
+    graph = build_graph(model, shown, found_effects, edges, parents,
+                        node_activations(model, dictionaries, batch.clean, shown), config.positions,
                         edge_threshold=config.edge_threshold, keep_edge_influence=config.keep_edge_influence,
                         shares=chosen.shares)
     lap("edges")
 
-    features = details(config, loaded, chosen.nodes)
+    features = details(config, loaded, shown)
     lap("details")
     return Found(graph, chosen.verification, chosen.rank, features, patcher.answer_prob)
+
+
+def shown_nodes(chosen: Chosen, full_graph: bool) -> list[Node]:
+    """The nodes a circuit's graph shows: every node of a shared circuit; of a per-prompt circuit, those kept by at
+    least MIN_SHARE of the prompts (full_graph: the union of every prompt's nodes, with all their edges — on
+    Gemma-3-270M at four sites 10,080 nodes, 967k edges and 117 MB of JSON)."""
+    if chosen.shares is None or full_graph:
+        return list(chosen.nodes)
+    return [n for n in chosen.nodes if chosen.shares[n] >= MIN_SHARE - 1e-9]
 
 
 def replacement_graph(config: TraceConfig, loaded: Loaded, lap: Laps) -> Found:
@@ -192,7 +203,7 @@ def replacement_graph(config: TraceConfig, loaded: Loaded, lap: Laps) -> Found:
     found = replacement_circuit(loaded.model, loaded.batch, loaded.dictionaries, patcher,
                                 faithfulness=config.faithfulness, max_nodes=config.max_nodes,
                                 edge_influence=config.keep_edge_influence, max_feature_nodes=config.max_feature_nodes,
-                                progress=config.progress, lap=lap)
+                                min_share=0.0 if config.full_graph else MIN_SHARE, progress=config.progress, lap=lap)
     kept = [Node(a["site"], a["position"], a["feature"]) for _, a in found.graph.nodes(data=True)
             if a["kind"] == "feature"]
     features = details(config, loaded, kept)
@@ -210,7 +221,7 @@ def trace_settings(config: TraceConfig, loaded: Loaded, found: Found) -> TraceSe
         graph=config.graph, sites=list(loaded.dictionaries), sites_arg=config.sites_spec, run=config.run,
         positions=config.positions, rank=found.rank, faithfulness_target=config.faithfulness, nodes=config.nodes,
         per_prompt=config.per_prompt, node_threshold=config.node_threshold, keep_influence=config.keep_influence,
-        max_nodes=config.max_nodes, edge_threshold=config.edge_threshold,
+        max_nodes=config.max_nodes, full_graph=config.full_graph, edge_threshold=config.edge_threshold,
         keep_edge_influence=config.keep_edge_influence, ablation=config.ablation_name, refine=config.refine,
         steps=config.steps, metric=batch.metric_name, prompt=loaded.texts[0], mode=config.scope,
         answer_prob=found.answer_prob, answer_id=answer_id, answer=model.tokenizer.decode([answer_id]),

@@ -9,6 +9,7 @@ of its graph and keep their clean value (zero), so the circuit of every node is 
 the share of prompts keeping it) and the direct edges among them, averaged over prompts."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -18,15 +19,15 @@ from tqdm.auto import tqdm
 
 from ..dictionary import Dictionary
 from ..errors import DictCircuitsError
+from ..eta import announce
 from ..models import Model
 from ..replacement import AttributionGraph, GraphScores, attribute, check_replacement, metric_direction
 from ..tasks import TaskBatch
-from .defaults import FAITHFULNESS, KEEP_EDGE_INFLUENCE, MAX_NODES
+from .defaults import FAITHFULNESS, KEEP_EDGE_INFLUENCE, MAX_NODES, MIN_SHARE
 from .nodes import LOGIT
 from .verify import Patcher, Verification, search_size, verify_masks
 
 
-MIN_SHARE = 0.25  # the page shows the nodes kept by at least this share of the prompts
 
 
 @dataclass
@@ -66,7 +67,11 @@ def replacement_circuit(model: Model, batch: TaskBatch, transcoders: Mapping[str
     effects (attribution), verify and edges phases end."""
     check_replacement(model, transcoders)
     graphs, rankings = [], []
+    start = time.perf_counter()
     for row in tqdm(range(len(batch)), desc="attribution graphs", unit="prompt", disable=not progress or len(batch) < 2):
+        if row == 1:  # every prompt has the task's length: the rest as long as the first
+            first = time.perf_counter() - start
+            announce("attribution graphs", first, first * (len(batch) - 1), "the first prompt", progress)
         length = int(batch.clean.last[row]) + 1
         tokens = batch.clean[[row]]
         tokens = type(tokens)(tokens.input_ids[:, :length], tokens.attention_mask[:, :length])

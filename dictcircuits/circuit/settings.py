@@ -26,6 +26,7 @@ class TraceSettings:
     node_threshold: float | None = None
     keep_influence: float | None = None
     max_nodes: int | None = None
+    full_graph: bool = False  # per-prompt circuits: the union of every prompt's nodes shown, not those most share
     edge_threshold: float | None = None
     keep_edge_influence: float | None = None
     ablation: str | None = None

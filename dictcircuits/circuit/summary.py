@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..terminal import printable
 from .files import CircuitGraph
-from .replacement_circuit import MIN_SHARE
+from .defaults import MIN_SHARE
 from .verify import format_metric, shown_curve
 
 
@@ -54,13 +54,13 @@ def summary(cg: CircuitGraph) -> str:
         elif ver.size is not None:
             lines.append(f"  circuit: {ver.size} nodes{per} (ranked by {ranked})")
         shown_nodes = len(kinds) - kinds.count("logit") - kinds.count("embed")
-        if ver.per_prompt and st.graph == "replacement":
-            lines.append(f"  per-prompt circuit: each prompt keeps its own {ver.size} nodes; the graph shows the "
-                         f"{shown_nodes} kept by at least {MIN_SHARE:.0%} of the prompts, each "
-                         "with its share")
-        elif ver.per_prompt:
+        if ver.per_prompt and st.full_graph:
             lines.append(f"  per-prompt circuit: each prompt keeps its own {ver.size} nodes; the graph is their union "
                          f"({shown_nodes} nodes, each with its share of prompts)")
+        elif ver.per_prompt:
+            lines.append(f"  per-prompt circuit: each prompt keeps its own {ver.size} nodes; the graph shows the "
+                         f"{shown_nodes} kept by at least {MIN_SHARE:.0%} of the prompts, each with its share "
+                         "(--full-graph: their union)")
         ablated = ver.ablation
         if st.ablation_dataset:
             ablated = f"to the mean of {st.ablation_tokens} tokens of {Path(st.ablation_dataset).name}"
