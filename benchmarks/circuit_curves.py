@@ -41,7 +41,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from dictcircuits.attribute import node_effects
+    from dictcircuits.circuit.node_effects import node_effects
     from dictcircuits.circuit import Patcher, measure_sizes, rank_nodes, rank_per_prompt, search_size
     from dictcircuits.circuit.verify import faithfulness_of
     from dictcircuits.dictsets import resolve

@@ -24,7 +24,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from dictcircuits.attribute import node_effects
+    from dictcircuits.circuit.node_effects import node_effects
     from dictcircuits.circuit import Patcher, measure_sizes, rank_nodes
     from dictcircuits.dictsets import resolve
     from dictcircuits.formats import load_dictionaries

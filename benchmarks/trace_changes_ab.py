@@ -24,7 +24,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    import dictcircuits.attribute as attribute
+    import dictcircuits.circuit.node_effects as attribute
     from dictcircuits.circuit import rank_nodes
     from dictcircuits.circuit.edges import compute_edges
     from dictcircuits.formats import load_dictionaries

@@ -13,7 +13,7 @@ import time
 import torch
 
 from dictcircuits import DictCircuitsError, load_dictionaries, load_model
-from dictcircuits.attribute import node_effects
+from dictcircuits.circuit.node_effects import node_effects
 from dictcircuits.intervene import ablate, compare_bases, patch
 from dictcircuits.models import DEFAULT_MODELS_DIR
 from dictcircuits.paths import default_dictionaries

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dictcircuits.attribute import node_effects
+from dictcircuits.circuit.node_effects import node_effects
 from dictcircuits.circuit import (CircuitGraph, Patcher, rank_nodes, rank_per_prompt, search_size,
                                   verify)
 from dictcircuits.circuit.defaults import MIN_SHARE

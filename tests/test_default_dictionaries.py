@@ -61,7 +61,7 @@ def test_trace_with_no_flags_gives_a_faithful_circuit_and_its_size(setup):
 
 def test_per_prompt_circuits_reach_08_at_all_sites_with_fewer_than_300_nodes_a_prompt(setup):
     """Each prompt's own top-N nodes at all 10 sites (measured: N = 221 reaches 0.8; a shared ranking needs 633)."""
-    from dictcircuits.attribute import node_effects
+    from dictcircuits.circuit.node_effects import node_effects
     from dictcircuits.circuit import Patcher, rank_per_prompt, search_size
     from dictcircuits.circuit.config import OVERSAMPLE
     model, dicts = setup

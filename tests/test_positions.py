@@ -205,7 +205,7 @@ def test_node_effects_are_zero_at_skipped_positions(sink):
     """Attribution never credits a position the splice passes through. BOS is the same in both prompts, so the test
     skips a token that differs between them (the clean name " Mary"): its position gets no feature or error effect
     under the rule, and does get one with the rule off."""
-    from dictcircuits.attribute import node_effects
+    from dictcircuits.circuit.node_effects import node_effects
     from dictcircuits.tasks import Task
 
     task = Task("toy", clean=["When Mary and John went to the store, John gave a drink to"],

@@ -16,7 +16,7 @@ import torch
 
 import dictcircuits
 from dictcircuits import DictCircuitsError, cli
-from dictcircuits.attribute import metric_grads, node_effects, run_capture
+from dictcircuits.circuit.node_effects import metric_grads, node_effects, run_capture
 from dictcircuits.archs.identity import identity
 from dictcircuits.archs.linear import ica, nmf, pca, random_directions
 from dictcircuits.baselines import fit_baseline, train_baselines

@@ -1,4 +1,5 @@
-"""The circuit pipeline, one module per step: effects (node effects laid out flat, per prompt) -> select (rankings,
+"""The circuit pipeline, one module per step: node_effects (attribution patching, IG, exact patching) -> effects
+(node effects laid out flat, per prompt) -> select (rankings,
 per-prompt top-N) -> verify (real patching, the auto-size search) -> sizing (choose the circuit's nodes) -> edges
 (direct effects) -> files (the graph, JSON, GraphML, the circuit-tracer / Neuronpedia export). Imports flow that way
 only (shared: nodes; defaults, the default targets and caps; settings, a trace's TraceSettings). config

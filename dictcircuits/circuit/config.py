@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..ablation import DEFAULTS, Ablation, ablation_names, describe, get_ablation, listed, users_of
-from ..attribute import METHODS
+from .node_effects import METHODS
 from ..corpus_means import MEAN_TOKENS
 from ..errors import DictCircuitsError, check_int, check_real
 from ..harvest import check_dataset

@@ -14,7 +14,7 @@ import networkx as nx
 from tqdm.auto import tqdm
 
 from ..ablation import AblationContext, Baseline
-from ..attribute import NodeEffects, node_effects
+from .node_effects import NodeEffects, node_effects
 from ..dictionary import Dictionary
 from ..dictsets import resolve, run_folders
 from ..errors import DictCircuitsError

@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 
 from ..ablation import Baseline
-from ..attribute import NodeEffects, SiteData, linear_effects, run_capture, site_grads
+from .node_effects import NodeEffects, SiteData, linear_effects, run_capture, site_grads
 from ..dictionary import Dictionary
 from ..errors import DictCircuitsError
 from ..models import Model

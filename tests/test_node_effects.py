@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dictcircuits import DictCircuitsError
-from dictcircuits.attribute import node_effects, run_capture
+from dictcircuits.circuit.node_effects import node_effects, run_capture
 from dictcircuits.archs.linear import LinearDictionary
 from dictcircuits.tasks import Task
 from dictcircuits.toy import TOY_FAMILIES, random_dictionaries, toy_model, toy_tokenizer

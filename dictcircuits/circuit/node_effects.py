@@ -17,12 +17,12 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .dictionary import Dictionary
-from .errors import DictCircuitsError, check_int
-from .models import Model, Tokens
-from .positions import skip_mask
-from .splice import check_batch, check_dictionaries, check_tokens
-from .tasks import TaskBatch
+from ..dictionary import Dictionary
+from ..errors import DictCircuitsError, check_int
+from ..models import Model, Tokens
+from ..positions import skip_mask
+from ..splice import check_batch, check_dictionaries, check_tokens
+from ..tasks import TaskBatch
 
 METHODS = ("attrib", "ig", "exact")
 EXACT_ROWS = 256  # exact packs nodes x prompts into traces of about this many rows
