@@ -63,6 +63,8 @@ BY_TEST = {
     "dictcircuits train --arch clt --k 32 --width 8x --tokens 10M":
         ("tests/test_transcoders.py", 'main(["train", "--arch", arch'),
     "dictcircuits trace --task ioi --per-prompt --out out": ("tests/test_circuits.py", 'per_prompt="auto"'),
+    "dictcircuits trace --task ioi --graph replacement --out out-replacement":
+        ("tests/test_default_dictionaries.py", '["trace", "--task", "ioi", "--graph", "replacement"'),
     "dictcircuits trace --task tasks/sva.jsonl --model ./my-model --dictionaries ./dicts/my-model --sites resid.* "
     "--faithfulness 0.9 --max-nodes 2000 --out out": ("tests/test_render.py", 'args = ["trace", "--task", str(task_file), "--model"'),
     "dictcircuits trace --prompt The capital of France is": ("tests/test_single_prompt.py", 'main(["trace", "--prompt", PROMPT'),
