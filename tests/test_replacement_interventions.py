@@ -104,3 +104,30 @@ def test_the_python_blocks_of_docs_replacement_run(capsys):
     assert "nodes kept" in printed[0]
     assert printed[1].startswith("frozen [(") and printed[2].startswith("free [(")
     assert scope["graph"].count("feature") > 0
+
+
+def test_edge_cut_keeps_influence_then_caps():
+    from dictcircuits.circuit.files import edge_cut
+
+    weights = [5.0, -4.0, 3.0, 2.0, 1.0]
+    assert edge_cut(weights, 0.5, max_edges=None) == 4.0  # 5 + 4 carry half of the 15
+    assert edge_cut(weights, 1.0, max_edges=None) == 1.0
+    assert edge_cut(weights, 1.0, max_edges=2) == 4.0  # the cap raises the cut to the 2nd strongest
+    assert edge_cut(weights, None, edge_threshold=2.5, max_edges=None) == 2.5
+    assert edge_cut([], 0.98) == 0.0
+
+
+def test_shown_replacement_graph_is_capped(toy_models):
+    """The shown graph keeps at most max_nodes feature/error nodes (the most influential) and max_edges edges;
+    without caps it holds more."""
+    from dictcircuits.circuit.replacement_circuit import _ranked, shown_graph
+
+    model = toy_models[TOY_FAMILIES[0]]
+    graphs = [attribute(model, PROMPT, transcoder_set(model))]
+    kept = [_ranked(graphs[0])[:40]]
+    full = shown_graph(model, graphs, kept, max_nodes=None, max_edges=None)
+    capped = shown_graph(model, graphs, kept, max_nodes=5, max_edges=12)
+    inner = lambda g: [n for n, a in g.nodes(data=True) if a["kind"] in ("feature", "error")]  # noqa: E731
+    assert len(inner(full)) > 5 and len(inner(capped)) == 5 and capped.number_of_edges() <= 12
+    strongest = sorted(inner(full), key=lambda n: -abs(full.nodes[n]["effect"]))[:5]
+    assert set(inner(capped)) == set(strongest)

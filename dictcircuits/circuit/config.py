@@ -17,7 +17,7 @@ from ..errors import DictCircuitsError, check_int, check_real
 from ..harvest import check_dataset
 from ..render import check_dashboard
 from ..tasks import GENERATORS, MAX_GENERATED, Task, check_task_spec
-from .defaults import FAITHFULNESS, KEEP_EDGE_INFLUENCE, MAX_NODES, MIN_SHARE
+from .defaults import FAITHFULNESS, KEEP_EDGE_INFLUENCE, MAX_NODES, MAX_SHOWN_EDGES, MAX_SHOWN_NODES, MIN_SHARE
 from .select import RANKINGS
 
 GRAPHS = ("residual", "replacement")  # dictionaries at residual-stream sites, or transcoders replacing every MLP
@@ -98,7 +98,9 @@ class TraceConfig:
     N; node_threshold (score >= T) or keep_influence (the fewest carrying that share of the total score) keep fewer
     than max_nodes. per_prompt=N (or "auto": N searched for `faithfulness`) gives each prompt its own top-N nodes by
     its own effects, verified with each prompt's own mask; the graph shows the nodes kept by at least MIN_SHARE of
-    the prompts, each with its share (full_graph: the union of every prompt's nodes; replacement graphs alike). rank: mean-abs (mean over prompts of |effect|) or abs-mean (|mean effect|). contexts: reference texts
+    the prompts, each with its share. Files and page carry at most MAX_SHOWN_EDGES edges (replacement graphs: at
+    most MAX_SHOWN_NODES nodes, the most influential); full_graph lifts both and shows the union of every prompt's
+    nodes. rank: mean-abs (mean over prompts of |effect|) or abs-mean (|mean effect|). contexts: reference texts
     for the features' top-activating examples (default: the prompts). strict: refuse task-file rows that cannot be
     used instead of skipping them. run: the run to trace when the dictionary folder is a sweep written by train.
 
@@ -152,9 +154,10 @@ class TraceConfig:
                                           f"N: N auto-sized to --faithfulness); the graph shows those kept by at least "
                                           f"{MIN_SHARE:.0%} of the prompts (--full-graph: their union)",
                                           type=_per_prompt, nargs="?", const="auto", metavar="N")
-    full_graph: bool = option(False, f"per-prompt circuits: show and write the union of every prompt's nodes (all "
-                              f"their edges computed; on a real model tens of MB) instead of the nodes kept by at "
-                              f"least {MIN_SHARE:.0%} of the prompts", action="store_true")
+    full_graph: bool = option(False, f"write the whole graph (on a real model tens of MB): per-prompt circuits the "
+                              f"union of every prompt's nodes, not those kept by at least {MIN_SHARE:.0%} of the "
+                              f"prompts; no cap of {MAX_SHOWN_EDGES} edges ({MAX_SHOWN_NODES} nodes for replacement "
+                              "graphs)", action="store_true")
     max_nodes: int = option(MAX_NODES, f"cap on the circuit's nodes (per prompt with --per-prompt; default "
                             f"{MAX_NODES})", type=int)
     rank: str = option("mean-abs", "mean-abs: mean over prompts of |effect| (default); abs-mean: |mean effect|",

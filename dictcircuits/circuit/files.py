@@ -30,7 +30,7 @@ from ..atomic import GENERATOR, json_safe, marked, marker_html
 from ..atomic import atomic_write_text as atomic_write
 from ..errors import DictCircuitsError
 from ..models import Model
-from .defaults import KEEP_EDGE_INFLUENCE
+from .defaults import KEEP_EDGE_INFLUENCE, MAX_SHOWN_EDGES
 from .effects import node_effect
 from .nodes import LOGIT, Node
 from .settings import TraceSettings
@@ -181,13 +181,34 @@ class CircuitGraph:
         return atomic_write(path, marker_html(XML_DECLARATION + "\n".join(nx.generate_graphml(g))))
 
 
+def edge_cut(weights: Sequence[float], keep_edge_influence: float | None, edge_threshold: float | None = None,
+             max_edges: int | None = MAX_SHOWN_EDGES) -> float:
+    """The smallest |weight| an edge keeps: edge_threshold, or the fewest edges carrying keep_edge_influence of the
+    total |weight|; raised so that at most max_edges edges are kept (None: no cap)."""
+    ranked = sorted((abs(w) for w in weights), reverse=True)
+    cut = 0.0
+    if edge_threshold is not None:
+        cut = edge_threshold
+    elif keep_edge_influence is not None and ranked:
+        total, acc = sum(ranked), 0.0
+        for w in ranked:
+            acc += w
+            cut = w
+            if acc >= keep_edge_influence * total - 1e-12:
+                break
+    if max_edges is not None and len(ranked) > max_edges:
+        cut = max(cut, ranked[max_edges - 1])
+    return cut
+
+
 def build_graph(model: Model, nodes: Sequence[Node], effects, edges: Mapping[tuple[Node, Node], float],
                 parents: Sequence[str], activations: Mapping[Node, float], positions: bool,
                 edge_threshold: float | None = None, keep_edge_influence: float | None = KEEP_EDGE_INFLUENCE,
-                shares: Mapping[Node, float] | None = None) -> nx.DiGraph:
+                shares: Mapping[Node, float] | None = None, max_edges: int | None = MAX_SHOWN_EDGES) -> nx.DiGraph:
     """The DiGraph of `nodes` plus the metric node: edges kept by |weight| >= edge_threshold or as the fewest
-    carrying keep_edge_influence of the total |weight|; edges into the metric carry the node effect. shares (per-prompt
-    circuits): each node's share of prompts that keep it, stored as the node attribute `share`."""
+    carrying keep_edge_influence of the total |weight|, at most max_edges of them (edge_cut); edges into the metric
+    carry the node effect. shares (per-prompt circuits): each node's share of prompts that keep it, stored as the
+    node attribute `share`."""
     if keep_edge_influence is not None and not 0 < keep_edge_influence <= 1:
         raise DictCircuitsError(f"keep_edge_influence={keep_edge_influence} must lie in (0, 1]")
     g = nx.DiGraph()
@@ -206,17 +227,7 @@ def build_graph(model: Model, nodes: Sequence[Node], effects, edges: Mapping[tup
             g.nodes[n.id]["share"] = float(shares[n])
     links = dict(edges)
     links.update({(n, logit): effect[n] for n in nodes if n.site in parents})
-    weights = sorted((abs(w) for w in links.values()), reverse=True)
-    cut = 0.0
-    if edge_threshold is not None:
-        cut = edge_threshold
-    elif keep_edge_influence is not None and weights:
-        total, acc = sum(weights), 0.0
-        for w in weights:
-            acc += w
-            cut = w
-            if acc >= keep_edge_influence * total - 1e-12:
-                break
+    cut = edge_cut(list(links.values()), keep_edge_influence, edge_threshold, max_edges)
     for (u, d), w in links.items():
         if abs(w) >= cut and abs(w) > 0:
             g.add_edge(u.id, d.id, weight=float(w))

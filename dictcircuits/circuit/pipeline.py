@@ -23,7 +23,7 @@ from ..models import Model, load_model
 from ..render import feature_details
 from ..tasks import GENERATORS, Task, TaskBatch, load_task
 from .config import EFFECTS_ROWS, EXACT_CANDIDATES, OVERSAMPLE, TraceConfig, default_sites, transcoder_sites
-from .defaults import MIN_SHARE
+from .defaults import MAX_SHOWN_EDGES, MIN_SHARE
 from .edges import compute_edges, metric_parents
 from .effects import node_activations
 from .files import CircuitGraph, build_graph
@@ -178,7 +178,7 @@ def residual_circuit(config: TraceConfig, loaded: Loaded, lap: Laps) -> Found:
     graph = build_graph(model, shown, found_effects, edges, parents,
                         node_activations(model, dictionaries, batch.clean, shown), config.positions,
                         edge_threshold=config.edge_threshold, keep_edge_influence=config.keep_edge_influence,
-                        shares=chosen.shares)
+                        shares=chosen.shares, max_edges=None if config.full_graph else MAX_SHOWN_EDGES)
     lap("edges")
 
     features = details(config, loaded, shown)
@@ -203,7 +203,7 @@ def replacement_graph(config: TraceConfig, loaded: Loaded, lap: Laps) -> Found:
     found = replacement_circuit(loaded.model, loaded.batch, loaded.dictionaries, patcher,
                                 faithfulness=config.faithfulness, max_nodes=config.max_nodes,
                                 edge_influence=config.keep_edge_influence, max_feature_nodes=config.max_feature_nodes,
-                                min_share=0.0 if config.full_graph else MIN_SHARE, progress=config.progress, lap=lap)
+                                full_graph=config.full_graph, progress=config.progress, lap=lap)
     kept = [Node(a["site"], a["position"], a["feature"]) for _, a in found.graph.nodes(data=True)
             if a["kind"] == "feature"]
     features = details(config, loaded, kept)
