@@ -21,7 +21,9 @@ from .dictionary import Dictionary
 from .harvest import ContextStream
 from .models import Model, Tokens
 from .positions import skip_mask
+from .splice import splice
 from .tasks import context_length
+from .transcoder import targets
 
 MEAN_TOKENS = 8192  # corpus positions averaged (default)
 MEAN_CTX = 128  # context length of the corpus sample (capped at the model's)
@@ -109,6 +111,8 @@ def corpus_means(model: Model, dictionaries: Mapping[str, Dictionary], dataset: 
                                    int(stored["tokens"]))
         entry.reject(why)
     stream = ContextStream(model.tokenizer, dataset, ctx_len, add_bos=model.adds_bos)
+    written = [targets(model, s, dictionaries[s])[0] if dictionaries[s].is_transcoder else s for s in sites]
+    last = max(written, key=lambda w: model.site(w).order)  # where every site's state is complete
     sum_f = {s: torch.zeros(dictionaries[s].F, dtype=torch.float64) for s in sites}
     sum_e = {s: torch.zeros(dictionaries[s].d, dtype=torch.float64) for s in sites}
     count = {s: 0 for s in sites}
@@ -116,12 +120,12 @@ def corpus_means(model: Model, dictionaries: Mapping[str, Dictionary], dataset: 
     with torch.no_grad():
         while min(count.values()) < n_tokens:
             ids = stream.take(MEAN_BATCH)  # [b, ctx_len]
-            acts = model.activations(Tokens(ids, torch.ones_like(ids)), sites)  # site -> [b, ctx_len, d]
+            # the splice's own states: a transcoder's error term lives at the site it writes (splice.py)
+            states = splice(model, Tokens(ids, torch.ones_like(ids)), dictionaries, stop_after=last).states
             for s in sites:
-                dic, x = dictionaries[s], acts[s]
-                keep = ~skip_mask(dic, model, ids, x)  # [b, ctx_len]
-                f = dic.encode(x)
-                e = x - dic.decode(f)
+                dic, st = dictionaries[s], states[s]
+                keep = ~skip_mask(dic, model, ids, st.x)  # [b, ctx_len]
+                f, e = st.f, st.err  # [b, ctx_len, F], [b, ctx_len, d]
                 sum_f[s] += f[keep].double().sum(0).cpu()
                 sum_e[s] += e[keep].double().sum(0).cpu()
                 count[s] += int(keep.sum())

@@ -88,3 +88,18 @@ def test_trace_graph_replacement_out_of_the_box(tmp_path, capsys):
     assert cg.settings.sites == ["mlp_in.0", "mlp_in.1", "mlp_in.2"]
     assert cg.verification.reached and cg.verification.size <= 60
     assert cg.settings.replacement_score >= 0.7 and cg.settings.completeness_score >= 0.85
+
+
+def test_single_prompt_replacement_with_skip_transcoders_and_corpus_means(tmp_path, capsys):
+    """A single prompt's replacement circuit ablates to corpus means: a skip transcoder's features and its error
+    term at the MLP output it writes (the means come from the splice, whose decode reads the input too)."""
+    from dictcircuits import cli
+    from dictcircuits.circuit import CircuitGraph
+
+    out = tmp_path / "out"
+    assert cli.main(["trace", "--prompt", "When Mary and John went to the store, John gave a drink to",
+                     "--graph", "replacement", "--mean-tokens", "2048", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    cg = CircuitGraph.load_json(next(p for p in out.glob("*.json") if not p.name.endswith(".neuronpedia.json")))
+    assert cg.settings.ablation == "mean" and cg.settings.ablation_tokens >= 2048
+    assert cg.verification.faithfulness is not None
