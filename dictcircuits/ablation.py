@@ -28,8 +28,7 @@ from .corpus_means import MEAN_CTX, MEAN_TOKENS, corpus_means
 from .dictionary import Dictionary
 from .errors import DictCircuitsError
 from .models import Model, Tokens
-from .splice import SiteState, splice
-from .transcoder import targets
+from .splice import SiteState, splice, states_known_at
 
 SCOPES = {"task": "a task", "prompt": "a single prompt", "intervene": "intervene.ablate"}
 NEEDS = ("corrupt", "reference", "corpus")  # a task's corrupt prompts, reference tokens, a corpus sample
@@ -142,9 +141,8 @@ def describe(scope: str) -> str:
 def site_states(model: Model, dictionaries: Mapping[str, Dictionary], tokens: Tokens) -> dict[str, SiteState]:
     """What the splice sees at each site of `dictionaries` on `tokens` (no grad); the run stops once every state is
     known (a transcoder's at its first write site)."""
-    known_at = [targets(model, s, d)[0] if d.is_transcoder else s for s, d in dictionaries.items()]
     with torch.no_grad():
-        return splice(model, tokens, dict(dictionaries), stop_after=model.resolve_sites(known_at)[-1].name).states
+        return splice(model, tokens, dict(dictionaries), stop_after=states_known_at(model, dictionaries)).states
 
 
 def mean_baseline(model: Model, dictionaries: Mapping[str, Dictionary], dataset: str, n_tokens: int = MEAN_TOKENS,

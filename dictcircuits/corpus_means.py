@@ -21,9 +21,8 @@ from .dictionary import Dictionary
 from .harvest import ContextStream
 from .models import Model, Tokens
 from .positions import skip_mask
-from .splice import splice
+from .splice import splice, states_known_at
 from .tasks import context_length
-from .transcoder import targets
 
 MEAN_TOKENS = 8192  # corpus positions averaged (default)
 MEAN_CTX = 128  # context length of the corpus sample (capped at the model's)
@@ -111,8 +110,7 @@ def corpus_means(model: Model, dictionaries: Mapping[str, Dictionary], dataset: 
                                    int(stored["tokens"]))
         entry.reject(why)
     stream = ContextStream(model.tokenizer, dataset, ctx_len, add_bos=model.adds_bos)
-    written = [targets(model, s, dictionaries[s])[0] if dictionaries[s].is_transcoder else s for s in sites]
-    last = max(written, key=lambda w: model.site(w).order)  # where every site's state is complete
+    last = states_known_at(model, dictionaries)
     sum_f = {s: torch.zeros(dictionaries[s].F, dtype=torch.float64) for s in sites}
     sum_e = {s: torch.zeros(dictionaries[s].d, dtype=torch.float64) for s in sites}
     count = {s: 0 for s in sites}

@@ -169,6 +169,13 @@ def splice(
     return SpliceResult(logits=logits, states=states, embed=embed)
 
 
+def states_known_at(model: Model, dictionaries: Mapping[str, Dictionary]) -> str:
+    """The site after which every SiteState of a splice with `dictionaries` is known (a transcoder's at its first
+    write site): the `stop_after` of a run that only needs the states."""
+    known = [targets(model, s, d)[0] if d.is_transcoder else s for s, d in dictionaries.items()]
+    return max(known, key=lambda w: model.site(w).order)
+
+
 def passed_through(skip: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out [b, p, d] with x where skip [b, p] (positions the dictionary leaves alone), as a masked sum rather than
     torch.where: where's backward has no batching rule, and the batched backward passes of edges and attribution
