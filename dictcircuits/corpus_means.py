@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 from .cache import CacheEntry, cache_dir
 from .dictionary import Dictionary
 from .harvest import ContextStream
-from .models import Model, Tokens
+from .models import Model, Tokens, context_length
 from .positions import skip_mask
 from .splice import splice, states_known_at
-from .tasks import context_length
+
 
 MEAN_TOKENS = 8192  # corpus positions averaged (default)
 MEAN_CTX = 128  # context length of the corpus sample (capped at the model's)

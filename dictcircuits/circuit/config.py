@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..ablation import DEFAULTS, Ablation, ablation_names, describe, get_ablation, listed, users_of
-from .node_effects import METHODS
 from ..corpus_means import MEAN_TOKENS
 from ..errors import DictCircuitsError, check_int, check_real
 from ..harvest import check_dataset
 from ..render import check_dashboard
 from ..tasks import GENERATORS, MAX_GENERATED, Task, check_task_spec
-from .defaults import FAITHFULNESS, KEEP_EDGE_INFLUENCE, MAX_NODES, MAX_SHOWN_EDGES, MAX_SHOWN_NODES, MIN_SHARE
+from .defaults import (FAITHFULNESS, KEEP_EDGE_INFLUENCE, MAX_NODES, MAX_SHOWN_EDGES, MAX_SHOWN_NODES,
+                       MIN_SHARE)
+from .node_effects import METHODS
 from .select import RANKINGS
 
 GRAPHS = ("residual", "replacement")  # dictionaries at residual-stream sites, or transcoders replacing every MLP

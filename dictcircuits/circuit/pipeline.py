@@ -14,7 +14,6 @@ import networkx as nx
 from tqdm.auto import tqdm
 
 from ..ablation import AblationContext, Baseline
-from .node_effects import NodeEffects, node_effects
 from ..dictionary import Dictionary
 from ..dictsets import resolve, run_folders
 from ..errors import DictCircuitsError
@@ -27,6 +26,7 @@ from .defaults import MAX_SHOWN_EDGES, MIN_SHARE
 from .edges import compute_edges, metric_parents
 from .effects import node_activations
 from .files import CircuitGraph, build_graph
+from .node_effects import NodeEffects, node_effects
 from .nodes import Node
 from .prompt import Target, baseline_effects, prompt_target
 from .replacement_circuit import replacement_circuit

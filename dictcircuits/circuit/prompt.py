@@ -20,13 +20,13 @@ from typing import Mapping
 import torch
 
 from ..ablation import Baseline
-from .node_effects import NodeEffects, SiteData, linear_effects, run_capture, site_grads
 from ..dictionary import Dictionary
 from ..errors import DictCircuitsError
-from ..models import Model
+from ..models import Model, context_length
 from ..positions import skip_mask
 from ..splice import splice
-from ..tasks import TaskBatch, _token_id, context_length
+from ..tasks import TaskBatch, _token_id
+from .node_effects import NodeEffects, SiteData, linear_effects, run_capture, site_grads
 
 
 @dataclass

@@ -23,7 +23,8 @@ from ..eta import announce
 from ..models import Model
 from ..replacement import AttributionGraph, GraphScores, attribute, check_replacement, metric_direction
 from ..tasks import TaskBatch
-from .defaults import FAITHFULNESS, KEEP_EDGE_INFLUENCE, MAX_NODES, MAX_SHOWN_EDGES, MAX_SHOWN_NODES, MIN_SHARE
+from .defaults import (FAITHFULNESS, KEEP_EDGE_INFLUENCE, MAX_NODES, MAX_SHOWN_EDGES, MAX_SHOWN_NODES,
+                       MIN_SHARE)
 from .files import edge_cut
 from .nodes import LOGIT
 from .verify import Patcher, Verification, search_size, verify_masks
