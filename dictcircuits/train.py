@@ -722,7 +722,7 @@ def _heldout(model: Model, trainers: dict[str, list[Trainer]], stream: ContextSt
     for i in range(len(next(iter(trainers.values())))):
         name = next(iter(trainers.values()))[i].cfg.run_name()
         results = evaluate(model, {s: ts[i].dic for s, ts in trainers.items()}, tokens, exclude_bos=exclude_bos,
-                           progress=progress, desc=f"held-out {name}", cache=cache)
+                           progress=progress, desc=f"held-out {name}", cache=cache, all_positions=True)
         for s, r in results.items():
             row = {k: getattr(r, k) if k in ("tokens", "skipped") or getattr(r, k) is None else round(getattr(r, k), 5)
                    for k in HELDOUT_FIELDS}
