@@ -48,8 +48,8 @@ from .site_eval import SiteEval, SiteSums, auto_batch_size, summarise, token_bar
 from .terminal import printable
 from .transcoder_eval import evaluate_transcoders
 
-# eval --tokens and train --eval-tokens: 4 contexts of 128. Four Gemma-3-270M resid sites took 2m45s for 512 tokens on
-# this project's shared 2-core VM (load ~9), and 13m49s for 1536 (docs/evaluation.md)
+# eval --tokens and train --eval-tokens: 4 contexts of 128. Four Gemma-3-270M resid sites: 60 s in all for 512 tokens on
+# this project's 2-core VM, 86 s with --all-positions (docs/benchmarks.md, 2026-12-06)
 DEFAULT_TOKENS = 512
 
 
