@@ -24,6 +24,11 @@ from .select import RANKINGS
 GRAPHS = ("residual", "replacement")  # dictionaries at residual-stream sites, or transcoders replacing every MLP
 EXACT_CANDIDATES = 3  # --method exact measures this many times the node cap of attribution-patching candidates
 EFFECTS_ROWS = 320  # prompts x IG steps per trace for node effects: bigger traces turn memory-bound on CPU
+# ... and fewer where the activations the backward pass keeps would pass EFFECTS_BYTES: about
+# EFFECT_FLOATS x d floats per row, position and block (measured: Gemma-3-270M, 4 resid sites, 64 IOI prompts of 16
+# tokens at 320 rows peaked at 6.4 GB during node effects, about 5 GB over the model)
+EFFECTS_BYTES = 3 * 2 ** 29
+EFFECT_FLOATS = 32
 OVERSAMPLE = 32  # built-in tasks generate n * OVERSAMPLE prompts; n of the commonest length and template are kept
 MAX_STEPS = 1000  # IG steps at most: each is one more row per prompt in the effect traces (default 10)
 MAX_MEAN_TOKENS = 1_000_000  # --prompt mean ablation: corpus positions at most (dc-mini reads ~7k a second)
@@ -37,6 +42,13 @@ DEFAULT_SERIES = 2  # the deepest resid site and the one halfway up to it
 # options that graph="replacement" does not use, with the value that means "not given"
 NOT_REPLACEMENT = (("sites", None), ("nodes", None), ("per_prompt", None), ("refine", None), ("node_threshold", None),
                    ("run", None), ("keep_influence", None), ("method", "ig"))
+
+
+def effects_rows(model, positions: int) -> int:
+    """Rows (prompts x IG steps) per node-effects trace: EFFECTS_ROWS, fewer where their kept activations would pass
+    EFFECTS_BYTES (dc-mini: 320; Gemma-3-270M with prompts of 16 tokens: 68)."""
+    per_row = positions * model.n_layers * EFFECT_FLOATS * model.d_model * 4  # bytes
+    return max(1, min(EFFECTS_ROWS, EFFECTS_BYTES // per_row))
 
 
 def default_sites(available: list[str], where: str) -> list[str]:

@@ -21,7 +21,7 @@ from ..harvest import check_dataset
 from ..models import Model, load_model
 from ..render import feature_details
 from ..tasks import GENERATORS, Task, TaskBatch, load_task
-from .config import EFFECTS_ROWS, EXACT_CANDIDATES, OVERSAMPLE, TraceConfig, default_sites, transcoder_sites
+from .config import EXACT_CANDIDATES, OVERSAMPLE, TraceConfig, default_sites, effects_rows, transcoder_sites
 from .defaults import MAX_SHOWN_EDGES, MIN_SHARE
 from .edges import compute_edges, metric_parents
 from .effects import node_activations
@@ -142,7 +142,8 @@ def effects(config: TraceConfig, loaded: Loaded) -> NodeEffects:
         for node in pre.top(cap):
             todo.setdefault(node.site, []).append((node.position, node.feature))
         return node_effects(model, dictionaries, batch, method="exact", nodes=todo, max_nodes=cap)
-    per_trace = max(1, EFFECTS_ROWS // (config.steps if config.method == "ig" else 1))
+    rows = effects_rows(model, batch.clean.input_ids.shape[1])
+    per_trace = max(1, rows // (config.steps if config.method == "ig" else 1))
     return node_effects(model, dictionaries, batch, method=config.method, steps=config.steps, batch_size=per_trace)
 
 
