@@ -100,3 +100,18 @@ def test_settings_write_the_groups_that_apply():
     assert replacement["replacement_score"] == 0.5 and "top_token" not in replacement
     assert TraceSettings.from_dict({**replacement, "added_later": 1}) == TraceSettings(graph="replacement",
                                                                                      replacement_score=0.5)
+
+
+def test_effects_rows_fit_the_memory_budget():
+    """Node-effects traces keep EFFECTS_ROWS rows where their activations fit EFFECTS_BYTES, fewer where not (and
+    at least one)."""
+    from types import SimpleNamespace
+
+    from dictcircuits.circuit.config import EFFECT_FLOATS, EFFECTS_BYTES, EFFECTS_ROWS, effects_rows
+
+    small = SimpleNamespace(n_layers=3, d_model=128)
+    assert effects_rows(small, 15) == EFFECTS_ROWS
+    gemma = SimpleNamespace(n_layers=18, d_model=640)
+    rows = effects_rows(gemma, 16)
+    assert 1 <= rows < EFFECTS_ROWS and rows * 16 * 18 * EFFECT_FLOATS * 640 * 4 <= EFFECTS_BYTES
+    assert effects_rows(SimpleNamespace(n_layers=80, d_model=8192), 4096) == 1
