@@ -19,6 +19,7 @@ their messages come from this registry, so a new kind is one decorated subclass:
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
@@ -69,7 +70,7 @@ class AblationContext:
     progress: bool = True
 
 
-class Ablation:
+class Ablation(ABC):
     """One kind of ablation. Subclasses set name (trace's --ablation / ablate's how=), scopes (where it applies),
     needs (one of NEEDS, or None) and help (one line for --help), and write values(); @register makes them choices."""
 
@@ -81,9 +82,9 @@ class Ablation:
     def check(self, ctx: AblationContext) -> None:
         """Refuse a context this kind cannot use, before anything runs."""
 
+    @abstractmethod
     def values(self, ctx: AblationContext) -> Baseline:
         """The values of ablated features and error terms at each site of ctx.dictionaries."""
-        raise NotImplementedError
 
     def whole_site(self, dic: Dictionary, f: torch.Tensor, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The values (f [rows, pos, F], err [rows, pos, d]) of a site ablated whole (intervene.ablate's sites=),
@@ -177,9 +178,9 @@ class Mean(Ablation):
     help = "their mean over the corrupt prompts at each position"
 
     def values(self, ctx: AblationContext) -> Baseline:
-        states = site_states(ctx.model, ctx.dictionaries, ctx.corrupt)
-        return Baseline(self.name, {s: st.f.mean(0, keepdim=True) for s, st in states.items()},  # [1, pos, F]
-                        {s: st.err.mean(0, keepdim=True) for s, st in states.items()})  # [1, pos, d]
+        corrupt = Corrupt().values(ctx)
+        return Baseline(self.name, {s: f.mean(0, keepdim=True) for s, f in corrupt.f.items()},  # [1, pos, F]
+                        {s: e.mean(0, keepdim=True) for s, e in corrupt.err.items()})  # [1, pos, d]
 
 
 @register
